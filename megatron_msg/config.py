@@ -1,0 +1,456 @@
+"""Typed run configuration: dataclasses, YAML loading, ``--set`` overrides, validation.
+
+A run is described by one YAML file with the sections below; every field has a
+default so a file only says what differs.  Loading is strict: an unknown key, a
+wrong type or an impossible growth schedule raises :class:`ConfigError` whose
+message starts with the dotted path of the offending field
+(``growth.stages[2].hidden: ...``) before any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHS = ("gpt", "bert")
+ACTIVATIONS = ("gelu", "relu", "silu")
+# Growth operators (DESIGN.md "Baselines are first-class operators").
+OPERATORS = ("msg", "nomask", "net2net", "stack")
+# New-weight initialisation for width growth.
+INITS = ("normal", "zeros", "copy")
+DEPTH_PLACEMENTS = ("top", "interleave")
+DEPTH_INITS = ("random", "copy")
+# Adam step-count rule for tensors that mix old and new entries (docs/growth.md).
+STEP_RULES = ("per_entry", "inherit", "reset")
+LR_DECAYS = ("cosine", "linear", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the field's dotted path."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The four growable dimensions of a Transformer."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+
+    def grows_from(self, old: "Shape") -> list[str]:
+        return [d for d in SHAPE_DIMS if getattr(self, d) > getattr(old, d)]
+
+    def __str__(self) -> str:
+        return f"(h={self.hidden}, ffn={self.ffn}, heads={self.heads}, L={self.layers})"
+
+
+SHAPE_DIMS = ("hidden", "ffn", "heads", "layers")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"
+    # Initial shape (the first stage); growth stages give later shapes.
+    hidden: int = 64
+    ffn: int = 256
+    heads: int = 4
+    layers: int = 2
+    # Head size is a constant of the model (DESIGN.md "Heads"): heads*head_dim may differ from hidden.
+    head_dim: int = 16
+    vocab_size: int = 260
+    seq_len: int = 128
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    eps: float = 1e-5
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    type_vocab_size: int = 2  # BERT token types
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.hidden, self.ffn, self.heads, self.layers)
+
+    def with_shape(self, shape: Shape) -> "ModelConfig":
+        return dataclasses.replace(self, hidden=shape.hidden, ffn=shape.ffn, heads=shape.heads,
+                                   layers=shape.layers)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # How Adam's step count / bias correction treats entries created by growth.
+    growth_step_rule: str = "per_entry"
+
+
+@dataclass
+class LRConfig:
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    # Steps over which the LR decays to min_lr; None means the whole run.
+    decay_steps: int | None = None
+    # Warm-up length after an LR rewind at a growth event (0: jump to the peak).
+    rewind_warmup_steps: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "bundled" is the small corpus shipped in megatron_msg/assets/.
+    path: str = "bundled"
+    text_key: str = "text"
+    tokenizer: str = "byte"
+    valid_fraction: float = 0.05
+    seed: int = 1234
+
+
+@dataclass
+class GrowthStage:
+    """One growth event: at ``at_step`` the model grows to the given shape.
+
+    Dimensions left out keep the previous stage's value; options left out take
+    ``growth.defaults``.
+    """
+
+    at_step: int
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+    layers: int | None = None
+    operator: str | None = None
+    init: str | None = None
+    init_std: float | None = None
+    phi: int | None = None
+    depth_placement: str | None = None
+    depth_init: str | None = None
+    rewind_lr: bool | None = None
+
+
+@dataclass
+class GrowthOptions:
+    operator: str = "msg"
+    init: str = "normal"
+    init_std: float = 0.02
+    # Mask ramp length in optimizer steps (paper: 5000; >= 500 shown stable).
+    phi: int = 500
+    depth_placement: str = "top"
+    depth_init: str = "random"
+    rewind_lr: bool = False
+
+
+@dataclass
+class GrowthConfig:
+    defaults: GrowthOptions = field(default_factory=GrowthOptions)
+    stages: list[GrowthStage] = field(default_factory=list)
+
+
+@dataclass
+class ResolvedStage:
+    """A growth stage with every option filled in: what the trainer executes."""
+
+    index: int
+    at_step: int
+    shape: Shape
+    operator: str
+    init: str
+    init_std: float
+    phi: int
+    depth_placement: str
+    depth_init: str
+    rewind_lr: bool
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.operator == "msg"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_interval: int = 100
+    eval_iters: int = 4
+    log_interval: int = 10
+    save_interval: int = 200
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    seed: int = 1234
+    device: str = "auto"
+    dtype: str = "fp32"
+    compile: bool = False
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr: LRConfig = field(default_factory=LRConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolved_stages(self) -> list[ResolvedStage]:
+        return resolve_stages(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{sub}: required field missing")
+    return cls(**kwargs)
+
+
+_INDEXED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?$")
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``key.path=value`` override (value parsed as YAML) to a raw mapping.
+
+    ``growth.stages[1].phi=50`` indexes into lists.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, text = assignment.split("=", 1)
+    value = yaml.safe_load(text) if text != "" else ""
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        m = _INDEXED.match(part)
+        if not m:
+            raise ConfigError(f"--set {key}: bad key segment {part!r}")
+        name, index = m.group(1), m.group(2)
+        last = i == len(parts) - 1
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+        if index is None:
+            if last:
+                node[name] = value
+            else:
+                node = node.setdefault(name, {})
+        else:
+            seq = node.get(name)
+            idx = int(index)
+            if not isinstance(seq, list) or idx >= len(seq):
+                raise ConfigError(f"--set {key}: {name}[{idx}] does not exist")
+            if last:
+                seq[idx] = value
+            else:
+                node = seq[idx]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a run configuration.  ``path=None`` gives the defaults."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def _choice(value: str, choices: tuple, path: str) -> None:
+    _check(value in choices, path, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
+    """Fill every stage's shape and options from the previous stage and the defaults."""
+    d = cfg.growth.defaults
+    prev = cfg.model.shape
+    out = []
+    for i, s in enumerate(cfg.growth.stages):
+        shape = Shape(*(getattr(s, n) if getattr(s, n) is not None else getattr(prev, n)
+                        for n in SHAPE_DIMS))
+        pick = lambda name: getattr(s, name) if getattr(s, name) is not None else getattr(d, name)  # noqa: E731
+        out.append(ResolvedStage(index=i, at_step=s.at_step, shape=shape, operator=pick("operator"),
+                                 init=pick("init"), init_std=pick("init_std"), phi=pick("phi"),
+                                 depth_placement=pick("depth_placement"), depth_init=pick("depth_init"),
+                                 rewind_lr=pick("rewind_lr")))
+        prev = shape
+    return out
+
+
+def validate(cfg: RunConfig) -> None:
+    m = cfg.model
+    _choice(m.arch, ARCHS, "model.arch")
+    _choice(m.activation, ACTIVATIONS, "model.activation")
+    for name in ("hidden", "ffn", "heads", "layers", "head_dim", "vocab_size", "seq_len", "type_vocab_size"):
+        _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    for name in ("dropout", "attention_dropout"):
+        _check(0.0 <= getattr(m, name) < 1.0, f"model.{name}", "must be in [0, 1)")
+    _check(m.eps > 0, "model.eps", "must be > 0")
+    _check(m.init_std > 0, "model.init_std", "must be > 0")
+    if m.arch == "gpt":
+        _check(m.vocab_size >= 2, "model.vocab_size", "GPT needs at least 2 tokens")
+
+    o = cfg.optimizer
+    _check(o.lr > 0, "optimizer.lr", "must be > 0")
+    _check(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, lr={o.lr}]")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _check(0 <= o.beta1 < 1, "optimizer.beta1", "must be in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optimizer.beta2", "must be in [0, 1)")
+    _check(o.eps > 0, "optimizer.eps", "must be > 0")
+    _check(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 disables clipping)")
+    _choice(o.growth_step_rule, STEP_RULES, "optimizer.growth_step_rule")
+
+    t = cfg.train
+    _check(t.steps >= 1, "train.steps", "must be >= 1")
+    for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                 "save_interval", "keep_checkpoints"):
+        _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
+    _choice(t.dtype, ("fp32", "bf16", "fp16"), "train.dtype")
+
+    lr = cfg.lr
+    _choice(lr.decay, LR_DECAYS, "lr.decay")
+    _check(0 <= lr.warmup_steps < t.steps, "lr.warmup_steps", f"must be in [0, train.steps={t.steps})")
+    if lr.decay_steps is not None:
+        _check(lr.decay_steps > lr.warmup_steps, "lr.decay_steps", "must exceed lr.warmup_steps")
+    _check(lr.rewind_warmup_steps >= 0, "lr.rewind_warmup_steps", "must be >= 0")
+
+    dc = cfg.data
+    _check(0.0 < dc.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
+    _choice(dc.tokenizer, ("byte",), "data.tokenizer")
+
+    d = cfg.growth.defaults
+    _validate_options(d.operator, d.init, d.init_std, d.phi, d.depth_placement, d.depth_init,
+                      "growth.defaults")
+    prev_shape, prev = m.shape, None
+    for st in resolve_stages(cfg):
+        path = f"growth.stages[{st.index}]"
+        _validate_options(st.operator, st.init, st.init_std, st.phi, st.depth_placement, st.depth_init, path)
+        _check(st.at_step >= 1, f"{path}.at_step", "must be >= 1 (the model at step 0 is model.*)")
+        _check(st.at_step < t.steps, f"{path}.at_step", f"{st.at_step} is not before train.steps={t.steps}")
+        if prev is not None:
+            _check(st.at_step > prev.at_step, f"{path}.at_step",
+                   f"{st.at_step} is not after stage {prev.index}'s at_step={prev.at_step} (stages must be in order)")
+            if prev.uses_masks:
+                # Ramps may not overlap: every mask is 1 when a growth starts, which keeps
+                # the ramp a single scalar per event (docs/growth.md).
+                ramp_end = prev.at_step + prev.phi
+                _check(st.at_step >= ramp_end, f"{path}.at_step",
+                       f"{st.at_step} starts inside stage {prev.index}'s mask ramp "
+                       f"(steps {prev.at_step}..{ramp_end}); move it to >= {ramp_end} or shorten phi")
+        for dim in SHAPE_DIMS:
+            new, old = getattr(st.shape, dim), getattr(prev_shape, dim)
+            _check(new >= old, f"{path}.{dim}", f"{new} shrinks the previous {dim}={old} (growth only grows)")
+        grown = st.shape.grows_from(prev_shape)
+        _check(bool(grown), path, f"shape {st.shape} does not grow any dimension of {prev_shape}")
+        if st.operator == "stack":
+            _check(grown == ["layers"], f"{path}.operator",
+                   f"'stack' (G_stack) grows depth only, but this stage grows {', '.join(grown)}")
+            _check(st.shape.layers % prev_shape.layers == 0, f"{path}.layers",
+                   f"'stack' copies the whole stack: {st.shape.layers} is not a multiple of {prev_shape.layers}")
+        prev_shape, prev = st.shape, st
+
+
+def _validate_options(operator, init, init_std, phi, placement, depth_init, path):
+    _choice(operator, OPERATORS, f"{path}.operator")
+    _choice(init, INITS, f"{path}.init")
+    _choice(placement, DEPTH_PLACEMENTS, f"{path}.depth_placement")
+    _choice(depth_init, DEPTH_INITS, f"{path}.depth_init")
+    _check(init_std > 0, f"{path}.init_std", "must be > 0")
+    _check(phi >= 1, f"{path}.phi", f"mask ramp length must be >= 1 step, got {phi}")

@@ -1,0 +1,68 @@
+"""Apply one growth event to a live model and its optimizer.
+
+The composition DESIGN.md asks for: read the logical state (named tensors),
+``grow`` it with the pure operators, and build a fresh model and optimizer of
+the new shape from the grown state.  Nothing here edits module internals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_msg.config import ModelConfig, OptimizerConfig, ResolvedStage
+from megatron_msg.growth.operators import GrowthPlan, GrowthSpec, grow_tensors, plan_growth
+from megatron_msg.growth.optimizer_state import grow_optimizer_state
+from megatron_msg.growth.ramp import MaskRamp
+from megatron_msg.model import build_model
+from megatron_msg.training.optimizer import MSGAdamW
+from megatron_msg.model.layout import tensor_spec
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> MSGAdamW:
+    named = list(model.named_parameters())
+    no_decay = {n for n, _ in named if tensor_spec(n).no_weight_decay}
+    return MSGAdamW(named, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, no_decay=no_decay)
+
+
+def spec_for_stage(model_cfg: ModelConfig, stage: ResolvedStage, seed: int,
+                   parts: dict | None = None) -> GrowthSpec:
+    return GrowthSpec(old=model_cfg.shape, new=stage.shape, head_dim=model_cfg.head_dim,
+                      operator=stage.operator, init=stage.init, init_std=stage.init_std,
+                      depth_placement=stage.depth_placement, depth_init=stage.depth_init,
+                      seed=seed, event=stage.index, parts=parts or {})
+
+
+@dataclass
+class GrowthResult:
+    model: torch.nn.Module
+    optimizer: MSGAdamW | None
+    ramp: MaskRamp | None
+    plan: GrowthPlan
+
+
+def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | None = None,
+               optim_cfg: OptimizerConfig | None = None, ramp_start: int = 0, phi: int = 1) -> GrowthResult:
+    """Grow ``model`` (and its optimizer state) to ``spec.new``; returns new objects.
+
+    Under MSG the new model starts on its masked path with a ramp from
+    ``ramp_start`` over ``phi`` steps; other operators have no ramp.
+    """
+    plan = plan_growth(spec)
+    device = next(model.parameters()).device
+    state = grow_tensors(model.state_dict(), plan)
+    new_model = build_model(model.cfg.with_shape(spec.new))
+    new_model.load_state_dict(state, strict=True)
+    new_model.to(device)
+    new_model.train(model.training)
+    new_model.set_masked(spec.uses_masks)
+    new_opt = None
+    if optimizer is not None:
+        assert optim_cfg is not None
+        new_opt = build_optimizer(new_model, optim_cfg)
+        new_opt.load_named_state(grow_optimizer_state(optimizer.named_state(), plan,
+                                                      optim_cfg.growth_step_rule))
+        new_opt.set_lr(optimizer.param_groups[0]["lr"])
+    ramp = MaskRamp(ramp_start, phi) if spec.uses_masks else None
+    return GrowthResult(new_model, new_opt, ramp, plan)

@@ -1,0 +1,279 @@
+"""Masked LayerNorm (MSG eq. 16-19) forward and backward in Triton.
+
+Definition (see ``masked_layer_norm_reference``): with mask ``c`` over the last dim,
+
+    S = sum(c);  mu = sum(c x)/S;  var = sum(c (x-mu)^2)/S;  r = 1/sqrt(var+eps)
+    xhat = (x - mu) r;  y = c (w xhat + b)
+
+Backward, with ``g = c w dy`` (the gradient reaching xhat):
+
+    dx = r (g - c (a + xhat b)),  a = sum(g)/S,  b = sum(g xhat)/S
+    dw = sum_rows(c dy xhat),     db = sum_rows(c dy)
+
+(the mean term of d var/dx vanishes because sum(c (x-mu)) = 0).  With c = 1 this
+is the ordinary LayerNorm backward.  The mask is a schedule value, not a
+parameter: it gets no gradient (dispatch falls back to the reference if it
+requires one).
+
+Kernel layout.  Forward: one program per tile of BLOCK_M rows x BLOCK_N
+(= next power of two >= N) columns, so a whole row lives in registers and x is
+read exactly once; S = sum(c) is reduced per program from the mask vector, so
+it never leaves the device.  Backward: a fixed grid of G programs, each walking
+its share of row tiles, accumulating dw/db partials in registers and writing
+one [N] partial per program; a second small kernel sums the G partials.  All
+arithmetic is fp32 whatever the I/O dtype (bf16/fp16/fp32); under the CPU
+interpreter (TRITON_INTERPRET=1) only fp32 I/O is reliable.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_msg.kernels.backend import MAX_FUSED_N  # noqa: F401  (re-exported)
+
+
+@triton.jit
+def _masked_ln_fwd_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, stride_y, eps,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    m2 = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m2, other=0.0)
+    if HAS_DELTA:
+        # fused residual add: h = x + delta, rounded to the I/O dtype exactly as
+        # the unfused ``h = x + delta`` would be, then normalised.  DELTA and H
+        # are contiguous [M, N].
+        delta = tl.load(DELTA + rows64[:, None] * N + cols[None, :], mask=m2, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=m2)
+    x = x.to(tl.float32)
+    c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
+    inv_s = 1.0 / tl.sum(c, axis=0)
+    mean = tl.sum(x * c[None, :], axis=1) * inv_s
+    d = x - mean[:, None]
+    var = tl.sum(d * d * c[None, :], axis=1) * inv_s
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = (d * rstd[:, None] * w[None, :] + b[None, :]) * c[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _masked_ln_bwd_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DRES, M, N,
+                          stride_x, stride_dy, stride_dx,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DRES: tl.constexpr):
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    inv_s = 1.0 / tl.sum(c, axis=0)
+    cw = c * w
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid * BLOCK_M, M, n_prog * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        m2 = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        g = dy * cw[None, :]
+        a = tl.sum(g, axis=1) * inv_s
+        bcoef = tl.sum(g * xhat, axis=1) * inv_s
+        dx = rstd[:, None] * (g - c[None, :] * (a[:, None] + xhat * bcoef[:, None]))
+        if HAS_DRES:  # gradient arriving at the residual h of a fused add (contiguous [M, N])
+            dx += tl.load(DRES + rows64[:, None] * N + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+        dyc = dy * c[None, :]
+        dw_acc += tl.sum(dyc * xhat, axis=0)
+        db_acc += tl.sum(dyc, axis=0)
+    tl.store(DW_PART + pid * N + cols, dw_acc, mask=cmask)
+    tl.store(DB_PART + pid * N + cols, db_acc, mask=cmask)
+
+
+@triton.jit
+def _sum_partials_kernel(DW_PART, DB_PART, DW, DB, G, N, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw[n] = sum_g DW_PART[g, n] (and db): reduces the backward's per-program partials."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < N
+    acc_w = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        m2 = (gs < G)[:, None] & cmask[None, :]
+        offs = gs[:, None] * N + cols[None, :]
+        acc_w += tl.load(DW_PART + offs, mask=m2, other=0.0)
+        acc_b += tl.load(DB_PART + offs, mask=m2, other=0.0)
+    tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=cmask)
+    tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=cmask)
+
+
+# ---------------------------------------------------------------------------
+# launch heuristics (measured on an H100, docs/kernel_notes.md)
+
+def fwd_config(n: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for the forward: about 4K-8K elements per program."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, 4096 // block_n)
+    num_warps = 4 if block_n * block_m <= 4096 and block_n <= 1024 else 8
+    if block_n >= 8192:
+        num_warps = 16
+    return block_m, num_warps
+
+
+def bwd_config(n: int) -> tuple[int, int]:
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, 2048 // block_n)
+    num_warps = 4 if block_n <= 1024 else 8
+    if block_n >= 8192:
+        num_warps = 16
+    return block_m, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_programs(x: torch.Tensor, m: int, block_m: int, n: int) -> int:
+    tiles = triton.cdiv(m, block_m)
+    if not x.is_cuda:  # interpreter: a few programs still exercise the partial sums
+        return max(1, min(tiles, 3))
+    sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    # Enough programs to fill the chip; fewer for wide rows so that the fp32
+    # partials (G x N x 8 bytes) stay small next to the activations.
+    per_sm = 4 if n <= 1024 else (2 if n <= 4096 else 1)
+    return max(1, min(tiles, sms * per_sm))
+
+
+def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def masked_ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+                  eps: float, *, delta: torch.Tensor | None = None, block_m: int | None = None,
+                  num_warps: int | None = None):
+    """Returns (y, mean, rstd, h); y has x's shape and dtype, mean/rstd are fp32 [rows].
+
+    With ``delta`` the input is ``h = x + delta`` (returned, else h is None).
+    """
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if delta is not None:
+        delta2 = delta.reshape(m, n).contiguous()
+        h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        delta2 = h = y  # unused placeholders
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    bm, nw = fwd_config(n)
+    bm = block_m or bm
+    nw = num_warps or nw
+    if m > 0:
+        _masked_ln_fwd_kernel[(triton.cdiv(m, bm),)](
+            x2, y, weight, bias, mask, mean, rstd, delta2, h, m, n, x2.stride(0), y.stride(0), eps,
+            BLOCK_M=bm, BLOCK_N=triton.next_power_of_2(n), HAS_DELTA=delta is not None, num_warps=nw)
+    return y.view(x.shape), mean, rstd, (h.view(x.shape) if delta is not None else None)
+
+
+def masked_ln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                  mean: torch.Tensor, rstd: torch.Tensor, *, block_m: int | None = None,
+                  num_warps: int | None = None, programs: int | None = None,
+                  bias_dtype: torch.dtype | None = None, dres: torch.Tensor | None = None):
+    """Returns (dx, dweight, dbias) with the dtypes of x, weight and bias (default weight's).
+
+    ``dres`` (same shape as x) is added to dx in the same pass: the gradient of
+    a fused residual add's other consumer.
+    """
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    dy2 = _as_rows(dy, n)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bm, nw = bwd_config(n)
+    bm = block_m or bm
+    nw = num_warps or nw
+    g = programs or _bwd_programs(x, m, bm, n)
+    dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
+    db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
+    dw = torch.empty(n, dtype=weight.dtype, device=x.device)
+    db = torch.empty(n, dtype=bias_dtype or weight.dtype, device=x.device)
+    block_n = triton.next_power_of_2(n)
+    dres2 = dres.reshape(m, n).contiguous() if dres is not None else dx
+    if m > 0:
+        _masked_ln_bwd_kernel[(g,)](
+            x2, dy2, dx, weight, mask, mean, rstd, dw_part, db_part, dres2, m, n,
+            x2.stride(0), dy2.stride(0), dx.stride(0),
+            BLOCK_M=bm, BLOCK_N=block_n, HAS_DRES=dres is not None, num_warps=nw)
+        block_c = 64
+        _sum_partials_kernel[(triton.cdiv(n, block_c),)](
+            dw_part, db_part, dw, db, g, n, BLOCK_G=32, BLOCK_C=block_c, num_warps=4)
+    else:
+        dw.zero_()
+        db.zero_()
+    return dx.view(x.shape), dw, db
+
+
+class MaskedLayerNormTriton(torch.autograd.Function):
+    """Autograd wrapper: saves x (not y), mean and rstd, like a fused LayerNorm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, eps):
+        y, mean, rstd, _ = masked_ln_fwd(x, weight, bias, mask, eps)
+        ctx.save_for_backward(x, weight, mask, mean, rstd)
+        ctx.bias_dtype = bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mask, mean, rstd = ctx.saved_tensors
+        dx, dw, db = masked_ln_bwd(dy, x, weight, mask, mean, rstd, bias_dtype=ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def masked_layer_norm_triton(x, weight, bias, mask, eps):
+    return MaskedLayerNormTriton.apply(x, weight, bias, mask, eps)
+
+
+class AddMaskedLayerNormTriton(torch.autograd.Function):
+    """``h = x + delta; y = masked_ln(h)`` -> (y, h); backward adds dh into the LN's dx pass."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, bias, mask, eps):
+        y, mean, rstd, h = masked_ln_fwd(x, weight, bias, mask, eps, delta=delta)
+        ctx.save_for_backward(h, weight, mask, mean, rstd)
+        ctx.bias_dtype = bias.dtype
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, mask, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dsum, dw, db = masked_ln_bwd(dy, h, weight, mask, mean, rstd, bias_dtype=ctx.bias_dtype, dres=dh)
+        return dsum, dsum, dw, db, None, None
+
+
+def add_masked_layer_norm_triton(x, delta, weight, bias, mask, eps):
+    return AddMaskedLayerNormTriton.apply(x, delta, weight, bias, mask, eps)

@@ -1,0 +1,109 @@
+"""AdamW whose bias correction can differ between entries of one tensor.
+
+After a growth a parameter may mix old entries (with ``t`` updates behind them)
+and entries created at the growth (with none).  Standard Adam keeps one step
+count per tensor, which forces a choice (docs/growth.md):
+
+* ``per_entry`` (default): each entry keeps its own count, i.e. new entries get
+  a textbook first Adam step and old entries continue undisturbed;
+* ``inherit``: new entries take the old count (the official MSG code and most
+  growth work): bias correction is ~1 for them, so their first update is
+  ``(1 - beta1) / sqrt(1 - beta2)`` times a normal first step (3.16x for
+  beta2 = 0.999, 0.45x for beta2 = 0.95);
+* ``reset``: the whole tensor restarts at 0, re-inflating old entries' updates.
+
+Per-entry counts are stored as ``step`` (the count of the tensor's oldest
+entries, a Python int: no host sync) plus an optional float tensor
+``step_offset`` (how many steps later each entry was born).  Once the youngest
+entries' bias corrections round to 1.0 in fp32 the offsets no longer change any
+result and are dropped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _bias_corrections_settled(beta1: float, beta2: float, steps: int) -> bool:
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()  # noqa: E731
+    return f32(1 - beta1 ** steps) == 1.0 and f32(1 - beta2 ** steps) == 1.0
+
+
+class MSGAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) over named parameters with per-entry step support."""
+
+    def __init__(self, named_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, no_decay: set[str] | None = None):
+        named_params = list(named_params)
+        no_decay = no_decay or set()
+        decay = [p for n, p in named_params if n not in no_decay]
+        plain = [p for n, p in named_params if n in no_decay]
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": plain, "weight_decay": 0.0}) if g["params"]]
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.names = {p: n for n, p in named_params}
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = lr
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                              step_offset=None, max_offset=0)
+                st["step"] += 1
+                g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                offset = st["step_offset"]
+                if offset is not None and _bias_corrections_settled(b1, b2, st["step"] - st["max_offset"]):
+                    st["step_offset"], st["max_offset"], offset = None, 0, None
+                if offset is None:
+                    t = st["step"]
+                    denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+                    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                else:
+                    t = st["step"] - offset  # per-entry step counts
+                    bc1 = 1 - torch.pow(b1, t)
+                    bc2 = 1 - torch.pow(b2, t)
+                    denom = (v.sqrt() / bc2.sqrt()).add_(eps)
+                    p.sub_(lr * (m / bc1) / denom)
+        return None
+
+    # ------------------------------------------------------------------ logical (named) state
+
+    def named_state(self) -> dict[str, dict]:
+        """Optimizer state keyed by parameter name (the logical form checkpoints store)."""
+        out = {}
+        for p, name in self.names.items():
+            st = self.state.get(p)
+            if st:
+                out[name] = dict(st)
+        return out
+
+    def load_named_state(self, named: dict[str, dict]) -> None:
+        by_name = {n: p for p, n in self.names.items()}
+        unknown = sorted(set(named) - set(by_name))
+        if unknown:
+            raise KeyError(f"optimizer state for unknown parameters: {unknown[:5]}")
+        for name, st in named.items():
+            p = by_name[name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if st[key].shape != p.shape:
+                    raise ValueError(f"optimizer state {name}.{key} has shape {tuple(st[key].shape)}, "
+                                     f"parameter has {tuple(p.shape)}")
+            off = st.get("step_offset")
+            self.state[p] = dict(step=int(st["step"]), exp_avg=st["exp_avg"].to(p.device, p.dtype),
+                                 exp_avg_sq=st["exp_avg_sq"].to(p.device, p.dtype),
+                                 step_offset=None if off is None else off.to(p.device),
+                                 max_offset=int(st.get("max_offset", 0)))
