@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,10 @@ def temp_path_for(path: str) -> str:
     """A fresh, unique temp file next to ``path`` (the caller renames or deletes it)."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    # Not tempfile.mkstemp: its files are mode 0600, and the renamed result should get the
+    # usual permissions (umask), like any other file the user writes.
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    open(tmp, "xb").close()
     return tmp
 
 
