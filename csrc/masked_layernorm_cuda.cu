@@ -1,0 +1,337 @@
+// Masked LayerNorm (MSG eq. 16-19) forward and backward, CUDA.
+//
+//   S = sum(c); mu = sum(c x)/S; var = sum(c (x-mu)^2)/S; r = rsqrt(var+eps)
+//   y = c (w (x-mu) r + b)
+//   g = c w dy;  dx = r (g - c (sum(g)/S + xhat sum(g xhat)/S))
+//   dw = sum_rows(c dy xhat);  db = sum_rows(c dy)
+//
+// Layout: a row is owned either by one warp (narrow rows, shuffle-only
+// reductions) or by one block (wide rows).  Each thread owns the same columns
+// of every row it visits (16-byte vectors, coalesced across the warp), so the
+// backward accumulates dw/db partials in registers over a persistent grid-stride
+// loop and writes one fp32 partial row per row-owner; the host sums those
+// partials on the device.  All arithmetic is fp32; I/O is fp32, fp16 or bf16;
+// w, b, c are fp32 (the binding casts them).  This file has no torch
+// dependency, so nvcc compiles it quickly; masked_layernorm_cuda.cpp binds it.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace msg {
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+__device__ __forceinline__ float2 warp_sum2(float2 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  return v;
+}
+
+// Sum over the threads that own a row: the warp (WARP_ROW) or the whole block.
+template <bool WARP_ROW>
+__device__ __forceinline__ float2 row_sum2(float2 v, float2* sh) {
+  v = warp_sum2(v);
+  if (WARP_ROW) return v;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  float2 t = (threadIdx.x < nw) ? sh[threadIdx.x] : make_float2(0.f, 0.f);
+  if (wid == 0) t = warp_sum2(t);
+  if (threadIdx.x == 0) sh[32] = t;
+  __syncthreads();
+  return sh[32];
+}
+
+// Geometry shared by forward and backward.
+template <bool WARP_ROW> struct RowGeom {
+  int lane, nlanes;       // this thread's index among the row's owners, and their count
+  int64_t first, stride;  // first row and row step of this owner
+  int owner;              // global index of this row owner (for the partial buffers)
+  __device__ RowGeom() {
+    if (WARP_ROW) {
+      const int wpb = blockDim.x >> 5;
+      lane = threadIdx.x & 31; nlanes = 32;
+      owner = blockIdx.x * wpb + (threadIdx.x >> 5);
+      first = owner; stride = (int64_t)gridDim.x * wpb;
+    } else {
+      lane = threadIdx.x; nlanes = blockDim.x;
+      owner = blockIdx.x; first = blockIdx.x; stride = gridDim.x;
+    }
+  }
+};
+
+template <typename T, int VEC, int ITERS, bool WARP_ROW>
+__global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                     const float* __restrict__ b, const float* __restrict__ c,
+                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                     int64_t M, int N, float eps) {
+  __shared__ float2 sh[33];
+  RowGeom<WARP_ROW> g;
+  const int nvec = N / VEC;
+  // S = sum(c): once per owner, on the device.
+  float cs = 0.f;
+  for (int j = g.lane; j < nvec; j += g.nlanes)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) cs += __ldg(c + j * VEC + k);
+  const float inv_s = 1.f / row_sum2<WARP_ROW>(make_float2(cs, 0.f), sh).x;
+
+  for (int64_t row = g.first; row < M; row += g.stride) {
+    const Pack<T, VEC>* xr = reinterpret_cast<const Pack<T, VEC>*>(x + row * N);
+    float xv[ITERS][VEC], cv[ITERS][VEC];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = g.lane + i * g.nlanes;
+      if (j < nvec) {
+        Pack<T, VEC> p = xr[j];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          xv[i][k] = to_f(p.v[k]);
+          cv[i][k] = __ldg(c + j * VEC + k);
+          s += cv[i][k] * xv[i][k];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { xv[i][k] = 0.f; cv[i][k] = 0.f; }
+      }
+    }
+    const float mu = row_sum2<WARP_ROW>(make_float2(s, 0.f), sh).x * inv_s;
+    float s2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = xv[i][k] - mu;
+        s2 += cv[i][k] * d * d;
+      }
+    const float var = row_sum2<WARP_ROW>(make_float2(s2, 0.f), sh).x * inv_s;
+    const float r = rsqrtf(var + eps);
+    Pack<T, VEC>* yr = reinterpret_cast<Pack<T, VEC>*>(y + row * N);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = g.lane + i * g.nlanes;
+      if (j < nvec) {
+        Pack<T, VEC> p;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int col = j * VEC + k;
+          p.v[k] = from_f<T>(((xv[i][k] - mu) * r * __ldg(w + col) + __ldg(b + col)) * cv[i][k]);
+        }
+        yr[j] = p;
+      }
+    }
+    if (g.lane == 0) { mean_out[row] = mu; rstd_out[row] = r; }
+  }
+}
+
+template <typename T, int VEC, int ITERS, bool WARP_ROW>
+__global__ void masked_ln_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                                     const float* __restrict__ w, const float* __restrict__ c,
+                                     const float* __restrict__ mean, const float* __restrict__ rstd,
+                                     float* __restrict__ dw_part, float* __restrict__ db_part,
+                                     int64_t M, int N) {
+  __shared__ float2 sh[33];
+  RowGeom<WARP_ROW> g;
+  const int nvec = N / VEC;
+  float cs = 0.f;
+  for (int j = g.lane; j < nvec; j += g.nlanes)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) cs += __ldg(c + j * VEC + k);
+  const float inv_s = 1.f / row_sum2<WARP_ROW>(make_float2(cs, 0.f), sh).x;
+
+  float dw_acc[ITERS][VEC], db_acc[ITERS][VEC];
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) { dw_acc[i][k] = 0.f; db_acc[i][k] = 0.f; }
+
+  for (int64_t row = g.first; row < M; row += g.stride) {
+    const Pack<T, VEC>* xr = reinterpret_cast<const Pack<T, VEC>*>(x + row * N);
+    const Pack<T, VEC>* dyr = reinterpret_cast<const Pack<T, VEC>*>(dy + row * N);
+    const float mu = __ldg(mean + row), r = __ldg(rstd + row);
+    float xh[ITERS][VEC], gv[ITERS][VEC];
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = g.lane + i * g.nlanes;
+      if (j < nvec) {
+        Pack<T, VEC> px = xr[j], pd = dyr[j];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int col = j * VEC + k;
+          const float cc = __ldg(c + col);
+          const float xhat = (to_f(px.v[k]) - mu) * r;
+          const float dyc = to_f(pd.v[k]) * cc;
+          const float gg = dyc * __ldg(w + col);
+          xh[i][k] = xhat; gv[i][k] = gg;
+          s.x += gg; s.y += gg * xhat;
+          dw_acc[i][k] += dyc * xhat; db_acc[i][k] += dyc;
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { xh[i][k] = 0.f; gv[i][k] = 0.f; }
+      }
+    }
+    s = row_sum2<WARP_ROW>(s, sh);
+    const float a = s.x * inv_s, bc = s.y * inv_s;
+    Pack<T, VEC>* dxr = reinterpret_cast<Pack<T, VEC>*>(dx + row * N);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = g.lane + i * g.nlanes;
+      if (j < nvec) {
+        Pack<T, VEC> p;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float cc = __ldg(c + j * VEC + k);
+          p.v[k] = from_f<T>(r * (gv[i][k] - cc * (a + xh[i][k] * bc)));
+        }
+        dxr[j] = p;
+      }
+    }
+  }
+  float* dwp = dw_part + (int64_t)g.owner * N;
+  float* dbp = db_part + (int64_t)g.owner * N;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int j = g.lane + i * g.nlanes;
+    if (j < nvec) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) { dwp[j * VEC + k] = dw_acc[i][k]; dbp[j * VEC + k] = db_acc[i][k]; }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launch configuration.  dtype: 0 fp32, 1 fp16, 2 bf16.
+
+struct Config {
+  bool warp_row;
+  int vec, iters, threads;
+};
+
+static Config choose(int dtype, int N, bool aligned) {
+  const int elt = dtype == 0 ? 4 : 2;
+  Config cfg;
+  cfg.vec = (aligned && N % (16 / elt) == 0) ? 16 / elt : 1;
+  const int nvec = N / cfg.vec;
+  if (nvec <= 32 * 4) {  // a warp per row, up to 4 vectors per lane
+    cfg.warp_row = true;
+    cfg.iters = nvec <= 32 ? 1 : (nvec <= 64 ? 2 : 4);
+    cfg.threads = 128;
+    return cfg;
+  }
+  cfg.warp_row = false;
+  cfg.iters = 1;
+  while ((nvec + cfg.iters - 1) / cfg.iters > 512 && cfg.iters < 16) cfg.iters *= 2;
+  const int t = (nvec + cfg.iters - 1) / cfg.iters;
+  cfg.threads = ((t + 31) / 32) * 32;
+  if (cfg.threads > 1024) cfg.threads = 0;  // unsupported width
+  return cfg;
+}
+
+template <typename F>
+static cudaError_t dispatch(int dtype, const Config& cfg, F&& f) {
+#define MSG_ITERS(T, V, WR)                                 \
+  switch (cfg.iters) {                                      \
+    case 1: return f.template run<T, V, 1, WR>();           \
+    case 2: return f.template run<T, V, 2, WR>();           \
+    case 4: return f.template run<T, V, 4, WR>();           \
+    case 8: if constexpr (!WR) return f.template run<T, V, 8, WR>();  \
+            break;                                          \
+    case 16: if constexpr (!WR) return f.template run<T, V, 16, WR>(); \
+             break;                                         \
+  }                                                         \
+  return cudaErrorInvalidValue;
+#define MSG_WR(T, V) \
+  if (cfg.warp_row) { MSG_ITERS(T, V, true) } else { MSG_ITERS(T, V, false) }
+  if (dtype == 0) { if (cfg.vec == 4) { MSG_WR(float, 4) } else { MSG_WR(float, 1) } }
+  if (dtype == 1) { if (cfg.vec == 8) { MSG_WR(__half, 8) } else { MSG_WR(__half, 1) } }
+  if (dtype == 2) { if (cfg.vec == 8) { MSG_WR(__nv_bfloat16, 8) } else { MSG_WR(__nv_bfloat16, 1) } }
+#undef MSG_WR
+#undef MSG_ITERS
+  return cudaErrorInvalidValue;
+}
+
+static int rows_per_block(const Config& cfg) { return cfg.warp_row ? cfg.threads / 32 : 1; }
+
+// Number of blocks of a persistent launch: fill every SM to its occupancy, but
+// no more row owners than rows.
+template <typename K>
+static int persistent_blocks(K kernel, const Config& cfg, int64_t M, int sm_count, int max_per_sm) {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, cfg.threads, 0) != cudaSuccess || per_sm < 1)
+    per_sm = 1;
+  if (per_sm > max_per_sm) per_sm = max_per_sm;
+  const int rpb = rows_per_block(cfg);
+  int64_t need = (M + rpb - 1) / rpb;
+  int64_t blocks = (int64_t)sm_count * per_sm;
+  if (blocks > need) blocks = need;
+  return blocks < 1 ? 1 : (int)blocks;
+}
+
+struct FwdLaunch {
+  const Config& cfg; const void* x; void* y; const float *w, *b, *c; float *mean, *rstd;
+  int64_t M; int N; float eps; int sm_count; cudaStream_t stream;
+  template <typename T, int V, int I, bool WR> cudaError_t run() {
+    auto k = masked_ln_fwd_kernel<T, V, I, WR>;
+    const int blocks = persistent_blocks(k, cfg, M, sm_count, 32);
+    k<<<blocks, cfg.threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), w, b, c, mean, rstd, M, N, eps);
+    return cudaGetLastError();
+  }
+};
+
+struct BwdLaunch {
+  const Config& cfg; const void *x, *dy; void* dx; const float *w, *c, *mean, *rstd; float *dw_part, *db_part;
+  int64_t M; int N; int sm_count; cudaStream_t stream; int* owners_out; bool query;
+  template <typename T, int V, int I, bool WR> cudaError_t run() {
+    auto k = masked_ln_bwd_kernel<T, V, I, WR>;
+    // Wide rows: fewer owners, so the fp32 partials stay small next to x.
+    const int blocks = persistent_blocks(k, cfg, M, sm_count, N <= 2048 ? 8 : 2);
+    *owners_out = blocks * rows_per_block(cfg);
+    if (query) return cudaSuccess;
+    k<<<blocks, cfg.threads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dx),
+                                          w, c, mean, rstd, dw_part, db_part, M, N);
+    return cudaGetLastError();
+  }
+};
+
+}  // namespace msg
+
+// C interface used by masked_layernorm_cuda.cpp -----------------------------
+
+int msg_masked_ln_supported(int dtype, int N, int aligned) {
+  const msg::Config cfg = msg::choose(dtype, N, aligned != 0);
+  return cfg.threads > 0 && N > 0;
+}
+
+cudaError_t msg_masked_ln_fwd(int dtype, int aligned, const void* x, void* y, const float* w, const float* b,
+                              const float* c, float* mean, float* rstd, int64_t M, int N, float eps,
+                              int sm_count, cudaStream_t stream) {
+  const msg::Config cfg = msg::choose(dtype, N, aligned != 0);
+  if (cfg.threads <= 0) return cudaErrorInvalidValue;
+  return msg::dispatch(dtype, cfg, msg::FwdLaunch{cfg, x, y, w, b, c, mean, rstd, M, N, eps, sm_count, stream});
+}
+
+// With query != 0 only *owners is set (the rows of dw_part/db_part to allocate).
+cudaError_t msg_masked_ln_bwd(int dtype, int aligned, const void* x, const void* dy, void* dx, const float* w,
+                              const float* c, const float* mean, const float* rstd, float* dw_part,
+                              float* db_part, int64_t M, int N, int sm_count, cudaStream_t stream, int* owners,
+                              int query) {
+  const msg::Config cfg = msg::choose(dtype, N, aligned != 0);
+  if (cfg.threads <= 0) return cudaErrorInvalidValue;
+  return msg::dispatch(dtype, cfg, msg::BwdLaunch{cfg, x, dy, dx, w, c, mean, rstd, dw_part, db_part, M, N, sm_count,
+                                                  stream, owners, query != 0});
+}

@@ -1,0 +1,88 @@
+"""Loader and autograd wrapper for the masked LayerNorm CUDA extension (csrc/).
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load``
+(JIT, ninja) into a cache directory, never at ``pip install`` time: setup.py
+must not import torch (an isolated build would download a CUDA wheel), and a
+JIT build always matches the torch/CUDA the user actually runs.
+
+* sources: ``csrc/masked_layernorm_cuda.cu`` (kernels, no torch headers) and
+  ``csrc/masked_layernorm_cuda.cpp`` (pybind11 binding); found next to the
+  package in a source checkout, or in ``$MSG_CSRC_DIR``;
+* cache: ``$MSG_KERNEL_BUILD_DIR``, default ``~/.cache/megatron_msg/torch_extensions``;
+* arch: ``$TORCH_CUDA_ARCH_LIST`` if set, else the current device's capability.
+
+``available()`` says whether the extension can be used (CUDA present and the
+build succeeded); it never raises.  Without CUDA nothing is compiled.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+_NAME = "msg_masked_layernorm_cuda"
+_SOURCES = ("masked_layernorm_cuda.cpp", "masked_layernorm_cuda.cu")
+
+
+def csrc_dir() -> Path:
+    env = os.environ.get("MSG_CSRC_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "csrc"
+
+
+def build_dir() -> Path:
+    d = Path(os.environ.get("MSG_KERNEL_BUILD_DIR",
+                            Path.home() / ".cache" / "megatron_msg" / "torch_extensions"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def load(verbose: bool = False):
+    """Compile (once, cached on disk) and import the extension; raises on failure."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the masked LayerNorm CUDA extension needs a CUDA device")
+    from torch.utils.cpp_extension import load as _load
+    srcs = [str(csrc_dir() / s) for s in _SOURCES]
+    missing = [s for s in srcs if not os.path.exists(s)]
+    if missing:
+        raise RuntimeError(f"CUDA extension sources not found: {missing} (set MSG_CSRC_DIR)")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    return _load(name=_NAME, sources=srcs, build_directory=str(build_dir()), verbose=verbose,
+                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"])
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    try:
+        load()
+    except Exception:
+        return False
+    return True
+
+
+class MaskedLayerNormCUDA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, eps):
+        ext = load()
+        n = x.shape[-1]
+        y, mean, rstd = ext.fwd(x.reshape(-1, n), weight, bias, mask, float(eps))
+        ctx.save_for_backward(x, weight, mask, mean, rstd)
+        ctx.bias_dtype = bias.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mask, mean, rstd = ctx.saved_tensors
+        n = x.shape[-1]
+        dx, dw, db = load().bwd(dy.reshape(-1, n), x.reshape(-1, n), weight, mask, mean, rstd, ctx.bias_dtype)
+        return dx.view(x.shape), dw, db, None, None
+
+
+def masked_layer_norm_cuda(x, weight, bias, mask, eps):
+    return MaskedLayerNormCUDA.apply(x, weight, bias, mask, eps)

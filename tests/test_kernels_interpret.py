@@ -1,0 +1,229 @@
+"""Fused MSG kernels on the CPU, through the Triton interpreter, against an fp64 reference.
+
+The Triton kernels compute in fp32 whatever their I/O dtype; the interpreter
+gets bf16 arithmetic wrong, so every check here runs fp32 I/O against the fp64
+PyTorch reference (masked_layer_norm_reference), which defines the op.
+On a CUDA machine this module skips: tests/test_kernels_gpu.py covers the
+compiled kernels there, and TRITON_INTERPRET must not leak into them.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if torch.cuda.is_available():  # pragma: no cover - GPU machines run test_kernels_gpu.py
+    pytest.skip("interpreter tests run on CPU-only machines", allow_module_level=True)
+
+# TRITON_INTERPRET must be set before triton itself is first imported (its
+# language library is bound then) and before our kernels are decorated.  If
+# another test already imported triton compiled-mode, run this file again in a
+# child process with the interpreter on (test_in_interpreter_subprocess).
+_IN_PROCESS = os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules
+if _IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+    for _mod in ("megatron_msg.kernels.triton_masked_ln", "megatron_msg.kernels.triton_elementwise"):
+        if _mod in sys.modules:
+            importlib.reload(sys.modules[_mod])
+pytest.importorskip("triton")
+
+
+@pytest.mark.skipif(_IN_PROCESS, reason="interpreter tests run in this process")
+def test_in_interpreter_subprocess():  # pragma: no cover - depends on test ordering
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _only_under_interpreter(request):
+    if not _IN_PROCESS and request.node.name != "test_in_interpreter_subprocess":
+        pytest.skip("covered by test_in_interpreter_subprocess")
+
+from megatron_msg import kernels  # noqa: E402
+from megatron_msg.kernels import triton_masked_ln as tml  # noqa: E402
+from megatron_msg.model.masked_norm import masked_layer_norm_reference as ref  # noqa: E402
+
+EPS = 1e-5
+# Hidden sizes that are not powers of two (and one that is), small enough for the interpreter.
+WIDTHS = (7, 96, 100, 130)
+
+
+def make_mask(kind: str, n: int) -> torch.Tensor:
+    c = torch.ones(n, dtype=torch.float64)
+    new = slice(n - max(1, n // 4), n)  # the last quarter are "new units"
+    if kind == "zeros":
+        c[new] = 0.0
+    elif kind == "ramp":
+        c[new] = 0.3
+    elif kind == "random":
+        c = torch.rand(n, dtype=torch.float64) * 0.9 + 0.1
+    return c
+
+
+MASKS = ("ones", "zeros", "ramp", "random")
+
+
+def inputs(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x, w, b, dy
+
+
+def run_both(fn_fused, fn_ref, tensors, dy):
+    """Forward + backward of a fused fp32 op and of the fp64 reference; returns both."""
+    f32 = [t.float().clone().requires_grad_() for t in tensors]
+    f64 = [t.clone().requires_grad_() for t in tensors]
+    y = fn_fused(*f32)
+    yr = fn_ref(*f64)
+    y.backward(dy.float())
+    yr.backward(dy)
+    return y, yr, [t.grad for t in f32], [t.grad for t in f64]
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("n", WIDTHS)
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_masked_ln_forward_backward_matches_fp64(n, mask_kind):
+    x, w, b, dy = inputs((3, 11, n), seed=n)
+    c = make_mask(mask_kind, n)
+    y, yr, grads, grads_ref = run_both(
+        lambda x, w, b: kernels.masked_layer_norm(x, w, b, c.float(), EPS, backend="triton"),
+        lambda x, w, b: ref(x, w, b, c, EPS), (x, w, b), dy)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert_close(y, yr)
+    for gk, gr in zip(grads, grads_ref):
+        assert_close(gk, gr, rtol=1e-4, atol=1e-4)
+
+
+def test_zero_mask_units_are_function_preserving():
+    """c = 0 on new units: old outputs are LayerNorm over old units, whatever the new values hold."""
+    n_old, n = 96, 130
+    x, w, b, _ = inputs((4, n), seed=1)
+    c = torch.zeros(n)
+    c[:n_old] = 1
+    x2 = x.clone()
+    x2[:, n_old:] = 1e3 * torch.randn(4, n - n_old, dtype=torch.float64)  # arbitrary new units
+    for xx in (x, x2):
+        y = kernels.masked_layer_norm(xx.float(), w.float(), b.float(), c, EPS, backend="triton")
+        expect = torch.nn.functional.layer_norm(xx[:, :n_old], (n_old,), w[:n_old], b[:n_old], EPS)
+        assert_close(y[:, :n_old], expect)
+        assert torch.all(y[:, n_old:] == 0)
+
+
+def test_backward_partials_over_many_programs_and_tiles():
+    """dw/db are per-program partials summed on the device: exercise several tiles per program."""
+    n = 100
+    x, w, b, dy = inputs((37, n), seed=2)
+    c = make_mask("ramp", n)
+    xf, wf, bf, cf = x.float(), w.float(), b.float(), c.float()
+    _, mean, rstd, _ = tml.masked_ln_fwd(xf, wf, bf, cf, EPS)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref(xr, wr, br, c, EPS).backward(dy)
+    for programs, block_m in ((1, 4), (2, 4), (5, 2), (3, 16)):
+        dx, dw, db = tml.masked_ln_bwd(dy.float(), xf, wf, cf, mean, rstd, programs=programs, block_m=block_m)
+        assert_close(dx, xr.grad, rtol=1e-4, atol=1e-4)
+        assert_close(dw, wr.grad, rtol=1e-4, atol=1e-4)
+        assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_m", (1, 2, 8))
+def test_forward_tilings_agree(block_m):
+    n = 130
+    x, w, b, _ = inputs((9, n), seed=3)
+    c = make_mask("random", n)
+    y, mean, rstd, _ = tml.masked_ln_fwd(x.float(), w.float(), b.float(), c.float(), EPS, block_m=block_m)
+    assert_close(y, ref(x, w, b, c, EPS))
+    xf = x.float()
+    mu = (xf * c.float()).sum(-1) / c.float().sum()
+    assert_close(mean, mu)
+
+
+def test_finite_difference_directional_derivative():
+    """gradcheck-style: <grad, v> of the fused op against central differences of the fused forward."""
+    n = 96
+    x, w, b, dy = inputs((5, n), seed=4)
+    c = make_mask("ramp", n).float()
+    xs, ws, bs = (t.float().requires_grad_() for t in (x, w, b))
+    y = kernels.masked_layer_norm(xs, ws, bs, c, EPS, backend="triton")
+    (y * dy.float()).sum().backward()
+    g = torch.Generator().manual_seed(5)
+    for t, grad in ((xs, xs.grad), (ws, ws.grad), (bs, bs.grad)):
+        v = torch.randn(t.shape, generator=g)
+        h = 1e-2
+
+        def f(delta):
+            args = [xs.detach(), ws.detach(), bs.detach()]
+            i = [id(xs), id(ws), id(bs)].index(id(t))
+            args[i] = args[i] + delta
+            return (kernels.masked_layer_norm(*args, c, EPS, backend="triton").double() * dy).sum()
+
+        fd = (f(h * v) - f(-h * v)) / (2 * h)
+        an = (grad.double() * v.double()).sum()
+        assert abs(fd - an) <= 2e-2 * max(1.0, abs(an)), (fd, an)
+
+
+def test_non_contiguous_input():
+    n = 100
+    _, w, b, _ = inputs((1, n), seed=6)
+    x = torch.randn(n, 6, dtype=torch.float64)
+    xt = x.float().t()  # [6, n], last dim strided
+    c = make_mask("ramp", n)
+    y = kernels.masked_layer_norm(xt, w.float(), b.float(), c.float(), EPS, backend="triton")
+    assert_close(y, ref(x.t(), w, b, c, EPS))
+
+
+@pytest.mark.parametrize("mask_kind", ("ones", "zeros", "ramp"))
+def test_add_masked_layer_norm(mask_kind):
+    n = 100
+    x, w, b, dy = inputs((2, 7, n), seed=7)
+    delta = torch.randn_like(x)
+    dh = torch.randn_like(x)
+    c = make_mask(mask_kind, n)
+
+    def fused(x, delta, w, b):
+        y, h = kernels.add_masked_layer_norm(x, delta, w, b, c.float(), EPS, backend="triton")
+        return y, h
+
+    def unfused(x, delta, w, b):
+        h = x + delta
+        return ref(h, w, b, c, EPS), h
+
+    f32 = [t.float().clone().requires_grad_() for t in (x, delta, w, b)]
+    f64 = [t.clone().requires_grad_() for t in (x, delta, w, b)]
+    y, h = fused(*f32)
+    yr, hr = unfused(*f64)
+    assert_close(y, yr)
+    assert_close(h, hr)
+    # h feeds a later residual too: its gradient must be added to the LN's
+    ((y.double() * dy).sum() + (h.double() * dh).sum()).backward()
+    ((yr * dy).sum() + (hr * dh).sum()).backward()
+    for a, r in zip(f32, f64):
+        assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cval", (0.0, 0.37, 1.0))
+def test_depth_residual_add(cval):
+    shape = (3, 5, 100)
+    g = torch.Generator().manual_seed(8)
+    x, h, f, dout = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4))
+    c = torch.tensor(cval)
+    f32 = [t.float().clone().requires_grad_() for t in (x, h, f)]
+    f64 = [t.clone().requires_grad_() for t in (x, h, f)]
+    out = kernels.depth_residual_add(*f32, c, backend="triton")
+    outr = f64[0] + c.double() * ((f64[1] + f64[2]) - f64[0])
+    assert_close(out, outr)
+    out.backward(dout.float())
+    outr.backward(dout)
+    for a, r in zip(f32, f64):
+        assert_close(a.grad, r.grad)
