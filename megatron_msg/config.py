@@ -63,7 +63,7 @@ class ModelConfig:
     layers: int = 2
     # Head size is a constant of the model (DESIGN.md "Heads"): heads*head_dim may differ from hidden.
     head_dim: int = 16
-    vocab_size: int = 260
+    vocab_size: int = 261  # the byte tokenizer: 256 bytes + EOD, CLS, SEP, MASK, PAD
     seq_len: int = 128
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -414,6 +414,9 @@ def validate(cfg: RunConfig) -> None:
     dc = cfg.data
     _check(0.0 < dc.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
     _choice(dc.tokenizer, ("byte",), "data.tokenizer")
+    if dc.tokenizer == "byte":
+        _check(m.vocab_size >= 261, "model.vocab_size",
+               f"{m.vocab_size} is smaller than the byte tokenizer's 261 tokens")
 
     d = cfg.growth.defaults
     _validate_options(d.operator, d.init, d.init_std, d.phi, d.depth_placement, d.depth_init,

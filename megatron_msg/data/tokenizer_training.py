@@ -95,29 +95,34 @@ def train_sentencepiece(config: TokenizerTrainConfig) -> str:
     except ImportError as exc:  # pragma: no cover
         raise ImportError("training a tokenizer needs `pip install sentencepiece`") from exc
 
+    # The trainer samples and shuffles lines; this makes the sampling repeatable.
+    if hasattr(spm, "set_random_generator_seed"):
+        spm.set_random_generator_seed(config.seed)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_training_lines(config),
-        model_writer=model,
-        vocab_size=config.vocab_size,
-        model_type=config.model_type,
-        unk_id=UNK_ID, pad_id=PAD_ID, pad_piece="[PAD]", bos_id=-1, eos_id=EOD_ID, eos_piece="<eod>",
-        control_symbols=CONTROL_SYMBOLS,
-        user_defined_symbols=USER_SYMBOLS,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        byte_fallback=True,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        character_coverage=config.character_coverage,
-        input_sentence_size=config.max_sentences,
-        shuffle_input_sentence=True,
-        max_sentence_length=16384,
-        num_threads=config.num_threads,
-        random_seed=config.seed,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter_training_lines(config),
+            model_writer=model,
+            vocab_size=config.vocab_size,
+            model_type=config.model_type,
+            unk_id=UNK_ID, pad_id=PAD_ID, pad_piece="[PAD]", bos_id=-1, eos_id=EOD_ID, eos_piece="<eod>",
+            control_symbols=CONTROL_SYMBOLS,
+            user_defined_symbols=USER_SYMBOLS,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=config.character_coverage,
+            input_sentence_size=config.max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=16384,
+            num_threads=config.num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:  # sentencepiece reports bad settings (e.g. vocab too large) this way
+        raise ValueError(f"sentencepiece training failed for {config.inputs}: {exc}") from exc
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab_lines = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n"
                           for i in range(processor.get_piece_size()))

@@ -67,13 +67,16 @@ def add_masked_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Te
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add fused with masked LayerNorm: returns ``(masked_ln(x + delta), x + delta)``.
 
+    delta may be narrower than x (a bf16 sublayer output added to an fp32
+    residual stream under autocast); h and y have x's dtype.
+
     The pre-LN block's ``h = x + attn_out; y = ln2(h)`` becomes one kernel that
     reads x and delta once and writes h and y; its backward adds the residual
     gradient in the same pass.
     """
     name = resolve(x, backend)
     if (name == "triton" and _fusable_ln(x, weight, bias, mask) and delta.shape == x.shape
-            and delta.dtype == x.dtype):
+            and torch.result_type(x, delta) == x.dtype):
         from megatron_msg.kernels.triton_masked_ln import add_masked_layer_norm_triton
         return add_masked_layer_norm_triton(x, delta, weight, bias, mask, eps)
     h = x + delta
@@ -97,8 +100,8 @@ def depth_residual_add(x: torch.Tensor, h: torch.Tensor, f: torch.Tensor, c: tor
     ``h + f`` it replaces plus one read of x.
     """
     name = resolve(x, backend)
-    if name != "reference" and h.shape == x.shape == f.shape and h.dtype == x.dtype == f.dtype \
-            and not c.requires_grad:
+    if name != "reference" and h.shape == x.shape == f.shape and h.dtype == x.dtype \
+            and torch.result_type(h, f) == x.dtype and not c.requires_grad:
         from megatron_msg.kernels.triton_elementwise import depth_residual_add_triton
         return depth_residual_add_triton(x, h, f, c)
     return torch.lerp(x, h + f, c.to(x.dtype))

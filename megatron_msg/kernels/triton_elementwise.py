@@ -22,7 +22,7 @@ def _depth_residual_fwd_kernel(X, H, F, C, OUT, numel, BLOCK: tl.constexpr):
     h = tl.load(H + offs, mask=msk, other=0.0)
     f = tl.load(F + offs, mask=msk, other=0.0)
     # round h + f to the I/O dtype, as the unfused ``h + f`` would
-    y = (h.to(tl.float32) + f.to(tl.float32)).to(OUT.dtype.element_ty).to(tl.float32)
+    y = (h.to(tl.float32) + f.to(tl.float32)).to(OUT.dtype.element_ty).to(tl.float32)  # f may be narrower
     tl.store(OUT + offs, (x + c * (y - x)).to(OUT.dtype.element_ty), mask=msk)
 
 
@@ -49,6 +49,7 @@ class DepthResidualAdd(torch.autograd.Function):
         if n:
             _depth_residual_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x, h, f, c, out, n, BLOCK=_BLOCK, num_warps=8)
         ctx.save_for_backward(c)
+        ctx.f_dtype = f.dtype
         return out
 
     @staticmethod
@@ -60,7 +61,7 @@ class DepthResidualAdd(torch.autograd.Function):
         n = dout.numel()
         if n:
             _depth_residual_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dout, c, dx, dy, n, BLOCK=_BLOCK, num_warps=8)
-        return dx, dy, dy, None
+        return dx, dy, dy.to(ctx.f_dtype), None
 
 
 def depth_residual_add_triton(x, h, f, c):

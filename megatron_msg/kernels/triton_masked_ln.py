@@ -263,6 +263,7 @@ class AddMaskedLayerNormTriton(torch.autograd.Function):
     def forward(ctx, x, delta, weight, bias, mask, eps):
         y, mean, rstd, h = masked_ln_fwd(x, weight, bias, mask, eps, delta=delta)
         ctx.save_for_backward(h, weight, mask, mean, rstd)
+        ctx.delta_dtype = delta.dtype
         ctx.bias_dtype = bias.dtype
         return y, h
 
@@ -272,7 +273,7 @@ class AddMaskedLayerNormTriton(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(h)
         dsum, dw, db = masked_ln_bwd(dy, h, weight, mask, mean, rstd, bias_dtype=ctx.bias_dtype, dres=dh)
-        return dsum, dsum, dw, db, None, None
+        return dsum, dsum.to(ctx.delta_dtype), dw, db, None, None
 
 
 def add_masked_layer_norm_triton(x, delta, weight, bias, mask, eps):

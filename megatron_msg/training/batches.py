@@ -1,0 +1,135 @@
+"""Deterministic batches from a token stream: batch contents are a pure function
+of (seed, step, micro-batch), so the data position to checkpoint is the step.
+
+The byte-level tokenizer here is the dependency-free default used by the demo
+(vocab: 256 bytes + 5 special tokens).  Real runs use the indexed datasets of
+``megatron_msg.data``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOD, CLS, SEP, MASK, PAD = 256, 257, 258, 259, 260
+BYTE_VOCAB = 261
+IGNORE_INDEX = -100
+
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "corpus.jsonl"
+
+
+def read_jsonl_texts(path: Path, text_key: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: corpus file {str(path)!r} does not exist")
+    texts = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(doc, dict) or text_key not in doc:
+                raise ValueError(f"{path}:{lineno}: no {text_key!r} field (set data.text_key)")
+            texts.append(str(doc[text_key]))
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
+def byte_token_streams(path: str, text_key: str, valid_fraction: float, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents as UTF-8 bytes + EOD; split train/valid by whole documents."""
+    texts = read_jsonl_texts(BUNDLED_CORPUS if path == "bundled" else Path(path), text_key)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_valid = max(1, int(round(len(texts) * valid_fraction)))
+    if n_valid >= len(texts):
+        raise ValueError(f"data.valid_fraction={valid_fraction} leaves no training documents "
+                         f"({len(texts)} documents)")
+
+    def encode(idx) -> np.ndarray:
+        parts = []
+        for i in idx:
+            parts.append(np.frombuffer(texts[i].encode("utf-8"), dtype=np.uint8).astype(np.int32))
+            parts.append(np.array([EOD], dtype=np.int32))
+        return np.concatenate(parts)
+
+    return encode(order[n_valid:]), encode(order[:n_valid])
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+@dataclass
+class GPTBatches:
+    """Random windows of ``seq_len + 1`` tokens; inputs are the first seq_len, targets shifted by one."""
+
+    stream: np.ndarray
+    seq_len: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        if len(self.stream) <= self.seq_len + 1:
+            raise ValueError(f"corpus has {len(self.stream)} tokens, fewer than model.seq_len+2")
+
+    def get(self, step: int, micro: int = 0) -> dict:
+        starts = _rng(self.seed, step, micro).integers(0, len(self.stream) - self.seq_len - 1,
+                                                       self.batch_size)
+        win = np.stack([self.stream[s:s + self.seq_len + 1] for s in starts])
+        t = torch.from_numpy(win.astype(np.int64))
+        return {"tokens": t[:, :-1], "targets": t[:, 1:]}
+
+
+@dataclass
+class BertBatches:
+    """Sentence-pair MLM + NSP samples from a byte stream.
+
+    Segment A is a random span; segment B is the span that follows it (label 0)
+    or a random span (label 1), each cut to fit ``[CLS] A [SEP] B [SEP]``; 15% of
+    the non-special tokens are chosen for prediction, replaced 80/10/10 by
+    [MASK] / a random byte / themselves.
+    """
+
+    stream: np.ndarray
+    seq_len: int
+    batch_size: int
+    seed: int
+    mask_prob: float = 0.15
+
+    def __post_init__(self):
+        if self.seq_len < 8:
+            raise ValueError("BERT batches need model.seq_len >= 8")
+        if len(self.stream) <= 2 * self.seq_len:
+            raise ValueError(f"corpus has {len(self.stream)} tokens, too few for seq_len={self.seq_len}")
+
+    def get(self, step: int, micro: int = 0) -> dict:
+        rng = _rng(self.seed, step, micro)
+        t, n = self.seq_len, len(self.stream)
+        la = (t - 3) // 2
+        lb = t - 3 - la
+        tokens = np.full((self.batch_size, t), PAD, dtype=np.int64)
+        types = np.zeros((self.batch_size, t), dtype=np.int64)
+        nsp = rng.integers(0, 2, self.batch_size)
+        for b in range(self.batch_size):
+            a0 = int(rng.integers(0, n - la - lb))
+            b0 = a0 + la if nsp[b] == 0 else int(rng.integers(0, n - lb))
+            seq = [CLS, *self.stream[a0:a0 + la], SEP, *self.stream[b0:b0 + lb], SEP]
+            tokens[b, :len(seq)] = seq
+            types[b, la + 2:len(seq)] = 1
+        special = (tokens == CLS) | (tokens == SEP) | (tokens == PAD)
+        chosen = (rng.random(tokens.shape) < self.mask_prob) & ~special
+        labels = np.where(chosen, tokens, IGNORE_INDEX)
+        roll = rng.random(tokens.shape)
+        inputs = tokens.copy()
+        inputs[chosen & (roll < 0.8)] = MASK
+        rand = chosen & (roll >= 0.8) & (roll < 0.9)
+        inputs[rand] = rng.integers(0, 256, int(rand.sum()))
+        return {"tokens": torch.from_numpy(inputs), "token_types": torch.from_numpy(types),
+                "padding_mask": torch.from_numpy(tokens != PAD),
+                "mlm_labels": torch.from_numpy(labels), "nsp_labels": torch.from_numpy(nsp.astype(np.int64))}
