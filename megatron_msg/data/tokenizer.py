@@ -205,7 +205,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
         # One call for the whole batch: sentencepiece's C++ loop is much faster than a Python one.
-        return [np.asarray(ids, dtype=np.int64) for ids in self._sp.encode(list(texts), out_type=int)]
+        # num_threads=1: parallelism is the caller's (msg-preprocess --workers), so one worker
+        # really is one core and N workers do not oversubscribe the machine N-fold.
+        try:
+            batches = self._sp.encode(list(texts), out_type=int, num_threads=1)
+        except TypeError:  # sentencepiece < 0.2 has no num_threads (and is single-threaded)
+            batches = self._sp.encode(list(texts), out_type=int)
+        return [np.asarray(ids, dtype=np.int64) for ids in batches]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]

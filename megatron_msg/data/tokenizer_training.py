@@ -98,10 +98,20 @@ def train_sentencepiece(config: TokenizerTrainConfig) -> str:
     # The trainer samples and shuffles lines; this makes the sampling repeatable.
     if hasattr(spm, "set_random_generator_seed"):
         spm.set_random_generator_seed(config.seed)
+    # An exception raised inside the iterator would come back from sentencepiece's C++ side as
+    # an opaque RuntimeError; instead stop the iteration, remember why, and re-raise it as is.
+    failures: List[BaseException] = []
+
+    def lines() -> Iterator[str]:
+        try:
+            yield from iter_training_lines(config)
+        except (BadInputError, UnicodeDecodeError) as exc:
+            failures.append(exc)
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter_training_lines(config),
+            sentence_iterator=lines(),
             model_writer=model,
             vocab_size=config.vocab_size,
             model_type=config.model_type,
@@ -122,7 +132,11 @@ def train_sentencepiece(config: TokenizerTrainConfig) -> str:
             minloglevel=2,
         )
     except RuntimeError as exc:  # sentencepiece reports bad settings (e.g. vocab too large) this way
+        if failures:
+            raise failures[0] from None
         raise ValueError(f"sentencepiece training failed for {config.inputs}: {exc}") from exc
+    if failures:
+        raise failures[0]
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab_lines = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n"
                           for i in range(processor.get_piece_size()))
