@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-machine session for the kernels: build the CUDA extension, run the
+# GPU tests, then the benchmarks.  Usage (on the GPU machine, repo root):
+#   tools/gpu_kernels.sh [tests|bench|sweep|overhead]...   (default: tests bench overhead)
+# Writes logs, JSON and markdown under ${OUT:-runs/gpu}.
+set -u
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export MSG_KERNEL_BUILD_DIR=${MSG_KERNEL_BUILD_DIR:-/tmp/msg_ext}
+steps=${*:-tests bench overhead}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+t0=$(date +%s)
+python3 -c "
+import time; t=time.time()
+from megatron_msg.kernels import cuda_ext
+try:
+    cuda_ext.load(verbose=False); print('cuda ext built in %.1fs' % (time.time()-t))
+except Exception as e:
+    print('CUDA EXTENSION BUILD FAILED:', str(e)[-3000:])
+" 2>&1 | tee "$OUT/build.log"
+for s in $steps; do
+  case $s in
+    tests) timeout 240 python3 -m pytest -q -x tests/test_kernels_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    sweep) timeout 300 python3 -m megatron_msg.cli.bench kernels --sweep --only triton --out "$OUT" 2>&1 | grep -v '^{"N": [0-9]*, "pass"' | tee "$OUT/sweep.log" ;;
+    bench) timeout 300 python3 -m megatron_msg.cli.bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+    overhead) timeout 300 python3 -m megatron_msg.cli.bench mask-overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.log" ;;
+  esac
+  echo "== $s done at +$(( $(date +%s) - t0 ))s"
+done
