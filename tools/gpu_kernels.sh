@@ -22,10 +22,10 @@ except Exception as e:
 " 2>&1 | tee "$OUT/build.log"
 for s in $steps; do
   case $s in
-    tests) timeout 240 python3 -m pytest -q -x tests/test_kernels_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
-    sweep) timeout 300 python3 -m megatron_msg.cli.bench kernels --sweep --only triton --out "$OUT" 2>&1 | grep -v '^{"N": [0-9]*, "pass"' | tee "$OUT/sweep.log" ;;
-    bench) timeout 300 python3 -m megatron_msg.cli.bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
-    overhead) timeout 300 python3 -m megatron_msg.cli.bench mask-overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.log" ;;
+    tests) timeout ${T_TESTS:-240} python3 -m pytest -q -x tests/test_kernels_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    sweep) timeout ${T_SWEEP:-300} python3 -m megatron_msg.cli.bench kernels --sweep --only triton --out "$OUT" 2>&1 | grep -v '^{"N": [0-9]*, "pass"' | tee "$OUT/sweep.log" ;;
+    bench) timeout ${T_BENCH:-300} python3 -m megatron_msg.cli.bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+    overhead) timeout ${T_OVER:-300} python3 -m megatron_msg.cli.bench mask-overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.log" ;;
   esac
   echo "== $s done at +$(( $(date +%s) - t0 ))s"
 done
