@@ -115,14 +115,15 @@ class Tokenizer(ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as tokens: 256 byte ids, then EOD, [PAD], [CLS], [SEP], [MASK]."""
+    """UTF-8 bytes as tokens: ids 0-255 are bytes, then <eod>=256, [CLS]=257, [SEP]=258,
+    [MASK]=259, [PAD]=260 (the same ids as megatron_msg.training.batches uses for the demo)."""
 
     NUM_BYTES = 256
-    _SPECIAL_NAMES = ("<eod>", "[PAD]", "[CLS]", "[SEP]", "[MASK]")
+    _SPECIAL_NAMES = ("<eod>", "[CLS]", "[SEP]", "[MASK]", "[PAD]")
 
     def __init__(self) -> None:
         b = self.NUM_BYTES
-        self._special = SpecialTokens(eod=b, pad=b + 1, cls=b + 2, sep=b + 3, mask=b + 4)
+        self._special = SpecialTokens(eod=b, cls=b + 1, sep=b + 2, mask=b + 3, pad=b + 4)
 
     @property
     def vocab_size(self) -> int:
@@ -153,7 +154,7 @@ class ByteTokenizer(Tokenizer):
         return out.decode("utf-8", errors="replace")
 
     def fingerprint(self) -> str:
-        return f"byte-v1-{self.vocab_size}"
+        return f"byte-v2-{self.vocab_size}"
 
     def describe(self) -> dict:
         return {"kind": "byte", "vocab_size": self.vocab_size}
