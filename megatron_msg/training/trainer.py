@@ -273,9 +273,10 @@ class Trainer:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
-        if result.interrupted:
-            path = self.save()
-            self._log_console(f"interrupted: saved {path}; run again to resume")
+        if result.interrupted or (self.step < total and result.steps_run and
+                                  self.step % t.save_interval != 0):
+            path = self.save()  # interrupted, or stopped by max_steps: always resumable
+            self._log_console(f"stopped at step {self.step}: saved {path}; run again to resume")
         if self._bar is not None:
             self._bar.close()
             self._bar = None
