@@ -89,6 +89,13 @@ def _build_split_datasets(corpora, splits, num_samples, cache, make_one, element
             results.append(None)
             continue
         ranges = [split_ranges(element_count(ds), fractions)[s] for ds, _ in corpora]
+        if all(hi == lo for lo, hi in ranges):
+            # Tiny corpora: a small split fraction can round to nothing.  Fine unless asked for.
+            if wanted[s]:
+                raise ValueError(f"splits: the {name} split has no documents in {[ds.prefix for ds, _ in corpora]} "
+                                 f"(split fractions {fractions}) but num_samples asks for {wanted[s]}")
+            results.append(None)
+            continue
         if len(corpora) == 1:
             (ds, _), (lo, hi) = corpora[0], ranges[0]
             results.append(make_one(ds, np.arange(lo, hi), wanted[s], name))
