@@ -131,3 +131,11 @@ def test_invalid_arguments():
 def test_cpp_rejects_out_of_range_document():
     with pytest.raises(IndexError, match="outside sizes"):
         ib.build_sample_index(np.array([3]), np.array([1]), 2, backend="cpp")
+
+
+def test_extension_present_when_required():
+    """CI sets MSG_REQUIRE_NATIVE=1 where a compiler exists, so a broken build cannot hide behind
+    the skips above."""
+    import os
+    if os.environ.get("MSG_REQUIRE_NATIVE") == "1":
+        assert HAVE_CPP, "MSG_REQUIRE_NATIVE=1 but megatron_msg.data._helpers cannot be imported"
