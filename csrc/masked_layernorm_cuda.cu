@@ -287,7 +287,11 @@ struct FwdLaunch {
   int64_t M; int N; float eps; int sm_count; cudaStream_t stream;
   template <typename T, int V, int I, bool WR> cudaError_t run() {
     auto k = masked_ln_fwd_kernel<T, V, I, WR>;
-    const int blocks = persistent_blocks(k, cfg, M, sm_count, 32);
+    // One row (per warp or block) per launch slot: no persistent loop, so the
+    // scheduler keeps as many rows in flight as registers allow.
+    const int rpb = rows_per_block(cfg);
+    const int64_t need = (M + rpb - 1) / rpb;
+    const int blocks = need > 0x7fffffff ? 0x7fffffff : (int)need;
     k<<<blocks, cfg.threads, 0, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), w, b, c, mean, rstd, M, N, eps);
     return cudaGetLastError();
   }

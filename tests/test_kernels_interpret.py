@@ -137,6 +137,24 @@ def test_backward_partials_over_many_programs_and_tiles():
         assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dres", (False, True))
+def test_wide_row_backward_in_chunks(dres):
+    """The chunked backward used for hidden > 4096, forced on a small row with several chunks."""
+    n = 130
+    x, w, b, dy = inputs((11, n), seed=9)
+    c = make_mask("ramp", n)
+    r = torch.randn_like(x) if dres else None
+    xf, wf, bf, cf = x.float(), w.float(), b.float(), c.float()
+    _, mean, rstd, _ = tml.masked_ln_fwd(xf, wf, bf, cf, EPS)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref(xr, wr, br, c, EPS).backward(dy)
+    dx, dw, db = tml.masked_ln_bwd(dy.float(), xf, wf, cf, mean, rstd, wide=True, chunk=32, programs=3,
+                                   dres=r.float() if dres else None)
+    assert_close(dx, xr.grad + (r if dres else 0), rtol=1e-4, atol=1e-4)
+    assert_close(dw, wr.grad, rtol=1e-4, atol=1e-4)
+    assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("block_m", (1, 2, 8))
 def test_forward_tilings_agree(block_m):
     n = 130

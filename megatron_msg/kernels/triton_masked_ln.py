@@ -107,6 +107,66 @@ def _masked_ln_bwd_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DRES, M
 
 
 @triton.jit
+def _masked_ln_bwd_wide_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DRES, M, N,
+                               stride_x, stride_dy, stride_dx,
+                               CHUNK: tl.constexpr, HAS_DRES: tl.constexpr):
+    """Backward for wide rows (N > 4096): one row at a time, in column chunks.
+
+    Holding a whole 10K-wide row plus dw/db accumulators in registers spills, so
+    each row is walked twice in CHUNK-wide pieces: the first walk reduces
+    sum(g) and sum(g xhat), the second (re-reading the row from L2, not HBM)
+    writes dx and adds the row into this program's private fp32 dw/db partial
+    row, which stays L2-resident.  HBM traffic is still read x, dy / write dx.
+    """
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offs = tl.arange(0, CHUNK)
+    cs = tl.zeros([CHUNK], dtype=tl.float32)
+    for c0 in range(0, N, CHUNK):
+        cols = c0 + offs
+        cs += tl.load(C + cols, mask=cols < N, other=0.0).to(tl.float32)
+    inv_s = 1.0 / tl.sum(cs, axis=0)
+    for c0 in range(0, N, CHUNK):  # zero this program's partial rows
+        cols = c0 + offs
+        tl.store(DW_PART + pid * N + cols, tl.zeros([CHUNK], dtype=tl.float32), mask=cols < N)
+        tl.store(DB_PART + pid * N + cols, tl.zeros([CHUNK], dtype=tl.float32), mask=cols < N)
+    for row in range(pid, M, n_prog):
+        row64 = tl.cast(row, tl.int64)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        sa = tl.zeros([CHUNK], dtype=tl.float32)
+        sb = tl.zeros([CHUNK], dtype=tl.float32)
+        for c0 in range(0, N, CHUNK):
+            cols = c0 + offs
+            cm = cols < N
+            x = tl.load(X + row64 * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=cm, other=0.0).to(tl.float32)
+            cw = tl.load(C + cols, mask=cm, other=0.0).to(tl.float32) * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+            g = dy * cw
+            sa += g
+            sb += g * (x - mean) * rstd
+        a = tl.sum(sa, axis=0) * inv_s
+        bcoef = tl.sum(sb, axis=0) * inv_s
+        for c0 in range(0, N, CHUNK):
+            cols = c0 + offs
+            cm = cols < N
+            x = tl.load(X + row64 * stride_x + cols, mask=cm, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=cm, other=0.0).to(tl.float32)
+            c = tl.load(C + cols, mask=cm, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd
+            dyc = dy * c
+            dx = rstd * (dyc * w - c * (a + xhat * bcoef))
+            if HAS_DRES:
+                dx += tl.load(DRES + row64 * N + cols, mask=cm, other=0.0).to(tl.float32)
+            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cm)
+            pw = DW_PART + pid * N + cols
+            pb = DB_PART + pid * N + cols
+            tl.store(pw, tl.load(pw, mask=cm, other=0.0) + dyc * xhat, mask=cm)
+            tl.store(pb, tl.load(pb, mask=cm, other=0.0) + dyc, mask=cm)
+
+
+@triton.jit
 def _sum_partials_kernel(DW_PART, DB_PART, DW, DB, G, N, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
     """dw[n] = sum_g DW_PART[g, n] (and db): reduces the backward's per-program partials."""
     pid = tl.program_id(0)
@@ -127,23 +187,31 @@ def _sum_partials_kernel(DW_PART, DB_PART, DW, DB, G, N, BLOCK_G: tl.constexpr, 
 # ---------------------------------------------------------------------------
 # launch heuristics (measured on an H100, docs/kernel_notes.md)
 
+# Rows wider than this take the chunked backward (_masked_ln_bwd_wide_kernel).
+WIDE_BWD_N = 4096
+
+
 def fwd_config(n: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) for the forward: about 4K-8K elements per program."""
+    """(BLOCK_M, num_warps) for the forward.
+
+    H100 sweep (docs/kernel_notes.md): 4 warps with 4 rows per program was best
+    at hidden 768, 1024 and 4096 (4K-16K elements per program); wide rows get
+    more warps so a row's registers do not spill.
+    """
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, 4096 // block_n)
-    num_warps = 4 if block_n * block_m <= 4096 and block_n <= 1024 else 8
-    if block_n >= 8192:
-        num_warps = 16
-    return block_m, num_warps
+    if block_n <= 1024:
+        return max(1, 4096 // block_n), 4
+    if block_n <= 4096:
+        return max(1, 16384 // block_n), 4
+    return 1, 8
 
 
 def bwd_config(n: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) for the backward (H100 sweep: 4 warps, 2 programs per SM)."""
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, 2048 // block_n)
-    num_warps = 4 if block_n <= 1024 else 8
-    if block_n >= 8192:
-        num_warps = 16
-    return block_m, num_warps
+    if block_n <= 1024:
+        return max(1, 4096 // block_n), 4
+    return 1, 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,9 +224,9 @@ def _bwd_programs(x: torch.Tensor, m: int, block_m: int, n: int) -> int:
     if not x.is_cuda:  # interpreter: a few programs still exercise the partial sums
         return max(1, min(tiles, 3))
     sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    # Enough programs to fill the chip; fewer for wide rows so that the fp32
+    # Two programs per SM filled the chip best in the H100 sweep; the fp32
     # partials (G x N x 8 bytes) stay small next to the activations.
-    per_sm = 4 if n <= 1024 else (2 if n <= 4096 else 1)
+    per_sm = 2
     return max(1, min(tiles, sms * per_sm))
 
 
@@ -200,7 +268,8 @@ def masked_ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mas
 def masked_ln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                   mean: torch.Tensor, rstd: torch.Tensor, *, block_m: int | None = None,
                   num_warps: int | None = None, programs: int | None = None,
-                  bias_dtype: torch.dtype | None = None, dres: torch.Tensor | None = None):
+                  bias_dtype: torch.dtype | None = None, dres: torch.Tensor | None = None,
+                  wide: bool | None = None, chunk: int | None = None):
     """Returns (dx, dweight, dbias) with the dtypes of x, weight and bias (default weight's).
 
     ``dres`` (same shape as x) is added to dx in the same pass: the gradient of
@@ -214,18 +283,25 @@ def masked_ln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask:
     bm, nw = bwd_config(n)
     bm = block_m or bm
     nw = num_warps or nw
-    g = programs or _bwd_programs(x, m, bm, n)
+    wide = n > WIDE_BWD_N if wide is None else wide
+    g = programs or _bwd_programs(x, m, 1 if wide else bm, n)
     dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
     db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
     dw = torch.empty(n, dtype=weight.dtype, device=x.device)
     db = torch.empty(n, dtype=bias_dtype or weight.dtype, device=x.device)
     block_n = triton.next_power_of_2(n)
     dres2 = dres.reshape(m, n).contiguous() if dres is not None else dx
-    if m > 0:
+    if m > 0 and wide:
+        _masked_ln_bwd_wide_kernel[(g,)](
+            x2, dy2, dx, weight, mask, mean, rstd, dw_part, db_part, dres2, m, n,
+            x2.stride(0), dy2.stride(0), dx.stride(0),
+            CHUNK=chunk or min(2048, block_n), HAS_DRES=dres is not None, num_warps=num_warps or 8)
+    elif m > 0:
         _masked_ln_bwd_kernel[(g,)](
             x2, dy2, dx, weight, mask, mean, rstd, dw_part, db_part, dres2, m, n,
             x2.stride(0), dy2.stride(0), dx.stride(0),
             BLOCK_M=bm, BLOCK_N=block_n, HAS_DRES=dres is not None, num_warps=nw)
+    if m > 0:
         block_c = 64
         _sum_partials_kernel[(triton.cdiv(n, block_c),)](
             dw_part, db_part, dw, db, g, n, BLOCK_G=32, BLOCK_C=block_c, num_warps=4)
