@@ -107,3 +107,12 @@ def test_add_layer_norm_and_depth_residual_bf16():
     assert rel_err(out, x + 0.4 * (h + f.float() - x)) < 1e-5
     out.sum().backward()
     assert a.grad.dtype == torch.bfloat16 and f.grad.dtype == torch.bfloat16
+
+
+def test_compiled_model_path_fullgraph():
+    """Under torch.compile the auto backend traces the reference, so fullgraph compiles."""
+    n = 768
+    x = torch.randn(64, n, device=DEV)
+    w, b, c = torch.randn(n, device=DEV), torch.randn(n, device=DEV), make_mask("ramp", n)
+    f = torch.compile(lambda x: kernels.masked_layer_norm(x, w, b, c, EPS), fullgraph=True)
+    assert rel_err(f(x), ref(x, w, b, c, EPS)) < 1e-5

@@ -4,7 +4,8 @@ The choice is made per call from, in order of precedence,
 
 1. the ``backend=`` keyword of a dispatch function (tests, benchmarks),
 2. the environment variable ``MSG_KERNEL_BACKEND`` (``auto`` when unset),
-3. ``auto``: Triton for CUDA tensors when Triton imports, else the reference.
+3. ``auto``: Triton for CUDA tensors when Triton imports, else the reference
+   (also the reference while torch.compile traces: Inductor fuses it).
 
 There is deliberately no module-level "current backend" setting: the choice is a
 pure function of the arguments and the environment, so it is the same on every
@@ -42,6 +43,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # torch < 2.3
+        return False
+
+
 def resolve(x: torch.Tensor, backend: str | None = None) -> str:
     """Pick the backend for an op whose main input is ``x``.
 
@@ -51,6 +59,10 @@ def resolve(x: torch.Tensor, backend: str | None = None) -> str:
     """
     name = (backend or os.environ.get(ENV_VAR) or "auto").lower()
     if name == "auto":
+        # Under torch.compile the reference is traced and fused by Inductor; the
+        # eager kernels are opaque Python there (and would break fullgraph).
+        if _compiling():
+            return "reference"
         if x.is_cuda and triton_available():
             return "triton"
         return "reference"
