@@ -30,6 +30,8 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+// w, b, c are fp32 torch allocations (256-byte aligned) read as Pack<float, VEC>
+// at column j*VEC, so those loads are vector loads too.
 
 __device__ __forceinline__ float2 warp_sum2(float2 v) {
 #pragma unroll
@@ -97,10 +99,11 @@ __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
       const int j = g.lane + i * g.nlanes;
       if (j < nvec) {
         Pack<T, VEC> p = xr[j];
+        const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           xv[i][k] = to_f(p.v[k]);
-          cv[i][k] = __ldg(c + j * VEC + k);
+          cv[i][k] = pc.v[k];
           s += cv[i][k] * xv[i][k];
         }
       } else {
@@ -125,11 +128,11 @@ __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
       const int j = g.lane + i * g.nlanes;
       if (j < nvec) {
         Pack<T, VEC> p;
+        const Pack<float, VEC> pw = reinterpret_cast<const Pack<float, VEC>*>(w)[j];
+        const Pack<float, VEC> pb = reinterpret_cast<const Pack<float, VEC>*>(b)[j];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const int col = j * VEC + k;
-          p.v[k] = from_f<T>(((xv[i][k] - mu) * r * __ldg(w + col) + __ldg(b + col)) * cv[i][k]);
-        }
+        for (int k = 0; k < VEC; ++k)
+          p.v[k] = from_f<T>(((xv[i][k] - mu) * r * pw.v[k] + pb.v[k]) * cv[i][k]);
         yr[j] = p;
       }
     }
@@ -169,13 +172,14 @@ __global__ void masked_ln_bwd_kernel(const T* __restrict__ x, const T* __restric
       const int j = g.lane + i * g.nlanes;
       if (j < nvec) {
         Pack<T, VEC> px = xr[j], pd = dyr[j];
+        const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
+        const Pack<float, VEC> pw = reinterpret_cast<const Pack<float, VEC>*>(w)[j];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const int col = j * VEC + k;
-          const float cc = __ldg(c + col);
+          const float cc = pc.v[k];
           const float xhat = (to_f(px.v[k]) - mu) * r;
           const float dyc = to_f(pd.v[k]) * cc;
-          const float gg = dyc * __ldg(w + col);
+          const float gg = dyc * pw.v[k];
           xh[i][k] = xhat; gv[i][k] = gg;
           s.x += gg; s.y += gg * xhat;
           dw_acc[i][k] += dyc * xhat; db_acc[i][k] += dyc;
@@ -193,11 +197,9 @@ __global__ void masked_ln_bwd_kernel(const T* __restrict__ x, const T* __restric
       const int j = g.lane + i * g.nlanes;
       if (j < nvec) {
         Pack<T, VEC> p;
+        const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float cc = __ldg(c + j * VEC + k);
-          p.v[k] = from_f<T>(r * (gv[i][k] - cc * (a + xh[i][k] * bc)));
-        }
+        for (int k = 0; k < VEC; ++k) p.v[k] = from_f<T>(r * (gv[i][k] - pc.v[k] * (a + xh[i][k] * bc)));
         dxr[j] = p;
       }
     }

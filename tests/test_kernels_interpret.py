@@ -137,6 +137,25 @@ def test_backward_partials_over_many_programs_and_tiles():
         assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_wide_row_forward_in_chunks(mask_kind):
+    """The chunked forward used for hidden > 4096 (Chan's merge of chunk statistics), forced small.
+
+    chunk=32 on n=130 gives five chunks; with the "zeros" mask the last ones hold only new units.
+    """
+    n = 130
+    x, w, b, _ = inputs((6, n), seed=10)
+    x = x + 50.0  # a large mean: the merge must not lose the variance
+    c = make_mask(mask_kind, n)
+    y, mean, rstd, _ = tml.masked_ln_fwd(x.float(), w.float(), b.float(), c.float(), EPS, wide=True, chunk=32)
+    assert_close(y, ref(x, w, b, c, EPS), rtol=1e-4, atol=1e-4)
+    d = torch.randn_like(x)
+    y2, _, _, h = tml.masked_ln_fwd(x.float(), w.float(), b.float(), c.float(), EPS, delta=d.float(),
+                                    wide=True, chunk=32)
+    assert_close(h, x + d)
+    assert_close(y2, ref(x + d, w, b, c, EPS), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dres", (False, True))
 def test_wide_row_backward_in_chunks(dres):
     """The chunked backward used for hidden > 4096, forced on a small row with several chunks."""

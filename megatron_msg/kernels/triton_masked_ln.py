@@ -69,6 +69,60 @@ def _masked_ln_fwd_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, s
 
 
 @triton.jit
+def _masked_ln_fwd_wide_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, stride_y, eps,
+                               CHUNK: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Forward for wide rows (N > 4096), one row per program, in CHUNK-wide pieces.
+
+    A whole 10K row in registers leaves room for one row in flight per SM,
+    too little to cover HBM latency; chunking keeps registers small so many rows
+    are in flight.  Pass 1 merges per-chunk weighted mean / M2 (Chan et al.'s
+    parallel update, numerically like the two-pass formula); pass 2 re-reads the
+    row (from L2) and writes y.  HBM traffic: read x once, write y once.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    n_acc = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, N, CHUNK):
+        cols = c0 + offs
+        cm = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=cm, other=0.0)
+        if HAS_DELTA:
+            dl = tl.load(DELTA + row * N + cols, mask=cm, other=0.0)
+            x = (x.to(tl.float32) + dl.to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + row * N + cols, x, mask=cm)
+        x = x.to(tl.float32)
+        c = tl.load(C + cols, mask=cm, other=0.0).to(tl.float32)
+        n_b = tl.sum(c, axis=0)
+        safe_n_b = tl.where(n_b > 0, n_b, 1.0)
+        mean_b = tl.sum(c * x, axis=0) / safe_n_b
+        d = x - mean_b
+        m2_b = tl.sum(c * d * d, axis=0)
+        tot = n_acc + n_b
+        safe_tot = tl.where(tot > 0, tot, 1.0)
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / safe_tot)
+        m2 = m2 + m2_b + delta * delta * (n_acc * n_b / safe_tot)
+        n_acc = tot
+    var = m2 / n_acc
+    rstd = 1.0 / tl.sqrt(var + eps)
+    src = H if HAS_DELTA else X
+    stride_src = N if HAS_DELTA else stride_x
+    for c0 in range(0, N, CHUNK):
+        cols = c0 + offs
+        cm = cols < N
+        x = tl.load(src + row * stride_src + cols, mask=cm, other=0.0).to(tl.float32)
+        c = tl.load(C + cols, mask=cm, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
+        y = ((x - mean) * rstd * w + b) * c
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=cm)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
 def _masked_ln_bwd_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DRES, M, N,
                           stride_x, stride_dy, stride_dx,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DRES: tl.constexpr):
@@ -187,7 +241,8 @@ def _sum_partials_kernel(DW_PART, DB_PART, DW, DB, G, N, BLOCK_G: tl.constexpr, 
 # ---------------------------------------------------------------------------
 # launch heuristics (measured on an H100, docs/kernel_notes.md)
 
-# Rows wider than this take the chunked backward (_masked_ln_bwd_wide_kernel).
+# Rows wider than these take the chunked kernels (_masked_ln_*_wide_kernel).
+WIDE_FWD_N = 4096
 WIDE_BWD_N = 4096
 
 
@@ -239,7 +294,7 @@ def _as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def masked_ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
                   eps: float, *, delta: torch.Tensor | None = None, block_m: int | None = None,
-                  num_warps: int | None = None):
+                  num_warps: int | None = None, wide: bool | None = None, chunk: int | None = None):
     """Returns (y, mean, rstd, h); y has x's shape and dtype, mean/rstd are fp32 [rows].
 
     With ``delta`` the input is ``h = x + delta`` (returned, else h is None).
@@ -258,7 +313,12 @@ def masked_ln_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mas
     bm, nw = fwd_config(n)
     bm = block_m or bm
     nw = num_warps or nw
-    if m > 0:
+    wide = n > WIDE_FWD_N if wide is None else wide
+    if m > 0 and wide:
+        _masked_ln_fwd_wide_kernel[(m,)](
+            x2, y, weight, bias, mask, mean, rstd, delta2, h, m, n, x2.stride(0), y.stride(0), eps,
+            CHUNK=chunk or 1024, HAS_DELTA=delta is not None, num_warps=num_warps or 4)
+    elif m > 0:
         _masked_ln_fwd_kernel[(triton.cdiv(m, bm),)](
             x2, y, weight, bias, mask, mean, rstd, delta2, h, m, n, x2.stride(0), y.stride(0), eps,
             BLOCK_M=bm, BLOCK_N=triton.next_power_of_2(n), HAS_DELTA=delta is not None, num_warps=nw)
