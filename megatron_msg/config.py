@@ -107,11 +107,15 @@ class LRConfig:
 
 @dataclass
 class DataConfig:
-    # "bundled" is the small corpus shipped in megatron_msg/assets/.
+    # jsonl: ``path`` is a jsonl file ("bundled" = the corpus in megatron_msg/assets/),
+    # tokenized on the fly with the byte tokenizer.  indexed: ``path`` is a Megatron
+    # .bin/.idx prefix written by msg-preprocess (GPT only, for now).
+    format: str = "jsonl"
     path: str = "bundled"
     text_key: str = "text"
     tokenizer: str = "byte"
-    valid_fraction: float = 0.05
+    valid_fraction: float = 0.05  # jsonl: share of documents held out for validation
+    splits: str = "969,30,1"  # indexed: train,valid,test weights
     seed: int = 1234
 
 
@@ -413,6 +417,10 @@ def validate(cfg: RunConfig) -> None:
 
     dc = cfg.data
     _check(0.0 < dc.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
+    _choice(dc.format, ("jsonl", "indexed"), "data.format")
+    if dc.format == "indexed":
+        _check(m.arch == "gpt", "data.format", "indexed datasets are wired for GPT only so far; "
+               "BERT trains from jsonl")
     _choice(dc.tokenizer, ("byte",), "data.tokenizer")
     if dc.tokenizer == "byte":
         _check(m.vocab_size >= 261, "model.vocab_size",

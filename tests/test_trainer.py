@@ -162,3 +162,21 @@ def test_cli_rejects_a_bad_config_with_the_field_name(tmp_path, capsys):
     p.write_text("growth: {stages: [{at_step: 10, hidden: 8}]}\n")
     assert main([str(p), "--validate"]) == 2
     assert "growth.stages[0].hidden" in capsys.readouterr().err
+
+
+def test_training_reads_a_megatron_indexed_dataset(tmp_path):
+    """msg-preprocess output (.bin/.idx) feeds the trainer; the run grows and resumes as usual."""
+    from megatron_msg.cli.preprocess import main as preprocess
+    from megatron_msg.training.batches import BUNDLED_CORPUS
+    assert preprocess(["--input", str(BUNDLED_CORPUS), "--output-prefix", str(tmp_path / "corpus"),
+                       "--tokenizer", "byte", "--workers", "1", "--no-progress"]) == 0
+    raw = json.loads(json.dumps(RAW))
+    raw["data"] = {"format": "indexed", "path": str(tmp_path / "corpus_text_document"), "splits": "90,10,0"}
+    raw["train"]["steps"] = 20
+    raw["growth"]["stages"] = raw["growth"]["stages"][:2]
+    cfg = config_from_dict(raw)
+    ref = Trainer(cfg, out_dir=tmp_path / "a", progress=False).run()
+    assert ref.shape == Shape(16, 48, 2, 3)
+    Trainer(cfg, out_dir=tmp_path / "b", progress=False).run(max_steps=11)
+    res = Trainer(cfg, out_dir=tmp_path / "b", progress=False).run()
+    assert all(res.losses[s] == ref.losses[s] for s in range(11, 20))

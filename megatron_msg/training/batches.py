@@ -133,3 +133,22 @@ class BertBatches:
         return {"tokens": torch.from_numpy(inputs), "token_types": torch.from_numpy(types),
                 "padding_mask": torch.from_numpy(tokens != PAD),
                 "mlm_labels": torch.from_numpy(labels), "nsp_labels": torch.from_numpy(nsp.astype(np.int64))}
+
+
+@dataclass
+class IndexedGPTBatches:
+    """Batches from a ``megatron_msg.data`` GPT dataset (items of ``seq_len + 1`` tokens).
+
+    Sample ``(step * micro_batches + micro) * batch_size + b`` of the dataset: the dataset's
+    own shuffle makes that random, and the data position is still the step.
+    """
+
+    dataset: object
+    batch_size: int
+    micro_batches: int = 1
+
+    def get(self, step: int, micro: int = 0) -> dict:
+        first = (step * self.micro_batches + micro) * self.batch_size
+        win = np.stack([self.dataset[(first + b) % len(self.dataset)]["tokens"] for b in range(self.batch_size)])
+        t = torch.from_numpy(win.astype(np.int64))
+        return {"tokens": t[:, :-1], "targets": t[:, 1:]}

@@ -28,7 +28,7 @@ from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig, Shape
 from megatron_msg.growth.apply import build_optimizer, grow_model, spec_for_stage
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
-from megatron_msg.training.batches import BertBatches, GPTBatches, byte_token_streams
+from megatron_msg.training.batches import BertBatches, GPTBatches, IndexedGPTBatches, byte_token_streams
 from megatron_msg.training.lr import lr_at
 from megatron_msg.training.metrics import MetricsLog
 from megatron_msg.training.plot import plot_loss_curve
@@ -42,6 +42,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device: 'cuda' requested but CUDA is not available")
     return torch.device(name)
+
+
+def build_batches(cfg: RunConfig):
+    """(train, valid) batch sources whose ``get(step, micro)`` is a pure function of the step."""
+    t, d = cfg.train, cfg.data
+    if d.format == "indexed":
+        from megatron_msg.data import build_gpt_datasets
+        from megatron_msg.data.tokenizer import ByteTokenizer
+        n_train = t.steps * t.grad_accum * t.batch_size
+        n_valid = t.eval_iters * t.batch_size
+        train, valid, _ = build_gpt_datasets(d.path, cfg.model.seq_len, seed=d.seed, splits=d.splits,
+                                             num_samples=(n_train, n_valid, None), tokenizer=ByteTokenizer())
+        if train is None or valid is None:
+            raise ValueError(f"data.splits={d.splits!r} leaves no training or validation data")
+        return IndexedGPTBatches(train, t.batch_size, t.grad_accum), IndexedGPTBatches(valid, t.batch_size)
+    train_stream, valid_stream = byte_token_streams(d.path, d.text_key, d.valid_fraction, d.seed)
+    make = GPTBatches if cfg.model.arch == "gpt" else BertBatches
+    return (make(train_stream, cfg.model.seq_len, t.batch_size, t.seed),
+            make(valid_stream, cfg.model.seq_len, t.batch_size, t.seed + 1))
 
 
 def model_loss(model, batch: dict) -> torch.Tensor:
@@ -76,12 +95,8 @@ class Trainer:
         self._stop_requested = False
         self._bar = None  # tqdm progress bar while run() is active
 
-        train_stream, valid_stream = byte_token_streams(cfg.data.path, cfg.data.text_key,
-                                                        cfg.data.valid_fraction, cfg.data.seed)
-        make = GPTBatches if cfg.model.arch == "gpt" else BertBatches
+        self.train_batches, self.valid_batches = build_batches(cfg)
         t = cfg.train
-        self.train_batches = make(train_stream, cfg.model.seq_len, t.batch_size, t.seed)
-        self.valid_batches = make(valid_stream, cfg.model.seq_len, t.batch_size, t.seed + 1)
 
         self.metrics = MetricsLog(self.out_dir, t.tensorboard)
         ckpt = latest_checkpoint(self.out_dir) if resume else None
