@@ -102,18 +102,6 @@ def bench_layernorm(widths=WIDTHS, dtype=torch.bfloat16, only=None, log=print) -
                 row[name] = {"fwd_ms": round(f_ms, 4), "fwd_GBps": round(byt_f / f_ms / 1e6),
                              "fb_ms": round(fb_ms, 4), "fb_GBps": round(byt_fb / fb_ms / 1e6),
                              "max_abs_err_vs_fp32": err}
-                # Device time without host launch overhead: the same work replayed from a CUDA graph.
-                try:
-                    from triton.testing import do_bench_cudagraph
-
-                    def fb_graph():
-                        torch.autograd.grad(fn(), [x, w, b, wb, bb], dy, allow_unused=True)
-                    gf = do_bench_cudagraph(fn, rep=50, return_mode="median")
-                    gfb = do_bench_cudagraph(fb_graph, rep=50, return_mode="median")
-                    row[name].update({"graph_fwd_ms": round(gf, 4), "graph_fwd_GBps": round(byt_f / gf / 1e6),
-                                      "graph_fb_ms": round(gfb, 4), "graph_fb_GBps": round(byt_fb / gfb / 1e6)})
-                except Exception as exc:
-                    row[name]["graph_error"] = repr(exc)[:200]
             except Exception as exc:
                 row[name] = f"error: {exc!r}"[:300]
         rows.append(row)
@@ -180,25 +168,22 @@ def markdown_table(res: dict) -> str:
     names = ["triton", "cuda", "torch_ln", "eager_masked", "compiled_masked", "apex_ln"]
     lines = [f"Device: {res['device']}; torch {res['torch']}, triton {res['triton']}; "
              f"copy bandwidth {res['copy_GBps']:.0f} GB/s (read+write).", "",
-             "Eager columns: triton.testing.do_bench (median, L2 flushed, host launch overhead included "
-             "when the host is slower than the GPU). Graph columns: the same call replayed from a CUDA graph "
-             "(device time only).", "",
-             "| hidden | rows | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | graph fwd GB/s "
-             "| graph fwd+bwd ms | graph fwd+bwd GB/s | max abs err |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Timing: triton.testing.do_bench (median, L2 flushed before each call); it includes host "
+             "launch overhead whenever the host is slower than the GPU.", "",
+             "| hidden | rows | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | max abs err |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in res["layernorm"]:
         for name in names:
             v = row.get(name)
             if v is None:
                 continue
             if isinstance(v, str):
-                lines.append(f"| {row['N']} | {row['M']} | {name} | {v[:60]} | | | | | | | |")
+                lines.append(f"| {row['N']} | {row['M']} | {name} | {v[:60]} | | | | |")
                 continue
             err = "" if v["max_abs_err_vs_fp32"] is None else f"{v['max_abs_err_vs_fp32']:.3g}"
             lines.append(f"| {row['N']} | {row['M']} | {name} | {v['fwd_ms']:.4f} | {v['fwd_GBps']} | "
-                         f"{v['fb_ms']:.4f} | {v['fb_GBps']} | {v.get('graph_fwd_GBps', '')} | "
-                         f"{v.get('graph_fb_ms', '')} | {v.get('graph_fb_GBps', '')} | {err} |")
-    for key, title in (("fb_ms", "eager timing"), ("graph_fb_ms", "CUDA-graph timing")):
+                         f"{v['fb_ms']:.4f} | {v['fb_GBps']} | {err} |")
+    for key, title in (("fb_ms", "do_bench"),):
         lines += ["", f"Ratios ({title}, same run): fwd+bwd time of F.layer_norm / ours, eager masked / ours.", "",
                   "| hidden | triton fwd GB/s | cuda fwd GB/s | torch_ln fb / triton fb | torch_ln fb / cuda fb "
                   "| eager fb / triton fb | eager fb / cuda fb |", "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -207,7 +192,7 @@ def markdown_table(res: dict) -> str:
 
 
 def _ratio_rows(res: dict, key: str) -> list[str]:
-    fkey = "fwd_GBps" if key == "fb_ms" else "graph_fwd_GBps"
+    fkey = "fwd_GBps"
     lines = []
     for row in res["layernorm"]:
         def get(name, k):
