@@ -20,7 +20,7 @@ Kernel layout.  Forward: one program per tile of BLOCK_M rows x BLOCK_N
 read exactly once; S = sum(c) is reduced per program from the mask vector, so
 it never leaves the device.  Backward: a fixed grid of G programs, each walking
 its share of row tiles, accumulating dw/db partials in registers and writing
-one [N] partial per program; a second small kernel sums the G partials.  All
+one [N] partial per program; one device-side torch sum reduces the G partials.  All
 arithmetic is fp32 whatever the I/O dtype (bf16/fp16/fp32); under the CPU
 interpreter (TRITON_INTERPRET=1) only fp32 I/O is reliable.
 """
@@ -220,24 +220,6 @@ def _masked_ln_bwd_wide_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DR
             tl.store(pb, tl.load(pb, mask=cm, other=0.0) + dyc, mask=cm)
 
 
-@triton.jit
-def _sum_partials_kernel(DW_PART, DB_PART, DW, DB, G, N, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dw[n] = sum_g DW_PART[g, n] (and db): reduces the backward's per-program partials."""
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < N
-    acc_w = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        gs = g0 + tl.arange(0, BLOCK_G)
-        m2 = (gs < G)[:, None] & cmask[None, :]
-        offs = gs[:, None] * N + cols[None, :]
-        acc_w += tl.load(DW_PART + offs, mask=m2, other=0.0)
-        acc_b += tl.load(DB_PART + offs, mask=m2, other=0.0)
-    tl.store(DW + cols, tl.sum(acc_w, axis=0).to(DW.dtype.element_ty), mask=cmask)
-    tl.store(DB + cols, tl.sum(acc_b, axis=0).to(DB.dtype.element_ty), mask=cmask)
-
-
 # ---------------------------------------------------------------------------
 # launch heuristics (measured on an H100, docs/kernel_notes.md)
 
@@ -281,7 +263,7 @@ def _bwd_programs(x: torch.Tensor, m: int, block_m: int, n: int) -> int:
     sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
     # Two programs per SM filled the chip best in the H100 sweep; the fp32
     # partials (G x N x 8 bytes) stay small next to the activations.
-    per_sm = 2
+    per_sm = 1 if n > WIDE_BWD_N else 2  # sweep: the chunked wide kernel prefers 1 x 16 warps
     return max(1, min(tiles, sms * per_sm))
 
 
@@ -345,30 +327,26 @@ def masked_ln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask:
     nw = num_warps or nw
     wide = n > WIDE_BWD_N if wide is None else wide
     g = programs or _bwd_programs(x, m, 1 if wide else bm, n)
-    dw_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    db_part = torch.empty((g, n), dtype=torch.float32, device=x.device)
-    dw = torch.empty(n, dtype=weight.dtype, device=x.device)
-    db = torch.empty(n, dtype=bias_dtype or weight.dtype, device=x.device)
+    part = torch.empty((2, g, n), dtype=torch.float32, device=x.device)  # dw and db partials
+    dw_part, db_part = part[0], part[1]
     block_n = triton.next_power_of_2(n)
     dres2 = dres.reshape(m, n).contiguous() if dres is not None else dx
     if m > 0 and wide:
         _masked_ln_bwd_wide_kernel[(g,)](
             x2, dy2, dx, weight, mask, mean, rstd, dw_part, db_part, dres2, m, n,
             x2.stride(0), dy2.stride(0), dx.stride(0),
-            CHUNK=chunk or min(2048, block_n), HAS_DRES=dres is not None, num_warps=num_warps or 8)
+            CHUNK=chunk or min(2048, block_n), HAS_DRES=dres is not None, num_warps=num_warps or 16)
     elif m > 0:
         _masked_ln_bwd_kernel[(g,)](
             x2, dy2, dx, weight, mask, mean, rstd, dw_part, db_part, dres2, m, n,
             x2.stride(0), dy2.stride(0), dx.stride(0),
             BLOCK_M=bm, BLOCK_N=block_n, HAS_DRES=dres is not None, num_warps=nw)
-    if m > 0:
-        block_c = 64
-        _sum_partials_kernel[(triton.cdiv(n, block_c),)](
-            dw_part, db_part, dw, db, g, n, BLOCK_G=32, BLOCK_C=block_c, num_warps=4)
-    else:
-        dw.zero_()
-        db.zero_()
-    return dx.view(x.shape), dw, db
+    if m == 0:
+        part.zero_()
+    # One device-side reduction of both partial stacks (no host round trip; one
+    # C++ op has less launch overhead than another Triton launch).
+    sums = part.sum(1)
+    return dx.view(x.shape), sums[0].to(weight.dtype), sums[1].to(bias_dtype or weight.dtype)
 
 
 class MaskedLayerNormTriton(torch.autograd.Function):
