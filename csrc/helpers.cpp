@@ -37,6 +37,9 @@ py::array_t<int64_t> build_sample_index(const Int32Array &sizes_in, const Int64A
   const int64_t num_sizes = sizes_in.shape(0);
   const int64_t num_docs = document_index_in.shape(0);
 
+  // Pass 1: gather the lengths in stream order (the only random access into `sizes`) and
+  // validate; pass 2 then walks them sequentially.
+  std::vector<int32_t> lengths(num_docs);
   int64_t total = 0;
   for (int64_t k = 0; k < num_docs; ++k) {
     const int64_t d = docs[k];
@@ -44,6 +47,7 @@ py::array_t<int64_t> build_sample_index(const Int32Array &sizes_in, const Int64A
       throw std::out_of_range("document_index[" + std::to_string(k) + "] = " + std::to_string(d) +
                               " is outside sizes (length " + std::to_string(num_sizes) + ")");
     if (sizes[d] < 0) throw std::invalid_argument("negative size at " + std::to_string(d));
+    lengths[k] = sizes[d];
     total += sizes[d];
   }
   const int64_t num_samples = total > 0 ? (total - 1) / seq_length : 0;
@@ -57,16 +61,17 @@ py::array_t<int64_t> build_sample_index(const Int32Array &sizes_in, const Int64A
   }
   {
     py::gil_scoped_release release;  // pure C++ from here on; let other threads run
-    int64_t k = 0;            // current position in document_index
-    int64_t doc_start = 0;    // stream position of that sequence's first token
-    for (int64_t i = 0; i <= num_samples; ++i) {
-      const int64_t position = i * seq_length;
-      while (doc_start + sizes[docs[k]] <= position) {
-        doc_start += sizes[docs[k]];
-        ++k;
+    int64_t i = 0;               // next sample row to fill
+    int64_t position = 0;        // its stream position, i * seq_length
+    int64_t doc_start = 0;       // stream position of sequence k's first token
+    for (int64_t k = 0; k < num_docs && i <= num_samples; ++k) {
+      const int64_t doc_end = doc_start + lengths[k];
+      // Every sample start inside [doc_start, doc_end) belongs to sequence k.
+      for (; i <= num_samples && position < doc_end; ++i, position += seq_length) {
+        out[2 * i] = k;
+        out[2 * i + 1] = position - doc_start;
       }
-      out[2 * i] = k;
-      out[2 * i + 1] = position - doc_start;
+      doc_start = doc_end;
     }
   }
   return result;
