@@ -15,6 +15,7 @@ sentence splitting) is split at a random token instead of a sentence boundary.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -109,7 +110,7 @@ class BERTDataset:
         document_ids = np.asarray(document_ids, dtype=np.int64)
         max_tokens = config.max_seq_len - 3
         description = {
-            "prefix": indexed.prefix, "num_sequences": len(indexed), "num_tokens": indexed.num_tokens,
+            "prefix": os.path.abspath(indexed.prefix), "num_sequences": len(indexed), "num_tokens": indexed.num_tokens,
             "split": name, "first_document": int(document_ids[0]) if len(document_ids) else -1,
             "num_split_documents": len(document_ids), "max_seq_len": config.max_seq_len, "seed": config.seed,
             "num_samples": config.num_samples, "short_seq_prob": config.short_seq_prob,

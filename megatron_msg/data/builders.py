@@ -103,7 +103,7 @@ def _build_split_datasets(corpora, splits, num_samples, cache, make_one, element
         if wanted[s] is None:
             raise ValueError(f"num_samples: the {name} split blends {len(corpora)} corpora, so it needs an "
                              "explicit number of samples (weights are proportions of that number)")
-        description = {"prefixes": [ds.prefix for ds, _ in corpora], "split": name,
+        description = {"prefixes": [os.path.abspath(ds.prefix) for ds, _ in corpora], "split": name,
                        "ranges": [list(r) for r in ranges]}
         which, within = blending_indices([w for _, w in corpora], wanted[s], cache, description, backend)
         counts = np.bincount(which.astype(np.int64), minlength=len(corpora))

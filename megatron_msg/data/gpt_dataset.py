@@ -15,6 +15,7 @@ of the last epoch's documents being mixed into (and over-represented in) the oth
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -64,7 +65,7 @@ class GPTDataset:
                 f"fewer than one sample of seq_len + 1 = {config.seq_len + 1} tokens; use more data or a different split")
         self.tokens_per_epoch = tokens_per_epoch
         description = {
-            "prefix": indexed.prefix, "num_sequences": len(indexed), "num_tokens": indexed.num_tokens,
+            "prefix": os.path.abspath(indexed.prefix), "num_sequences": len(indexed), "num_tokens": indexed.num_tokens,
             "split": name, "first_sequence": int(sequence_ids[0]), "num_split_sequences": len(sequence_ids),
             "seq_len": config.seq_len, "seed": config.seed, "num_samples": config.num_samples,
         }
