@@ -227,3 +227,19 @@ def test_cli(corpus, tmp_path, capsys):
     assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "b"), "--no-progress",
                  "--skip-bad-lines"]) == 0
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_bundled_demo_corpus(tmp_path):
+    """The corpus shipped for the demo preprocesses cleanly and round-trips exactly."""
+    from pathlib import Path
+    corpus = Path(__file__).resolve().parent.parent / "megatron_msg" / "assets" / "corpus.jsonl"
+    if not corpus.is_file():
+        pytest.skip("megatron_msg/assets/corpus.jsonl not present")
+    stats = run(str(corpus), tmp_path / "demo")
+    texts = [json.loads(line)["text"] for line in open(corpus, encoding="utf-8") if line.strip()]
+    ds = IndexedDataset(stats.prefix)
+    assert ds.num_documents == len(texts) and not stats.skipped_lines
+    assert all(ByteTokenizer().decode(ds.document(k)[:-1]) == t for k, t in enumerate(texts))
+    train, valid, _ = build_gpt_datasets(stats.prefix, seq_len=128, splits="95,5,0", tokenizer=ByteTokenizer(),
+                                         cache_dir=None)
+    assert len(train) > 1000 and valid[0]["tokens"].shape == (129,)

@@ -12,6 +12,7 @@ and reported at the end.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import multiprocessing
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -205,7 +206,7 @@ def preprocess_jsonl(config: PreprocessConfig) -> PreprocessStats:
             results = map(encode, _read_chunks(config))
         else:
             pool = multiprocessing.get_context().Pool(config.workers)
-            results = pool.imap(encode, _read_chunks(config))
+            results = _ordered_bounded(pool, encode, _read_chunks(config), window=4 * config.workers)
         with IndexedDatasetWriter(prefix, token_dtype_for_vocab(tokenizer.vocab_size), metadata) as writer:
             for chunk_result in results:
                 _consume(chunk_result, writer, stats, config)
@@ -220,6 +221,21 @@ def preprocess_jsonl(config: PreprocessConfig) -> PreprocessStats:
             pool.join()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _ordered_bounded(pool, fn, items: Iterator, window: int) -> Iterator:
+    """Like ``pool.imap(fn, items)`` but with at most ``window`` chunks in flight.
+
+    ``Pool.imap`` reads its input as fast as it can, so on a corpus larger than memory it
+    would buffer the whole file; this keeps memory at ``window`` chunks while staying ordered.
+    """
+    pending: Deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _consume(result: _Encoded, writer: IndexedDatasetWriter, stats: PreprocessStats,
