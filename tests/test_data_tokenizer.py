@@ -150,3 +150,10 @@ def test_build_tokenizer_errors():
         build_tokenizer("tiktoken")
     with pytest.raises(FileNotFoundError):
         SentencePieceTokenizer("/nonexistent.model")
+
+
+def test_sentencepiece_decode_can_show_special_tokens(spm_model):
+    tok = _cached(spm_model)
+    ids = [tok.cls] + tok.encode("the model") + [tok.sep, tok.mask, tok.eod]
+    assert tok.decode(ids, skip_special=False) == "[CLS]the model[SEP][MASK]<eod>"
+    assert tok.decode(ids) == "the model"

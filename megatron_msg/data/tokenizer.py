@@ -219,10 +219,19 @@ class SentencePieceTokenizer(Tokenizer):
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"id {bad[0]} is outside the vocabulary [0, {self.vocab_size}) of {self.model_path}")
+        special = set(self._special.ids())
         if skip_special:
-            special = set(self._special.ids())
-            ids = [i for i in ids if i not in special]
-        return self._sp.decode(ids)
+            return self._sp.decode([i for i in ids if i not in special])
+        # sentencepiece renders control symbols as "", so spell them out between the runs.
+        out, run = [], []
+        for i in ids:
+            if i in special:
+                out += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        out.append(self._sp.decode(run))
+        return "".join(out)
 
     def fingerprint(self) -> str:
         return self._fingerprint
