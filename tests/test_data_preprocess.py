@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_msg.data import build_gpt_datasets
-from megatron_msg.data.errors import BadInputError, TokenizerMismatchError
+from megatron_msg.data.errors import BadInputError, DataError, TokenizerMismatchError
 from megatron_msg.data.indexed_dataset import IndexedDataset, metadata_path
 from megatron_msg.data.preprocessing import PreprocessConfig, preprocess_jsonl
 from megatron_msg.data.sentences import split_sentences
@@ -181,7 +181,7 @@ def test_skip_bad_lines_reports_them(tmp_path):
 def test_nothing_usable_is_an_error(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"text": ""}\n')
-    with pytest.raises(BadInputError, match="no documents"):
+    with pytest.raises(DataError, match=r"in\.jsonl: no documents found"):
         run(str(path), tmp_path / "out", skip_bad_lines=True)
     assert os.listdir(tmp_path) == ["in.jsonl"]
 

@@ -24,7 +24,7 @@ from typing import Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, DataError
 from .indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
 from .sentences import split_sentences
 from .tokenizer import Tokenizer, build_tokenizer
@@ -182,7 +182,7 @@ def preprocess_jsonl(config: PreprocessConfig) -> PreprocessStats:
     config.validate()
     tokenizer = _cached_tokenizer(config.tokenizer, config.tokenizer_model)
     if config.append_eod:
-        tokenizer.eod  # fail now, not in a worker, if the tokenizer has no EOD token
+        _ = tokenizer.eod  # raises now, not later in a worker, if the tokenizer has no EOD token
     prefix = config.dataset_prefix
     stats = PreprocessStats(prefix=prefix)
     metadata = {
@@ -212,7 +212,8 @@ def preprocess_jsonl(config: PreprocessConfig) -> PreprocessStats:
                 _consume(chunk_result, writer, stats, config)
                 progress.update(chunk_result.nbytes)
             if writer.num_documents == 0:
-                raise BadInputError(config.inputs[-1], 0, "no documents found; nothing to write")
+                raise DataError(f"{', '.join(config.inputs)}: no documents found (every line was blank or "
+                                "skipped); nothing written")
             stats.documents, stats.tokens = writer.num_documents, writer.num_tokens
     finally:
         progress.close()
