@@ -290,3 +290,13 @@ def test_bert_config_validation():
         BERTDatasetConfig(masking_prob=1.5)
     with pytest.raises(ValueError, match="max_seq_len"):
         BERTDatasetConfig(max_seq_len=4)
+
+
+def test_damaged_cache_entry_is_rebuilt(data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    first = gpt(data_dir, num_samples=30, cache_dir=str(cache))[0]
+    for name in os.listdir(cache):
+        if name.endswith("shuffle_index.npy"):
+            (cache / name).write_bytes(b"garbage")
+    again = gpt(data_dir, num_samples=30, cache_dir=str(cache))[0]
+    np.testing.assert_array_equal(first.shuffle_index, again.shuffle_index)

@@ -39,11 +39,14 @@ class IndexCache:
             return build()
         done_marker = os.path.join(self.directory, f"{key}-description.json")
         if os.path.isfile(done_marker):
-            with open(done_marker) as f:
-                names = json.load(f)["arrays"]
-            paths = self._paths(key, names)
-            if all(os.path.isfile(p) for p in paths.values()):
+            try:
+                with open(done_marker) as f:
+                    names = json.load(f)["arrays"]
+                paths = self._paths(key, names)
                 return {name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in paths.items()}
+            except (OSError, ValueError, KeyError) as exc:
+                # Deleted or damaged by hand: not worth failing a run for; rebuild and overwrite.
+                logger.warning("ignoring unreadable index cache entry %s (%s); rebuilding", done_marker, exc)
         arrays = build()
         try:
             os.makedirs(self.directory, exist_ok=True)
