@@ -178,6 +178,9 @@ def test_prefix_specs():
     assert parse_prefixes_and_weights(["a", "b"]) == [("a", 1.0), ("b", 1.0)]
     assert parse_prefixes_and_weights([0.3, "a", "0.7", "b"]) == [("a", 0.3), ("b", 0.7)]
     assert parse_prefixes_and_weights({"a": 2}) == [("a", 2.0)]
+    from pathlib import Path
+    assert parse_prefixes_and_weights(Path("d/x")) == [("d/x", 1.0)]
+    assert parse_prefixes_and_weights([(Path("a"), 1), ("b", 3)]) == [("a", 1.0), ("b", 3.0)]
     with pytest.raises(ValueError, match="prefixes_and_weights"):
         parse_prefixes_and_weights([])
 

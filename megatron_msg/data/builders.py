@@ -29,16 +29,16 @@ AUTO = "auto"
 def parse_prefixes_and_weights(spec: PrefixesAndWeights) -> List[Tuple[str, float]]:
     """Accepts ``"path/prefix"``, ``["a", "b"]`` (equal weights), ``[("a", 0.3), ("b", 0.7)]``,
     ``{"a": 0.3, "b": 0.7}`` or Megatron's flat ``[0.3, "a", 0.7, "b"]``."""
-    if isinstance(spec, str):
-        pairs = [(spec, 1.0)]
+    if isinstance(spec, (str, os.PathLike)):
+        pairs = [(os.fspath(spec), 1.0)]
     elif isinstance(spec, dict):
-        pairs = [(str(p), float(w)) for p, w in spec.items()]
+        pairs = [(os.fspath(p), float(w)) for p, w in spec.items()]
     else:
         items = list(spec)
         if items and all(isinstance(x, (tuple, list)) and len(x) == 2 for x in items):
-            pairs = [(str(p), float(w)) for p, w in items]
-        elif items and all(isinstance(x, str) and not _is_number(x) for x in items):
-            pairs = [(x, 1.0) for x in items]
+            pairs = [(os.fspath(p), float(w)) for p, w in items]
+        elif items and all(isinstance(x, (str, os.PathLike)) and not _is_number(x) for x in items):
+            pairs = [(os.fspath(x), 1.0) for x in items]
         elif items and len(items) % 2 == 0 and all(_is_number(w) for w in items[0::2]):
             pairs = [(str(p), float(w)) for w, p in zip(items[0::2], items[1::2])]
         else:
