@@ -273,6 +273,21 @@ def grow_moment(name: str, old: torch.Tensor, plan: GrowthPlan) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- whole-state growth
 
+def _grow_width(tensors: dict[str, torch.Tensor], plan: GrowthPlan, grow_one
+                ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """Width-grow every tensor; returns (global tensors, layer index -> {local name: tensor})."""
+    grown: dict[str, torch.Tensor] = {}
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        g = grow_one(name, t, plan)
+        layer, local = split_layer_name(name)
+        if layer is None:
+            grown[name] = g
+        else:
+            per_layer.setdefault(layer, {})[local] = g
+    return grown, per_layer
+
+
 def grow_tensors(state: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, torch.Tensor]:
     """Grow every named parameter and mask; returns the new model's state dict.
 
@@ -281,15 +296,7 @@ def grow_tensors(state: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, 
     layer (``copy``); it takes its source's FFN/head masks and, under MSG, a
     depth mask of 0.
     """
-    grown: dict[str, torch.Tensor] = {}
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in state.items():
-        g = grow_param(name, t, plan)
-        layer, local = split_layer_name(name)
-        if layer is None:
-            grown[name] = g
-        else:
-            per_layer.setdefault(layer, {})[local] = g
+    grown, per_layer = _grow_width(state, plan, grow_param)
     _, depth_init = plan.spec.effective_depth
     for j, ls in enumerate(plan.layers):
         src = per_layer[ls.src]
@@ -312,15 +319,7 @@ def grow_tensors(state: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, 
 
 def grow_moments(moments: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, torch.Tensor]:
     """Grow one kind of optimizer moment keyed by parameter name; new layers start at 0."""
-    grown: dict[str, torch.Tensor] = {}
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in moments.items():
-        g = grow_moment(name, t, plan)
-        layer, local = split_layer_name(name)
-        if layer is None:
-            grown[name] = g
-        else:
-            per_layer.setdefault(layer, {})[local] = g
+    grown, per_layer = _grow_width(moments, plan, grow_moment)
     for j, ls in enumerate(plan.layers):
         for local, t in per_layer.get(ls.src, {}).items():
             grown[layer_name(j, local)] = torch.zeros_like(t) if ls.new else t
