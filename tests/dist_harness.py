@@ -4,8 +4,10 @@
     # fn(rank, world_size, *args) runs in each process after init_process_group("gloo");
     # results[r] is what rank r returned (saved with torch.save, so tensors are fine).
 
-Processes are forked (fast: no re-import of torch) with one intra-op thread each,
-so four ranks fit on a 2-core machine.  A failure in any rank re-raises in the
+Processes come from a fork server that has imported torch once (fast, and safe:
+forking the pytest process itself can hang a child on the parent's OpenMP
+state), with one intra-op thread each, so four ranks fit on a 2-core machine.
+``fn`` must be a module-level function (it is pickled).  A failure in any rank re-raises in the
 test with that rank's traceback.  Rendezvous goes through a file in a fresh
 temporary directory, so tests never fight over ports.
 """
@@ -37,7 +39,10 @@ def _worker(rank: int, world_size: int, tmp: str, fn, args: tuple) -> None:
 def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300.0) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
     with tempfile.TemporaryDirectory(prefix="msg-dist-") as tmp:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        if method == "forkserver":
+            import multiprocessing
+            multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "megatron_msg"])
         ctx = mp.start_processes(_worker, args=(world_size, tmp, fn, args), nprocs=world_size,
                                  join=False, start_method=method)
         deadline = time.monotonic() + timeout

@@ -5,6 +5,11 @@ transform LN) is a masked LN, which both ignores and zeroes new hidden units, so
 post-LN needs no other hidden mask, except after the pooler's tanh, whose new
 rows would otherwise leak into the NSP classifier (eq. 10-12: mask after the
 activation).
+
+Tensor/pipeline parallel layout as in gpt.py: the token embedding, MLM decoder
+and MLM bias are split by vocabulary; the MLM transform, pooler and NSP head
+are small and replicated; the last pipeline stage holds its own copy of the
+(always tied) token embedding.
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ import torch.nn.functional as F
 
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
-from megatron_msg.model.transformer import ACTIVATIONS, MSGTransformerBase, init_weights
+from megatron_msg.model.placement import Placement
+from megatron_msg.model.transformer import ACTIVATIONS, MSGTransformerBase
+from megatron_msg.parallel.layers import (TensorParallel, VocabParallelEmbedding, gather_vocab_logits,
+                                          vocab_parallel_cross_entropy)
 
 IGNORE_INDEX = -100
 
@@ -31,20 +39,21 @@ class BertOutput:
 
 
 class BertEmbedding(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, full: bool = True):
         super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
-        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
-        self.ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
+        self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, tp)
+        if full:  # the last stage's copy of the tied embedding needs tokens only
+            self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
+            self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
+            self.ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
 
 
 class MLMHead(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden, cfg.hidden)
         self.ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.bias = nn.Parameter(torch.zeros(tp.vocab_range(cfg.vocab_size)[1]))
 
 
 class Pooler(nn.Module):
@@ -54,46 +63,68 @@ class Pooler(nn.Module):
 
 
 class BERT(MSGTransformerBase):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, pre_ln=False, causal=False)
-        self.embed = BertEmbedding(cfg)
+    def __init__(self, cfg: ModelConfig, placement: Placement | None = None):
+        placement = placement or Placement()
+        super().__init__(cfg, pre_ln=False, causal=False, placement=placement)
+        self.embed = BertEmbedding(cfg, placement.tp, full=placement.first)
         self.drop = nn.Dropout(cfg.dropout)
-        self.mlm = MLMHead(cfg)
-        self.pooler = Pooler(cfg)
-        self.nsp = nn.Linear(cfg.hidden, 2)
         self.act = ACTIVATIONS[cfg.activation]
-        init_weights(self, cfg.init_std)
+        if placement.last:
+            self.mlm = MLMHead(cfg, placement.tp)
+            self.pooler = Pooler(cfg)
+            self.nsp = nn.Linear(cfg.hidden, 2)
+
+    @staticmethod
+    def attention_mask(padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """bool [batch, seq] (True = real token) -> SDPA mask [batch, 1, 1, seq]."""
+        return None if padding_mask is None else padding_mask[:, None, None, :]
+
+    def embed_tokens(self, tokens: torch.Tensor, token_types: torch.Tensor | None,
+                     c: torch.Tensor | None) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.cfg.seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.seq_len={self.cfg.seq_len}")
+        if token_types is None:
+            token_types = torch.zeros_like(tokens)
+        x = (self.embed.tok(tokens) + self.embed.pos(torch.arange(t, device=tokens.device))
+             + self.embed.token_type(token_types))
+        return self.drop(self.embed.ln(x, c))
+
+    def heads(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLM logits of this rank's vocabulary block, NSP logits)."""
+        h = self.mlm.ln(self.act(self.mlm.dense(x)), c)
+        mlm_logits = F.linear(self.placement.tp.enter(h), self.embed.tok.weight, self.mlm.bias)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0]))
+        if c is not None:
+            pooled = pooled * c.to(pooled.dtype)
+        return mlm_logits, self.nsp(pooled)
+
+    def losses(self, mlm_logits, nsp_logits, mlm_labels, nsp_labels):
+        mlm = None if mlm_labels is None else vocab_parallel_cross_entropy(
+            mlm_logits, mlm_labels, self.placement.tp, self.cfg.vocab_size, IGNORE_INDEX)
+        nsp = None if nsp_labels is None else F.cross_entropy(nsp_logits.float(), nsp_labels)
+        total = mlm if nsp is None else (nsp if mlm is None else mlm + nsp)
+        return total, mlm, nsp
+
+    def stage_forward(self, x: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        """One pipeline stage: tokens (first stage) or hidden states in; hidden states or the loss out."""
+        c = self.hidden_mask_or_none()
+        if self.placement.first:
+            x = self.embed_tokens(batch["tokens"], batch.get("token_types"), c)
+        x = self.run_layers(x, c, self.attention_mask(batch.get("padding_mask")))
+        if not self.placement.last:
+            return x
+        return self.losses(*self.heads(x, c), batch.get("mlm_labels"), batch.get("nsp_labels"))[0]
 
     def forward(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
                 nsp_labels: torch.Tensor | None = None) -> BertOutput:
         """tokens/token_types/mlm_labels: [batch, seq]; padding_mask: bool [batch, seq], True = real token."""
-        b, t = tokens.shape
-        if t > self.cfg.seq_len:
-            raise ValueError(f"sequence length {t} exceeds model.seq_len={self.cfg.seq_len}")
+        self.check_whole("BERT.forward")
         c = self.hidden_mask_or_none()
-        if token_types is None:
-            token_types = torch.zeros_like(tokens)
-        x = (self.embed.tok(tokens) + self.embed.pos(torch.arange(t, device=tokens.device))
-             + self.embed.token_type(token_types))
-        x = self.drop(self.embed.ln(x, c))
-        attn_mask = None if padding_mask is None else padding_mask[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, c, attn_mask)
-
-        h = self.mlm.ln(self.act(self.mlm.dense(x)), c)
-        mlm_logits = F.linear(h, self.embed.tok.weight, self.mlm.bias)
-        pooled = torch.tanh(self.pooler.dense(x[:, 0]))
-        if c is not None:
-            pooled = pooled * c.to(pooled.dtype)
-        nsp_logits = self.nsp(pooled)
-
-        out = BertOutput(mlm_logits, nsp_logits)
-        if mlm_labels is not None:
-            out.mlm_loss = F.cross_entropy(mlm_logits.float().view(-1, mlm_logits.shape[-1]),
-                                           mlm_labels.reshape(-1), ignore_index=IGNORE_INDEX)
-            out.loss = out.mlm_loss
-        if nsp_labels is not None:
-            out.nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
-            out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
-        return out
+        x = self.run_layers(self.embed_tokens(tokens, token_types, c), c, self.attention_mask(padding_mask))
+        mlm_local, nsp_logits = self.heads(x, c)
+        tp = self.placement.tp
+        mlm_logits = mlm_local if tp.size == 1 else gather_vocab_logits(mlm_local, tp, self.cfg.vocab_size)
+        loss, mlm, nsp = self.losses(mlm_local, nsp_logits, mlm_labels, nsp_labels)
+        return BertOutput(mlm_logits, nsp_logits, loss, mlm, nsp)

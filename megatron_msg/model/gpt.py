@@ -3,6 +3,11 @@
 MSG masks (DESIGN.md): the embedding output, every LayerNorm, every sublayer
 output and the final LayerNorm carry the hidden mask; each layer carries its
 own FFN, head and depth masks (see transformer.py).
+
+Under tensor parallelism the token embedding and LM head are split by
+vocabulary and the loss is the vocab-parallel cross entropy (the full logits
+are only gathered when a caller asks for them).  Under pipeline parallelism a
+stage model holds its part (placement.py) and runs :meth:`GPT.stage_forward`.
 """
 from __future__ import annotations
 
@@ -12,41 +17,66 @@ import torch.nn.functional as F
 
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
-from megatron_msg.model.transformer import MSGTransformerBase, init_weights
+from megatron_msg.model.placement import Placement
+from megatron_msg.model.transformer import MSGTransformerBase
+from megatron_msg.parallel.layers import (TensorParallel, VocabParallelEmbedding, gather_vocab_logits,
+                                          vocab_parallel_cross_entropy)
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, positions: bool = True):
         super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, tp)
+        if positions:  # the last stage's copy of a tied embedding needs tokens only
+            self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
 
 
 class GPT(MSGTransformerBase):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, pre_ln=True, causal=True)
-        self.embed = Embedding(cfg)
+    def __init__(self, cfg: ModelConfig, placement: Placement | None = None):
+        placement = placement or Placement()
+        super().__init__(cfg, pre_ln=True, causal=True, placement=placement)
+        tied = cfg.tie_embeddings
+        if placement.first or (placement.last and tied):
+            self.embed = Embedding(cfg, placement.tp, positions=placement.first)
         self.drop = nn.Dropout(cfg.dropout)
-        self.final_ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std)
+        if placement.last:
+            self.final_ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
+            # An untied head is a [vocab, hidden] matrix split by vocabulary, like the embedding.
+            self.lm_head = None if tied else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, placement.tp)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
-        """tokens: [batch, seq] -> logits [batch, seq, vocab] (and mean CE loss if targets)."""
+    def embed_tokens(self, tokens: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         t = tokens.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence length {t} exceeds model.seq_len={self.cfg.seq_len}")
-        c = self.hidden_mask_or_none()
         x = self.embed.tok(tokens) + self.embed.pos(torch.arange(t, device=tokens.device))
         if c is not None:
             x = x * c.to(x.dtype)
-        x = self.drop(x)
-        for layer in self.layers:
-            x = layer(x, c)
+        return self.drop(x)
+
+    def local_logits(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """Logits of this rank's vocabulary block."""
         x = self.final_ln(x, c)
         weight = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        return F.linear(self.placement.tp.enter(x), weight)
+
+    def stage_forward(self, x: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        """One pipeline stage: tokens (first stage) or hidden states in; hidden states or the loss out."""
+        c = self.hidden_mask_or_none()
+        if self.placement.first:
+            x = self.embed_tokens(batch["tokens"], c)
+        x = self.run_layers(x, c)
+        if not self.placement.last:
+            return x
+        return vocab_parallel_cross_entropy(self.local_logits(x, c), batch["targets"],
+                                            self.placement.tp, self.cfg.vocab_size)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """tokens: [batch, seq] -> logits [batch, seq, vocab] (and mean CE loss if targets)."""
+        self.check_whole("GPT.forward")
+        c = self.hidden_mask_or_none()
+        logits = self.local_logits(self.run_layers(self.embed_tokens(tokens, c), c), c)
+        tp = self.placement.tp
+        full = logits if tp.size == 1 else gather_vocab_logits(logits, tp, self.cfg.vocab_size)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return logits, loss
+            return full
+        return full, vocab_parallel_cross_entropy(logits, targets, tp, self.cfg.vocab_size)

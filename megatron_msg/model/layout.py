@@ -67,6 +67,25 @@ class TensorSpec:
     init: str
     is_mask: bool = False
     no_weight_decay: bool = False
+    # Dimension indexed by token id: split in blocks by vocab-parallel layers.
+    vocab_dim: int | None = None
+
+    def tp_split_dim(self) -> int | None:
+        """The dimension tensor parallelism splits (units of ffn or heads, or vocab), if any.
+
+        Hidden is never split (it is the replicated residual stream): Megatron's layout,
+        column-parallel in (QKV, fc1), row-parallel out (proj, fc2).
+        """
+        if self.vocab_dim is not None:
+            return self.vocab_dim
+        for d, axis in enumerate(self.axes):
+            if axis is not None and axis.kind in TP_SPLIT_KINDS:
+                return d
+        return None
+
+
+# Axis kinds whose units are divided among tensor-parallel ranks.
+TP_SPLIT_KINDS = ("ffn", "qkv", "heads", "headmask")
 
 
 def _spec(axes, init, **kw) -> TensorSpec:
@@ -93,21 +112,21 @@ _COMMON_LAYER = {
 }
 
 _GLOBAL = {
-    "embed.tok.weight": _spec([None, H_OUT], WEIGHT),
+    "embed.tok.weight": _spec([None, H_OUT], WEIGHT, vocab_dim=0),
     "embed.pos.weight": _spec([None, H_OUT], WEIGHT),
     "embed.token_type.weight": _spec([None, H_OUT], WEIGHT),
     "embed.ln.weight": _spec([H_OUT], LN_WEIGHT, no_weight_decay=True),
     "embed.ln.bias": _spec([H_OUT], BIAS, no_weight_decay=True),
     "final_ln.weight": _spec([H_OUT], LN_WEIGHT, no_weight_decay=True),
     "final_ln.bias": _spec([H_OUT], BIAS, no_weight_decay=True),
-    "lm_head.weight": _spec([None, H_IN], WEIGHT),
+    "lm_head.weight": _spec([None, H_IN], WEIGHT, vocab_dim=0),
     "hidden_mask": _spec([H_OUT], MASK, is_mask=True),
     # BERT heads
     "mlm.dense.weight": _spec([H_OUT, H_IN], WEIGHT),
     "mlm.dense.bias": _spec([H_OUT], BIAS, no_weight_decay=True),
     "mlm.ln.weight": _spec([H_OUT], LN_WEIGHT, no_weight_decay=True),
     "mlm.ln.bias": _spec([H_OUT], BIAS, no_weight_decay=True),
-    "mlm.bias": _spec([None], BIAS, no_weight_decay=True),
+    "mlm.bias": _spec([None], BIAS, no_weight_decay=True, vocab_dim=0),
     "pooler.dense.weight": _spec([H_OUT, H_IN], WEIGHT),
     "pooler.dense.bias": _spec([H_OUT], BIAS, no_weight_decay=True),
     "nsp.weight": _spec([None, H_IN], WEIGHT),

@@ -14,6 +14,8 @@ Where each mask acts (DESIGN.md, MSG semantics):
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,49 +23,55 @@ import torch.nn.functional as F
 from megatron_msg import kernels
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
+from megatron_msg.model.placement import Placement
+from megatron_msg.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """Fresh-model init; matches the ``weight``/``bias``/``ln_weight`` rules in layout.py."""
-    for mod in module.modules():
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.weight, 0.0, std)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-        elif isinstance(mod, nn.Embedding):
-            nn.init.normal_(mod.weight, 0.0, std)
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention with packed QKV laid out as [3, heads, head_dim]."""
+    """Multi-head self-attention with packed QKV laid out as [3, heads, head_dim].
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    Under tensor parallelism each rank holds ``heads / tp`` whole heads: QKV is
+    column-parallel (packed [3, local heads, head_dim] per rank) and the output
+    projection row-parallel, so attention itself needs no communication.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool, placement: Placement):
         super().__init__()
-        self.heads, self.head_dim, self.causal = cfg.heads, cfg.head_dim, causal
+        tp = placement.tp
+        self.heads = tp.local(cfg.heads, "model.heads")  # this rank's heads
+        self.head_dim, self.causal = cfg.head_dim, causal
         inner = cfg.heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden, 3 * inner)
-        self.proj = nn.Linear(inner, cfg.hidden)
+        self.qkv = ColumnParallelLinear(cfg.hidden, 3 * inner, tp)
+        self.proj = RowParallelLinear(inner, cfg.hidden, tp)
         self.attention_dropout = cfg.attention_dropout
+        self.rng = placement.rng
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
-            dropout_p=self.attention_dropout if self.training else 0.0)
+        p = self.attention_dropout if self.training else 0.0
+        # Dropout on a rank's own heads draws from the TP-region generator (parallel/random.py).
+        region = self.rng.fork() if p > 0 and self.rng is not None else contextlib.nullcontext()
+        with region:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               is_causal=self.causal and attn_mask is None, dropout_p=p)
         if head_mask is not None:
             o = kernels.scale_heads(o, head_mask)
         return self.proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """FFN with fc1 column-parallel and fc2 row-parallel (each rank holds ffn / tp neurons)."""
+
+    def __init__(self, cfg: ModelConfig, placement: Placement):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
-        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
+        tp = placement.tp
+        tp.local(cfg.ffn, "model.ffn")
+        self.fc1 = ColumnParallelLinear(cfg.hidden, cfg.ffn, tp)
+        self.fc2 = RowParallelLinear(cfg.ffn, cfg.hidden, tp)
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -76,16 +84,17 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     """One Transformer layer, pre-LN (GPT) or post-LN (BERT), with its own masks."""
 
-    def __init__(self, cfg: ModelConfig, pre_ln: bool, causal: bool):
+    def __init__(self, cfg: ModelConfig, pre_ln: bool, causal: bool, placement: Placement):
         super().__init__()
         self.pre_ln = pre_ln
         self.ln1 = MaskedLayerNorm(cfg.hidden, cfg.eps)
-        self.attn = Attention(cfg, causal)
+        self.attn = Attention(cfg, causal, placement)
         self.ln2 = MaskedLayerNorm(cfg.hidden, cfg.eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, placement)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("ffn_mask", torch.ones(cfg.ffn))
-        self.register_buffer("head_mask", torch.ones(cfg.heads))
+        # Masks of this rank's own neurons and heads (sharded like the weights).
+        self.register_buffer("ffn_mask", torch.ones(placement.tp.local(cfg.ffn, "model.ffn")))
+        self.register_buffer("head_mask", torch.ones(self.attn.heads))
         self.register_buffer("depth_mask", torch.ones(()))
 
     def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor | None,
@@ -113,13 +122,29 @@ class Layer(nn.Module):
         return self.ln2(x + self.dropout(self.mlp(x, fm)), c)
 
 
-class MSGTransformerBase(nn.Module):
-    """State shared by GPT and BERT: the config, the hidden mask, the masked flag."""
+class LayerStack(nn.ModuleDict):
+    """Layers keyed by their global index, so a pipeline stage's parameter names are
+    the logical names (``layers.5.mlp.fc1.weight`` on whichever stage holds layer 5).
+    Iterates over layers in order; ``stack[i]`` is global layer ``i``."""
 
-    def __init__(self, cfg: ModelConfig, pre_ln: bool, causal: bool):
+    def __getitem__(self, index) -> "Layer":
+        return super().__getitem__(str(index))
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self._modules]
+
+
+class MSGTransformerBase(nn.Module):
+    """State shared by GPT and BERT: the config, placement, layers, hidden mask, masked flag."""
+
+    def __init__(self, cfg: ModelConfig, pre_ln: bool, causal: bool, placement: Placement):
         super().__init__()
-        self.cfg = cfg
-        self.layers = nn.ModuleList(Layer(cfg, pre_ln, causal) for _ in range(cfg.layers))
+        self.cfg, self.placement = cfg, placement
+        self.layers = LayerStack({str(i): Layer(cfg, pre_ln, causal, placement)
+                                  for i in placement.layer_indices(cfg.layers)})
         self.register_buffer("hidden_mask", torch.ones(cfg.hidden))
         # Python-side switch between the masked path and the plain fast path.  It
         # only flips at growth / ramp end, so torch.compile recompiles at most once.
@@ -135,4 +160,16 @@ class MSGTransformerBase(nn.Module):
         return {n: b for n, b in self.named_buffers() if n.endswith("_mask")}
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the logical model (not of this rank's shard)."""
+        from megatron_msg.model.init import logical_num_parameters
+        return logical_num_parameters(self.cfg)
+
+    def run_layers(self, x: torch.Tensor, c: torch.Tensor | None,
+                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, c, attn_mask)
+        return x
+
+    def check_whole(self, what: str) -> None:
+        if not (self.placement.first and self.placement.last):
+            raise RuntimeError(f"{what} needs the whole pipeline; a stage model runs stage_forward()")

@@ -1,0 +1,125 @@
+"""Moving between a rank's sharded model/optimizer and the logical (full, named) state.
+
+``gather_*`` are collective over one model replica (its TP x PP ranks): tensor
+by tensor, the owning stage all-gathers the TP blocks and merges them
+(shard.py), then broadcasts the logical tensor along its pipeline group, so
+every rank of the replica ends with the logical state.  Data-parallel replicas
+hold identical state and each gathers its own copy.  ``load_*`` are local: each
+rank cuts its blocks out of a logical state.
+
+With one process (``ParallelState.single()``) gather is the identity and load
+is ``load_state_dict``, so growth, checkpoints and resume run the same code at
+every scale.  The logical state is materialised on every rank (CPU memory):
+fine up to a few billion parameters; a streaming per-layer version is needed
+for FLM-101B-sized growth (docs/parallel.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_msg.checkpoint.shard import merge_tensor, shard_tensor
+from megatron_msg.model.init import logical_shapes
+from megatron_msg.model.layout import tensor_spec
+from megatron_msg.model.placement import owner_stage
+from megatron_msg.parallel.topology import ParallelState
+
+STATE_TENSORS = ("exp_avg", "exp_avg_sq", "step_offset")
+
+
+def _gather_tensor(name: str, local: torch.Tensor | None, shape: tuple, cfg, ps: ParallelState) -> torch.Tensor:
+    """The logical tensor ``name`` on every rank of the replica (``local`` is this rank's block or None)."""
+    owner = owner_stage(name, cfg.layers, ps.pp_size)
+    if ps.pp_rank == owner:
+        t = local.detach().to("cpu", torch.float32)
+        if ps.tp_size > 1 and tensor_spec(name).tp_split_dim() is not None:
+            parts = [torch.empty_like(t) for _ in range(ps.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
+            full = merge_tensor(name, parts, cfg)
+        else:
+            full = t.clone()
+    else:
+        full = torch.empty(shape, dtype=torch.float32)
+    if ps.pp_size > 1:
+        c = ps.coords
+        dist.broadcast(full, src=ps.topology.rank_of(c.tp, owner, c.dp), group=ps.pp_group)
+    return full
+
+
+def gather_tensors(local: dict[str, torch.Tensor], cfg, ps: ParallelState,
+                   params_only: bool = False) -> dict[str, torch.Tensor]:
+    """Logical tensors (fp32, CPU) from every rank's named blocks (parameters, masks or grads)."""
+    if ps.topology.world_size == 1:
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in local.items()}
+    shapes = logical_shapes(cfg)
+    return {name: _gather_tensor(name, local.get(name), shape, cfg, ps) for name, shape in shapes.items()
+            if not (params_only and tensor_spec(name).is_mask)}
+
+
+def gather_model(model: torch.nn.Module, ps: ParallelState) -> dict[str, torch.Tensor]:
+    """Logical parameters and masks of a whole or sharded model."""
+    return gather_tensors(model.state_dict(), model.cfg, ps)
+
+
+def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState) -> dict[str, dict]:
+    """Logical (name-keyed, full-tensor) AdamW state; parameters without state are left out."""
+    named = optimizer.named_state()
+    if ps.topology.world_size == 1:
+        return {n: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                for n, st in named.items()}
+    cfg = model.cfg
+    shapes = logical_shapes(cfg)
+    out = {}
+    for name, shape in shapes.items():
+        if tensor_spec(name).is_mask:  # buffers have no optimizer state
+            continue
+        owner = owner_stage(name, cfg.layers, ps.pp_size)
+        st = named.get(name) if ps.pp_rank == owner else None
+        meta = [None]
+        if ps.pp_rank == owner:
+            meta = [None if st is None else {"step": int(st["step"]), "max_offset": int(st.get("max_offset", 0)),
+                                             "has_offset": st.get("step_offset") is not None}]
+        if ps.pp_size > 1:
+            c = ps.coords
+            dist.broadcast_object_list(meta, src=ps.topology.rank_of(c.tp, owner, c.dp), group=ps.pp_group)
+        if meta[0] is None:
+            continue
+        full = {"step": meta[0]["step"], "max_offset": meta[0]["max_offset"], "step_offset": None}
+        for key in STATE_TENSORS:
+            if key == "step_offset" and not meta[0]["has_offset"]:
+                continue
+            full[key] = _gather_tensor(name, None if st is None else st[key], shape, cfg, ps)
+        out[name] = full
+    return out
+
+
+@torch.no_grad()
+def load_model(model: torch.nn.Module, logical: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's blocks of a logical state into a (whole or sharded) model."""
+    tp = model.placement.tp
+    local = model.state_dict(keep_vars=True)
+    missing = sorted(set(local) - set(logical))
+    if missing:
+        raise KeyError(f"logical state lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
+    for name, t in local.items():
+        block = shard_tensor(name, logical[name], model.cfg, tp.size, tp.rank)
+        if tuple(block.shape) != tuple(t.shape):
+            raise ValueError(f"{name}: logical state gives a block of shape {tuple(block.shape)}, "
+                             f"the model has {tuple(t.shape)}")
+        t.copy_(block)
+
+
+def shard_optimizer_state(logical: dict[str, dict], model: torch.nn.Module) -> dict[str, dict]:
+    """This rank's part of a logical optimizer state (only the parameters it holds)."""
+    tp, cfg = model.placement.tp, model.cfg
+    names = {n for n, _ in model.named_parameters()}
+    out = {}
+    for name, st in logical.items():
+        if name not in names:
+            continue
+        local = dict(st)
+        for key in STATE_TENSORS:
+            if local.get(key) is not None:
+                local[key] = shard_tensor(name, st[key], cfg, tp.size, tp.rank)
+        out[name] = local
+    return out

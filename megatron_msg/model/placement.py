@@ -1,0 +1,69 @@
+"""Which part of the logical model a rank builds: its TP split and its pipeline stage.
+
+``Placement()`` is the whole model on one device.  Under pipeline parallelism a
+stage holds an equal contiguous block of layers (``Topology.stage_layers``); the
+first stage also holds the embeddings, the last the final LayerNorm and output
+heads, and with tied embeddings the last stage holds its own copy of the token
+embedding (gradients summed across the two copies by the trainer).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_msg.parallel.layers import TensorParallel
+from megatron_msg.parallel.random import RNGTracker
+
+
+@dataclass(frozen=True)
+class Placement:
+    tp: TensorParallel = field(default_factory=TensorParallel)
+    stage: int = 0
+    stages: int = 1
+    # Generator for dropout inside the TP region (attention probabilities); None: the default one.
+    rng: RNGTracker | None = field(default=None, compare=False)
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    @property
+    def whole(self) -> bool:
+        return self.stages == 1 and self.tp.size == 1
+
+    def layer_indices(self, layers: int) -> range:
+        if layers % self.stages:
+            raise ValueError(f"layers={layers} is not divisible by the {self.stages} pipeline stages")
+        per = layers // self.stages
+        return range(self.stage * per, (self.stage + 1) * per)
+
+
+def holds_global(name: str, placement: Placement, tied: bool) -> bool:
+    """Whether a rank with ``placement`` holds the non-layer tensor ``name``."""
+    if name == "hidden_mask":
+        return True
+    if name == "embed.tok.weight":
+        return placement.first or (placement.last and tied)
+    if name.startswith("embed."):
+        return placement.first
+    return placement.last  # final_ln, lm_head, mlm, pooler, nsp
+
+
+def owner_stage(name: str, layers: int, stages: int) -> int:
+    """The stage whose copy of ``name`` is the canonical one (for merging)."""
+    from megatron_msg.model.layout import split_layer_name
+    layer, _ = split_layer_name(name)
+    if layer is not None:
+        return layer // (layers // stages)
+    if name.startswith("embed.") or name == "hidden_mask":
+        return 0
+    return stages - 1
+
+
+def placement_for(ps, rng: RNGTracker | None = None, sequence_parallel: bool = False) -> Placement:
+    """The placement of rank ``ps.rank`` in a :class:`~megatron_msg.parallel.topology.ParallelState`."""
+    tp = TensorParallel(ps.tp_size, ps.tp_rank, ps.tp_group, sequence_parallel)
+    return Placement(tp=tp, stage=ps.pp_rank, stages=ps.pp_size, rng=rng)

@@ -1,0 +1,70 @@
+"""Gradient synchronisation and global-norm clipping for a TP x PP x DP replica set.
+
+After the pipeline's backward passes:
+
+1. the two copies of a tied token embedding (first and last pipeline stage)
+   sum their gradients, so both copies take the same update;
+2. data-parallel replicas sum their gradients (each replica's loss is already
+   scaled by 1 / (all micro-batches of the step), so the sum is the step's
+   gradient; flattened into one buffer per dtype for few, large all-reduces);
+3. the global norm counts every logical entry once: TP-split tensors on every
+   TP rank, replicated tensors on TP rank 0 only, the tied embedding on the
+   first stage only; the squares are summed over the model-parallel group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron_msg.model.layout import tensor_spec
+from megatron_msg.parallel.topology import ParallelState
+
+TIED = "embed.tok.weight"
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = _flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=group)
+        for g, synced in zip(same, _unflatten_dense_tensors(flat, same)):
+            g.copy_(synced)
+
+
+@torch.no_grad()
+def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
+    params = dict(model.named_parameters())
+    if ps.pp_size > 1 and TIED in params and params[TIED].grad is not None:
+        dist.all_reduce(params[TIED].grad, group=ps.embed_group)
+    if ps.dp_size > 1:
+        _all_reduce_flat([p.grad for p in params.values() if p.grad is not None], ps.dp_group)
+
+
+def _counted_once(name: str, ps: ParallelState) -> bool:
+    if name == TIED and not ps.is_first_stage:
+        return False  # the last stage's copy of the tied embedding
+    return ps.tp_rank == 0 or tensor_spec(name).tp_split_dim() is not None
+
+
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -> torch.Tensor:
+    """Clip to ``max_norm`` (0 or inf: only measure); returns the global gradient norm."""
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if ps.topology.tp * ps.topology.pp == 1:
+        limit = max_norm if max_norm > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_([p for _, p in named], limit)
+    device = named[0][1].grad.device if named else ps.device
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    for name, p in named:
+        if _counted_once(name, ps):
+            sq += p.grad.float().pow(2).sum()
+    dist.all_reduce(sq, group=ps.mp_group)
+    norm = sq.sqrt()
+    if max_norm > 0 and max_norm != float("inf"):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, p in named:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return norm

@@ -1,0 +1,84 @@
+"""Dropout randomness under tensor parallelism, and why it is a function of the step.
+
+Two kinds of dropout exist in a tensor-parallel model (Megatron's RNG tracker):
+
+* dropout on *replicated* activations (embeddings, residual stream) must draw
+  the same mask on every TP rank, or the replicas silently diverge; it uses the
+  default generator, seeded identically across TP ranks;
+* dropout on *split* activations (attention probabilities of a rank's own
+  heads) must draw different masks per rank, or all heads share one pattern;
+  it runs inside ``tracker.fork()``, which swaps in a generator seeded with the
+  TP rank.
+
+Both are reseeded before every micro-batch from ``(seed, step, micro, stage)``.
+That makes dropout a pure function of the position in training, so a resumed
+run draws the masks an uninterrupted one would (no generator state to save),
+whatever the 1F1B interleaving; and because the single-process model uses the
+tracker too, replicated-region masks are identical at any TP size.
+
+On CUDA the fork swaps the device generator's state; elsewhere (CPU, tests)
+it swaps the CPU generator's state: the CPU fallback.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+
+import torch
+
+TP_REGION = "tensor-parallel"
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of values: stable across runs and platforms."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class RNGTracker:
+    """Named generator states that ``fork`` swaps in for the default generator."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._states: dict[str, torch.Tensor] = {}
+
+    def _get(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def seed(self, name: str, seed: int) -> None:
+        outer = self._get()
+        gen_seed = seed & ((1 << 63) - 1)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(gen_seed)
+        else:
+            torch.manual_seed(gen_seed)
+        self._states[name] = self._get()
+        self._set(outer)
+
+    @contextmanager
+    def fork(self, name: str = TP_REGION):
+        if name not in self._states:
+            raise KeyError(f"RNG state {name!r} was never seeded")
+        outer = self._get()
+        self._set(self._states[name])
+        try:
+            yield
+        finally:
+            self._states[name] = self._get()
+            self._set(outer)
+
+    def seed_micro_batch(self, seed: int, step: int, micro: int, pp_rank: int = 0, tp_rank: int = 0) -> None:
+        """Seed both generators for one micro-batch (see the module docstring)."""
+        default = derive_seed(seed, step, micro, "default", pp_rank)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(default)
+        torch.manual_seed(default)
+        self.seed(TP_REGION, derive_seed(seed, step, micro, TP_REGION, pp_rank, tp_rank))

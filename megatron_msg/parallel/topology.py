@@ -1,0 +1,178 @@
+"""Tensor x pipeline x data parallel topology and its process groups.
+
+Rank order is Megatron's: tensor-parallel rank varies fastest, then data, then
+pipeline, so a TP group is a block of consecutive ranks (one node's GPUs):
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+:class:`ParallelState` is the one object the model, pipeline and trainer get
+passed; there are no module-level globals.  ``ParallelState.single()`` is the
+one-process state (every group ``None``, every collective a no-op), so the same
+code runs on one CPU and on a cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_msg.config import Shape
+
+
+class TopologyError(ValueError):
+    """A parallel layout that cannot run this model; raised before training starts."""
+
+
+@dataclass(frozen=True)
+class Coords:
+    tp: int
+    pp: int
+    dp: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coords(self, rank: int) -> Coords:
+        return Coords(tp=rank % self.tp, dp=(rank // self.tp) % self.dp, pp=rank // (self.tp * self.dp))
+
+    def rank_of(self, tp: int, pp: int, dp: int) -> int:
+        return tp + self.tp * (dp + self.dp * pp)
+
+    def tp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(t, p, d) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(t, p, d) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(t, p, d) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+
+    def mp_groups(self) -> list[list[int]]:
+        """Model-parallel groups (TP x PP): the ranks that together hold one model replica."""
+        return [[self.rank_of(t, p, d) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
+
+    def stage_layers(self, layers: int, stage: int) -> range:
+        """Layers held by pipeline stage ``stage``: equal contiguous blocks."""
+        per = layers // self.pp
+        return range(stage * per, (stage + 1) * per)
+
+    def stage_of_layer(self, layers: int, layer: int) -> int:
+        return layer // (layers // self.pp)
+
+    def check(self, shape: Shape, where: str = "model", world_size: int | None = None) -> None:
+        """Raise :class:`TopologyError` if a model of ``shape`` cannot be laid out on this topology."""
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise TopologyError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if world_size is not None and world_size != self.world_size:
+            raise TopologyError(f"world size {world_size} != parallel.tp * pp * dp = "
+                                f"{self.tp} * {self.pp} * {self.dp} = {self.world_size}")
+        if shape.heads % self.tp:
+            raise TopologyError(f"{where}: heads={shape.heads} is not divisible by parallel.tp={self.tp} "
+                                "(every tensor-parallel rank holds an equal share of heads)")
+        if shape.ffn % self.tp:
+            raise TopologyError(f"{where}: ffn={shape.ffn} is not divisible by parallel.tp={self.tp}")
+        if shape.layers % self.pp:
+            raise TopologyError(f"{where}: layers={shape.layers} is not divisible by parallel.pp={self.pp} "
+                                "(pipeline stages hold equal numbers of layers)")
+
+
+def _new_groups(all_groups: list[list[int]], rank: int):
+    """Create every group (collective: all ranks must call it in the same order); return ours."""
+    mine = None
+    for ranks in all_groups:
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return mine
+
+
+@dataclass
+class ParallelState:
+    """Everything a rank knows about the parallel layout; passed, never global."""
+
+    topology: Topology = field(default_factory=Topology)
+    rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: object = None
+    pp_group: object = None
+    dp_group: object = None
+    mp_group: object = None
+    embed_group: object = None  # first + last pipeline stage (tied embedding), pp > 1 only
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "ParallelState":
+        return cls(device=torch.device(device))
+
+    @classmethod
+    def create(cls, topology: Topology, device: torch.device | str) -> "ParallelState":
+        """Build every process group of ``topology`` (torch.distributed must be initialised)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world != topology.world_size:
+            raise TopologyError(f"world size {world} != parallel.tp * pp * dp = {topology.tp} * "
+                                f"{topology.pp} * {topology.dp} = {topology.world_size}")
+        if world == 1:
+            return cls(topology=topology, device=torch.device(device))
+        rank = dist.get_rank()
+        t = topology
+        state = cls(topology=t, rank=rank, device=torch.device(device))
+        state.tp_group = _new_groups(t.tp_groups(), rank)
+        state.pp_group = _new_groups(t.pp_groups(), rank)
+        state.dp_group = _new_groups(t.dp_groups(), rank)
+        state.mp_group = _new_groups(t.mp_groups(), rank)
+        if t.pp > 1:
+            embed = [[g[0], g[-1]] for g in t.pp_groups()]
+            state.embed_group = _new_groups(embed, rank)
+        return state
+
+    @property
+    def coords(self) -> Coords:
+        return self.topology.coords(self.rank)
+
+    @property
+    def tp_size(self) -> int:
+        return self.topology.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.topology.pp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.topology.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.topology.pp - 1
+
+    def stage_neighbours(self) -> tuple[int | None, int | None]:
+        """Global ranks of the previous and next pipeline stage (None at the ends)."""
+        c, t = self.coords, self.topology
+        prev = None if self.is_first_stage else t.rank_of(c.tp, c.pp - 1, c.dp)
+        nxt = None if self.is_last_stage else t.rank_of(c.tp, c.pp + 1, c.dp)
+        return prev, nxt
