@@ -199,6 +199,26 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor x pipeline x data parallel layout; the launcher must start tp*pp*dp processes."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    # torch.distributed backend: auto = nccl on CUDA, gloo on CPU.
+    backend: str = "auto"
+    # Megatron sequence parallelism inside TP regions (LayerNorm/dropout on seq/tp tokens).
+    sequence_parallel: bool = False
+    # New ffn/head units are appended inside this many equal blocks (0: the TP size), so under
+    # TP every rank grows its own block locally (docs/parallel.md, "Growth layout rule").
+    # Set it to a TP run's size in a single-process run to reproduce that run exactly.
+    growth_layout_parts: int = 0
+
+    def layout_parts(self) -> int:
+        return self.growth_layout_parts or self.tp
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -206,6 +226,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def resolved_stages(self) -> list[ResolvedStage]:
         return resolve_stages(self)
@@ -456,6 +477,36 @@ def validate(cfg: RunConfig) -> None:
             _check(st.shape.layers % prev_shape.layers == 0, f"{path}.layers",
                    f"'stack' copies the whole stack: {st.shape.layers} is not a multiple of {prev_shape.layers}")
         prev_shape, prev = st.shape, st
+    _validate_parallel(cfg)
+
+
+def _validate_parallel(cfg: RunConfig) -> None:
+    """Every shape the schedule reaches must lay out on the topology (checked before training)."""
+    p, t = cfg.parallel, cfg.train
+    for name in ("tp", "pp", "dp"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    _check(p.growth_layout_parts >= 0, "parallel.growth_layout_parts", "must be >= 0 (0: the TP size)")
+    _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    if p.sequence_parallel:
+        _check(p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
+        _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",
+               f"model.seq_len={cfg.model.seq_len} is not divisible by parallel.tp={p.tp}")
+    _check(t.grad_accum % p.dp == 0, "train.grad_accum",
+           f"{t.grad_accum} is not divisible by parallel.dp={p.dp} (replicas take equal shares of the micro-batches)")
+    if p.tp * p.pp * p.dp > 1:
+        _check(t.dtype != "fp16", "train.dtype", "fp16 loss scaling is single-process only; use bf16 with parallel runs")
+    shapes = [("model", cfg.model.shape)] + [(f"growth.stages[{s.index}]", s.shape) for s in resolve_stages(cfg)]
+    parts = p.layout_parts()
+    for where, shape in shapes:
+        _check(shape.heads % p.tp == 0, f"{where}.heads",
+               f"{shape.heads} is not divisible by parallel.tp={p.tp} (every TP rank holds an equal share of heads)")
+        _check(shape.ffn % p.tp == 0, f"{where}.ffn", f"{shape.ffn} is not divisible by parallel.tp={p.tp}")
+        _check(shape.layers % p.pp == 0, f"{where}.layers",
+               f"{shape.layers} is not divisible by parallel.pp={p.pp} (pipeline stages hold equal numbers of layers)")
+        for dim in ("ffn", "heads"):
+            _check(getattr(shape, dim) % parts == 0, f"{where}.{dim}",
+                   f"{getattr(shape, dim)} is not divisible by the growth layout's {parts} blocks "
+                   "(parallel.growth_layout_parts)")
 
 
 def _validate_options(operator, init, init_std, phi, placement, depth_init, path):

@@ -3,6 +3,10 @@
     msg-train                         # the bundled tiny GPT demo on CPU
     msg-train CONFIG.yaml --set train.steps=2000 --set growth.stages[0].phi=50
     msg-train CONFIG.yaml --validate  # check the config and print the schedule
+
+    # tensor x pipeline x data parallel (processes = tp * pp * dp), on CPU (gloo) or GPUs (nccl):
+    torchrun --nproc-per-node 4 -m megatron_msg.cli.train CONFIG --set parallel.tp=2 --set parallel.pp=2
+    deepspeed --hostfile HOSTFILE --module megatron_msg.cli.train CONFIG --set parallel.tp=8 ...
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
     ap.add_argument("--validate", action="store_true", help="only validate the config and print the schedule")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                    help=argparse.SUPPRESS)  # appended by the deepspeed launcher; LOCAL_RANK wins
     args = ap.parse_args(argv)
 
     try:
@@ -54,16 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"msg-train: config error: {exc}", file=sys.stderr)
         return 2
-    print(describe_schedule(cfg), flush=True)
+    from megatron_msg.parallel.launch import LaunchEnv, init_parallel, shutdown
+    from megatron_msg.parallel.topology import TopologyError
+    try:
+        env = LaunchEnv.from_environ(args.local_rank)
+    except TopologyError as exc:
+        print(f"msg-train: launch error: {exc}", file=sys.stderr)
+        return 2
+    main_rank = env.rank == 0
+    if main_rank:
+        print(describe_schedule(cfg), flush=True)
     if args.validate:
         return 0
+    try:
+        ps = init_parallel(cfg.parallel, cfg.train.device, env)
+    except (TopologyError, RuntimeError) as exc:
+        print(f"msg-train: rank {env.rank}: {exc}", file=sys.stderr)
+        return 2
     from megatron_msg.training.trainer import Trainer
-    trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
-                      progress=False if args.no_progress else None)
-    result = trainer.run(max_steps=args.max_steps)
-    last = result.valid_losses[max(result.valid_losses)] if result.valid_losses else float("nan")
-    print(f"done: step {result.final_step}/{cfg.train.steps}, final shape {result.shape}, "
-          f"last validation loss {last:.4f}; run directory {result.out_dir}")
+    try:
+        trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
+                          progress=False if args.no_progress else None, parallel=ps)
+        result = trainer.run(max_steps=args.max_steps)
+    finally:
+        shutdown()
+    if main_rank:
+        last = result.valid_losses[max(result.valid_losses)] if result.valid_losses else float("nan")
+        print(f"done: step {result.final_step}/{cfg.train.steps}, final shape {result.shape}, "
+              f"last validation loss {last:.4f}; run directory {result.out_dir}")
     return 0
 
 

@@ -7,13 +7,17 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    def __init__(self, out_dir: Path, tensorboard: bool):
+    ``enabled=False`` (every rank but 0 of a parallel run) makes it read-only: writes are dropped.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
@@ -22,7 +26,7 @@ class MetricsLog:
 
     def truncate_from(self, step: int) -> None:
         """Drop records at or after ``step`` (a resumed run rewrites them); atomic."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", -1) < step]
@@ -31,6 +35,8 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:

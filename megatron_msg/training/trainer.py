@@ -1,16 +1,20 @@
-"""Single-device trainer that runs a whole multi-stage MSG schedule unattended.
+"""Trainer that runs a whole multi-stage MSG schedule unattended, on one device or TP x PP x DP.
 
 One loop iteration = one optimizer step ``s``:
 
-1. apply every growth stage whose ``at_step == s`` (grow model + optimizer state);
+1. apply every growth stage whose ``at_step == s`` (grow model + optimizer state,
+   through the logical state: gather -> grow -> shard, growth/apply.py);
 2. set the masks for step ``s`` from the ramp (and drop them at the ramp's end);
-3. set the LR for step ``s``; forward/backward over ``grad_accum`` micro-batches;
-   clip; AdamW step;
-4. log / evaluate / checkpoint.
+3. set the LR for step ``s``; forward/backward over ``grad_accum`` micro-batches
+   (split over data-parallel replicas, pushed through the 1F1B pipeline);
+   sum tied-embedding and data-parallel gradients; clip by the global norm;
+   AdamW step;
+4. log / evaluate / checkpoint (rank 0 writes the logical state).
 
 Everything that decides step ``s`` is a function of ``s`` and the saved state
-(batches of the step, LR, ramp value, growth RNG), so a run killed at any point
-and resumed from its last checkpoint reproduces the uninterrupted losses.
+(batches of the step, LR, ramp value, growth RNG, dropout seeds per
+micro-batch), so a run killed at any point and resumed from its last
+checkpoint reproduces the uninterrupted losses, at the same or another layout.
 """
 from __future__ import annotations
 
@@ -23,11 +27,19 @@ from pathlib import Path
 
 import torch
 
+import torch.distributed as dist
+
 from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
 from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig, Shape
 from megatron_msg.growth.apply import build_optimizer, grow_model, spec_for_stage
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
+from megatron_msg.model.placement import placement_for
+from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
+from megatron_msg.parallel.random import RNGTracker
+from megatron_msg.parallel.step import forward_backward, my_micro_batches
+from megatron_msg.parallel.topology import ParallelState
 from megatron_msg.training.batches import BertBatches, GPTBatches, IndexedGPTBatches, byte_token_streams
 from megatron_msg.training.lr import lr_at
 from megatron_msg.training.metrics import MetricsLog
@@ -83,28 +95,31 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = True,
-                 progress: bool | None = None):
+                 progress: bool | None = None, parallel: ParallelState | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir or cfg.train.out_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.ps = parallel or ParallelState.single(resolve_device(cfg.train.device))
+        self.device = self.ps.device
+        self.is_main = self.ps.rank == 0  # logs, writes checkpoints and plots
         self.stages: list[ResolvedStage] = cfg.resolved_stages()
         self.rewinds = [s.at_step for s in self.stages if s.rewind_lr]
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.autocast_dtype = DTYPES[cfg.train.dtype]
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.dtype == "fp16" else None
+        self.rng = RNGTracker(self.device)
+        self.placement = placement_for(self.ps, self.rng, cfg.parallel.sequence_parallel)
         self._stop_requested = False
         self._bar = None  # tqdm progress bar while run() is active
 
         self.train_batches, self.valid_batches = build_batches(cfg)
         t = cfg.train
 
-        self.metrics = MetricsLog(self.out_dir, t.tensorboard)
+        self.metrics = MetricsLog(self.out_dir, t.tensorboard and self.is_main, enabled=self.is_main)
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
             self._restore(load_checkpoint(ckpt), ckpt)
         else:
-            torch.manual_seed(t.seed)
-            self.model = build_model(cfg.model).to(self.device)
+            self.model = build_model(cfg.model, self.placement, seed=t.seed).to(self.device)
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
             self.step, self.stage_index, self.ramp = 0, 0, None
             self.metrics.truncate_from(0)
@@ -120,20 +135,18 @@ class Trainer:
         return self.stages[stage_index - 1].shape if stage_index else self.cfg.model.shape
 
     def state_dict(self) -> dict:
-        opt = {n: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
-               for n, st in self.optimizer.named_state().items()}
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        """The logical training state (collective under parallelism: every rank must call it)."""
+        p = self.cfg.parallel
         return {
             "step": self.step,
             "stage_index": self.stage_index,
             "model_config": dataclasses.asdict(self.model.cfg),
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": gather_model(self.model, self.ps),
             "masked": self.model.masked,
-            "optimizer": opt,
+            "optimizer": gather_optimizer(self.optimizer, self.model, self.ps),
             "ramp": None if self.ramp is None else dataclasses.asdict(self.ramp),
-            "rng": rng,
+            # Dropout is reseeded per micro-batch from (seed, step, micro): no generator state.
+            "written_by": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
             "config": self.cfg.to_dict(),
         }
 
@@ -145,24 +158,31 @@ class Trainer:
         if mcfg.shape != want:
             raise CheckpointError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
                                   f"stage(s) does not match the config's schedule, which gives {want}")
-        self.model = build_model(mcfg)
-        self.model.load_state_dict(state["model"], strict=True)
+        self.model = build_model(mcfg, self.placement, initialize=False)
+        load_model(self.model, state["model"])  # this rank's blocks: any layout can resume any checkpoint
         self.model.to(self.device)
         self.model.set_masked(state["masked"])
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
-        self.optimizer.load_named_state(state["optimizer"])
+        self.optimizer.load_named_state(shard_optimizer_state(state["optimizer"], self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.metrics.truncate_from(self.step)
         self._log_console(f"resumed from {path} at step {self.step}, shape {mcfg.shape}")
 
-    def save(self) -> Path:
-        meta = {"shape": str(self.model.cfg.shape), "stage_index": self.stage_index,
-                "parameters": self.model.num_parameters()}
-        return save_checkpoint(self.out_dir, self.step, self.state_dict(), meta, self.cfg.train.keep_checkpoints)
+    def save(self) -> Path | None:
+        """Write a checkpoint (collective; rank 0 writes).  Returns its path on rank 0."""
+        state = self.state_dict()
+        path = None
+        if self.is_main:
+            meta = {"shape": str(self.model.cfg.shape), "stage_index": self.stage_index,
+                    "parameters": self.model.num_parameters()}
+            path = save_checkpoint(self.out_dir, self.step, state, meta, self.cfg.train.keep_checkpoints)
+        self._barrier()  # nobody reads "latest" before it exists
+        return path
+
+    def _barrier(self) -> None:
+        if self.ps.topology.world_size > 1:
+            dist.barrier()
 
     # ------------------------------------------------------------------ steps
 
@@ -174,20 +194,44 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _activation_shape(self) -> tuple[int, ...]:
+        """Shape of the hidden states sent between pipeline stages."""
+        b, t = self.cfg.train.batch_size, self.cfg.model.seq_len
+        if hasattr(self.model, "activation_shape"):
+            return self.model.activation_shape(b, t)
+        return (b, t, self.model.cfg.hidden)
+
+    def _run_micro_batches(self, get_batch, micro_ids, scale: float, forward_only: bool, step: int) -> torch.Tensor:
+        """Sum over ``micro_ids`` of ``scale * loss``, summed over data-parallel replicas."""
+        ps = self.ps
+        seed = self.cfg.train.seed
+        total = forward_backward(
+            self.forward_model, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
+            self._activation_shape(), forward_only=forward_only, autocast=self._autocast,
+            before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
+        if ps.dp_size > 1:
+            dist.all_reduce(total, group=ps.dp_group)
+        return total
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)
-        for micro in range(cfg.train.grad_accum):
-            batch = self._to_device(self.train_batches.get(step, micro))
-            with self._autocast():
-                loss = model_loss(self.forward_model, batch) / cfg.train.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
-        if self.scaler:
+        accum = cfg.train.grad_accum
+        if self.scaler:  # fp16: single process only (config validation)
+            total = torch.zeros((), device=self.device)
+            for micro in range(accum):
+                self.rng.seed_micro_batch(cfg.train.seed, step, micro)
+                batch = self._to_device(self.train_batches.get(step, micro))
+                with self._autocast():
+                    loss = model_loss(self.forward_model, batch) / accum
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
             self.scaler.unscale_(self.optimizer)
-        clip = cfg.optimizer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        else:
+            total = self._run_micro_batches(lambda m: self.train_batches.get(step, m),
+                                            my_micro_batches(accum, self.ps), 1.0 / accum, False, step)
+            sync_gradients(self.model, self.ps)
+        norm = clip_grad_norm(self.model, cfg.optimizer.grad_clip, self.ps)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -195,30 +239,37 @@ class Trainer:
             self.optimizer.step()
         return total, norm
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.model.eval()
-        losses = []
-        for i in range(self.cfg.train.eval_iters):
-            batch = self._to_device(self.valid_batches.get(i))
-            with self._autocast():
-                losses.append(model_loss(self.forward_model, batch).float())
-        self.model.train()
-        return torch.stack(losses).mean().item()
+    def _eval_ids(self, n: int) -> tuple[range, int]:
+        """(this replica's share of n eval batches, number of replicas sharing them)."""
+        ps = self.ps
+        if n % ps.dp_size:
+            return range(n), 1  # every replica evaluates all; their sum is divided back
+        k = n // ps.dp_size
+        return range(ps.dp_rank * k, (ps.dp_rank + 1) * k), ps.dp_size
 
     @torch.no_grad()
+    def _eval_loss(self, n: int) -> float:
+        self.model.eval()
+        ids, sharing = self._eval_ids(n)
+        total = self._run_micro_batches(self.valid_batches.get, ids, 1.0 / n, True, self.step)
+        self.model.train()
+        if sharing == 1 and self.ps.dp_size > 1:
+            total = total / self.ps.dp_size
+        return total.item()
+
+    def evaluate(self) -> float:
+        return self._eval_loss(self.cfg.train.eval_iters)
+
     def _probe_loss(self) -> float:
         """Loss of a fixed validation batch in eval mode: compared across a growth."""
-        self.model.eval()
-        loss = model_loss(self.model, self._to_device(self.valid_batches.get(0))).item()
-        self.model.train()
-        return loss
+        return self._eval_loss(1)
 
     def grow(self, stage: ResolvedStage) -> None:
         before = self._probe_loss()
-        spec = spec_for_stage(self.model.cfg, stage, seed=self.cfg.train.seed)
+        spec = spec_for_stage(self.model.cfg, stage, seed=self.cfg.train.seed,
+                              layout_parts=self.cfg.parallel.layout_parts())
         result = grow_model(self.model, spec, self.optimizer, self.cfg.optimizer,
-                            ramp_start=stage.at_step, phi=stage.phi)
+                            ramp_start=stage.at_step, phi=stage.phi, ps=self.ps)
         self.model, self.optimizer, self.ramp = result.model, result.optimizer, result.ramp
         self._wrap_model()
         after = self._probe_loss()
@@ -232,6 +283,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _log_console(self, text: str) -> None:
+        if not self.is_main:
+            return
         if self._bar is not None:
             self._bar.write(text)
         else:
@@ -239,6 +292,20 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """A stop request on any rank stops every rank at the same step (else the others hang)."""
+        if self.ps.topology.world_size == 1:
+            return self._stop_requested
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control_group())
+        return bool(flag.item())
+
+    def _control_group(self):
+        """A gloo group over all ranks for host-side control messages (works beside nccl)."""
+        if getattr(self, "_ctrl", None) is None:
+            self._ctrl = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self._ctrl
 
     def run(self, max_steps: int | None = None) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
@@ -252,7 +319,7 @@ class Trainer:
         last_time, last_step = time.perf_counter(), self.step
         try:
             while self.step < total and (max_steps is None or result.steps_run < max_steps):
-                if self._stop_requested:
+                if self._stop_agreed():
                     result.interrupted = True
                     break
                 while self.stage_index < len(self.stages) and self.stages[self.stage_index].at_step == self.step:
@@ -296,7 +363,7 @@ class Trainer:
             self._bar.close()
             self._bar = None
         result.final_step, result.shape = self.step, self.model.cfg.shape
-        if self.step >= total and t.plot:
+        if self.step >= total and t.plot and self.is_main:
             png = plot_loss_curve(self.metrics.read(), self.out_dir / "loss_curve.png",
                                   title=f"{cfg.model.arch} growth run ({len(self.stages)} growth events)")
             if png:
@@ -305,6 +372,8 @@ class Trainer:
         return result
 
     def _report(self, rec: dict) -> None:
+        if not self.is_main:
+            return
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", shape=rec["shape"],
                                   tok_s=f"{rec['tokens_per_s']:.0f}")
