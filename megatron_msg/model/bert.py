@@ -9,7 +9,10 @@ activation).
 Tensor/pipeline parallel layout as in gpt.py: the token embedding, MLM decoder
 and MLM bias are split by vocabulary; the MLM transform, pooler and NSP head
 are small and replicated; the last pipeline stage holds its own copy of the
-(always tied) token embedding.
+(always tied) token embedding.  Under sequence parallelism the embeddings, the
+embedding LN and the MLM transform run on this rank's sequence slice; the MLM
+decoder's input is gathered by ``tp.enter`` and the pooler's token 0 by a
+gather whose backward keeps the slice (the pooler is repeated on every rank).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import torch.nn.functional as F
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
 from megatron_msg.model.placement import Placement
-from megatron_msg.model.transformer import ACTIVATIONS, MSGTransformerBase
+from megatron_msg.model.transformer import ACTIVATIONS, MSGTransformerBase, make_dropout
 from megatron_msg.parallel.layers import (TensorParallel, VocabParallelEmbedding, gather_vocab_logits,
                                           vocab_parallel_cross_entropy)
+from megatron_msg.parallel.mappings import gather_sequence_for_replicated
 
 IGNORE_INDEX = -100
 
@@ -63,11 +67,13 @@ class Pooler(nn.Module):
 
 
 class BERT(MSGTransformerBase):
+    FULL_SEQUENCE_PREFIXES = ("pooler.", "nsp.")
+
     def __init__(self, cfg: ModelConfig, placement: Placement | None = None):
         placement = placement or Placement()
         super().__init__(cfg, pre_ln=False, causal=False, placement=placement)
         self.embed = BertEmbedding(cfg, placement.tp, full=placement.first)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout, placement)
         self.act = ACTIVATIONS[cfg.activation]
         if placement.last:
             self.mlm = MLMHead(cfg, placement.tp)
@@ -86,14 +92,22 @@ class BERT(MSGTransformerBase):
             raise ValueError(f"sequence length {t} exceeds model.seq_len={self.cfg.seq_len}")
         if token_types is None:
             token_types = torch.zeros_like(tokens)
-        x = (self.embed.tok(tokens) + self.embed.pos(torch.arange(t, device=tokens.device))
-             + self.embed.token_type(token_types))
+        # Under SP the token lookup comes back as this rank's sequence slice; add its
+        # positions and token types.
+        mine = self.placement.tp.sequence_slice(t)
+        x = (self.embed.tok(tokens) + self.embed.pos(torch.arange(mine.start, mine.stop, device=tokens.device))
+             + self.embed.token_type(token_types[:, mine]))
         return self.drop(self.embed.ln(x, c))
 
     def heads(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLM logits of this rank's vocabulary block, NSP logits)."""
-        h = self.mlm.ln(self.act(self.mlm.dense(x)), c)
-        mlm_logits = F.linear(self.placement.tp.enter(h), self.embed.tok.weight, self.mlm.bias)
+        tp = self.placement.tp
+        h = self.mlm.ln(self.act(self.mlm.dense(x)), c)  # on the sequence slice under SP
+        mlm_logits = F.linear(tp.enter(h), self.embed.tok.weight, self.mlm.bias)
+        if tp.splits_sequence:
+            # Token 0 is the first token of rank 0's slice: gather every rank's first token
+            # (tp rows, not the whole sequence) and take rank 0's.
+            x = gather_sequence_for_replicated(x[:, :1], tp.group)
         pooled = torch.tanh(self.pooler.dense(x[:, 0]))
         if c is not None:
             pooled = pooled * c.to(pooled.dtype)

@@ -8,6 +8,9 @@ Under tensor parallelism the token embedding and LM head are split by
 vocabulary and the loss is the vocab-parallel cross entropy (the full logits
 are only gathered when a caller asks for them).  Under pipeline parallelism a
 stage model holds its part (placement.py) and runs :meth:`GPT.stage_forward`.
+Under sequence parallelism the residual stream between TP regions is
+``[batch, seq / tp, hidden]``: the embedding reduce-scatters, LayerNorms and
+dropout run on the slice, and the LM head's input is gathered by ``tp.enter``.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
 from megatron_msg.model.placement import Placement
-from megatron_msg.model.transformer import MSGTransformerBase
+from megatron_msg.model.transformer import MSGTransformerBase, make_dropout
 from megatron_msg.parallel.layers import (TensorParallel, VocabParallelEmbedding, gather_vocab_logits,
                                           vocab_parallel_cross_entropy)
 
@@ -38,7 +41,7 @@ class GPT(MSGTransformerBase):
         tied = cfg.tie_embeddings
         if placement.first or (placement.last and tied):
             self.embed = Embedding(cfg, placement.tp, positions=placement.first)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout, placement)
         if placement.last:
             self.final_ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
             # An untied head is a [vocab, hidden] matrix split by vocabulary, like the embedding.
@@ -48,14 +51,17 @@ class GPT(MSGTransformerBase):
         t = tokens.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence length {t} exceeds model.seq_len={self.cfg.seq_len}")
-        x = self.embed.tok(tokens) + self.embed.pos(torch.arange(t, device=tokens.device))
+        # Under SP the token lookup comes back as this rank's sequence slice; add its positions.
+        mine = self.placement.tp.sequence_slice(t)
+        pos = torch.arange(mine.start, mine.stop, device=tokens.device)
+        x = self.embed.tok(tokens) + self.embed.pos(pos)
         if c is not None:
             x = x * c.to(x.dtype)
         return self.drop(x)
 
     def local_logits(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """Logits of this rank's vocabulary block."""
-        x = self.final_ln(x, c)
+        x = self.final_ln(x, c)  # on the sequence slice under SP; enter() gathers it
         weight = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(self.placement.tp.enter(x), weight)
 

@@ -29,6 +29,31 @@ from megatron_msg.parallel.layers import ColumnParallelLinear, RowParallelLinear
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
+class RegionDropout(nn.Dropout):
+    """Dropout drawn from the TP-region generator: under sequence parallelism each rank
+    holds different tokens of the residual stream, so the masks must differ per rank."""
+
+    def __init__(self, p: float, rng):
+        super().__init__(p)
+        self.rng = rng
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.p > 0):
+            return x
+        with self.rng.fork():
+            return super().forward(x)
+
+
+def make_dropout(p: float, placement: Placement) -> nn.Dropout:
+    """Dropout for activations between TP regions (plain ``nn.Dropout`` unless SP splits them)."""
+    if not placement.tp.splits_sequence:
+        return nn.Dropout(p)
+    if placement.rng is None and p > 0:
+        raise ValueError("sequence parallelism with dropout needs an RNGTracker in the placement "
+                         "(sequence-split dropout draws from the TP-region generator)")
+    return RegionDropout(p, placement.rng)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with packed QKV laid out as [3, heads, head_dim].
 
@@ -50,8 +75,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        b, t = qkv.shape[:2]  # the full sequence: under SP x is a slice, qkv gathered it
+        q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.attention_dropout if self.training else 0.0
         # Dropout on a rank's own heads draws from the TP-region generator (parallel/random.py).
         region = self.rng.fork() if p > 0 and self.rng is not None else contextlib.nullcontext()
@@ -91,7 +117,7 @@ class Layer(nn.Module):
         self.attn = Attention(cfg, causal, placement)
         self.ln2 = MaskedLayerNorm(cfg.hidden, cfg.eps)
         self.mlp = MLP(cfg, placement)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout, placement)
         # Masks of this rank's own neurons and heads (sharded like the weights).
         self.register_buffer("ffn_mask", torch.ones(placement.tp.local(cfg.ffn, "model.ffn")))
         self.register_buffer("head_mask", torch.ones(self.attn.heads))
@@ -140,9 +166,14 @@ class LayerStack(nn.ModuleDict):
 class MSGTransformerBase(nn.Module):
     """State shared by GPT and BERT: the config, placement, layers, hidden mask, masked flag."""
 
+    # Replicated parameters whose consumers run on the full (gathered) sequence, identically
+    # on every TP rank, so their gradients are complete even under SP (BERT's pooler, NSP).
+    FULL_SEQUENCE_PREFIXES: tuple[str, ...] = ()
+
     def __init__(self, cfg: ModelConfig, pre_ln: bool, causal: bool, placement: Placement):
         super().__init__()
         self.cfg, self.placement = cfg, placement
+        placement.tp.sequence_slice(cfg.seq_len)  # ValueError early if SP cannot split seq_len
         self.layers = LayerStack({str(i): Layer(cfg, pre_ln, causal, placement)
                                   for i in placement.layer_indices(cfg.layers)})
         self.register_buffer("hidden_mask", torch.ones(cfg.hidden))
@@ -169,6 +200,28 @@ class MSGTransformerBase(nn.Module):
         for layer in self.layers:
             x = layer(x, c, attn_mask)
         return x
+
+    def activation_shape(self, batch_size: int, seq_len: int) -> tuple[int, int, int]:
+        """Shape of the hidden states passed between pipeline stages.
+
+        ``[batch, seq / tp, hidden]`` under sequence parallelism (each rank sends its slice),
+        else ``[batch, seq, hidden]``.
+        """
+        s = self.placement.tp.sequence_slice(seq_len)
+        return (batch_size, s.stop - s.start, self.cfg.hidden)
+
+    def sequence_parallel_grad_names(self) -> list[str]:
+        """Parameters whose gradients are partial per TP rank and must be summed over the TP group.
+
+        Under SP, replicated parameters used on the sequence slice (LayerNorms, row-parallel
+        biases, position/token-type embeddings, the MLM transform) see only this rank's
+        tokens.  Without SP every replicated parameter sees the whole sequence: none.
+        """
+        if not self.placement.tp.splits_sequence:
+            return []
+        from megatron_msg.model.layout import tensor_spec
+        return [n for n, _ in self.named_parameters()
+                if tensor_spec(n).tp_split_dim() is None and not n.startswith(self.FULL_SEQUENCE_PREFIXES)]
 
     def check_whole(self, what: str) -> None:
         if not (self.placement.first and self.placement.last):

@@ -4,10 +4,14 @@ After the pipeline's backward passes:
 
 1. the two copies of a tied token embedding (first and last pipeline stage)
    sum their gradients, so both copies take the same update;
-2. data-parallel replicas sum their gradients (each replica's loss is already
+2. under sequence parallelism, replicated parameters used on the sequence slice
+   (``model.sequence_parallel_grad_names()``) sum their gradients over the TP
+   group: each rank saw only its own tokens; afterwards every TP rank holds the
+   full, identical gradient, so the norm below still counts them once;
+3. data-parallel replicas sum their gradients (each replica's loss is already
    scaled by 1 / (all micro-batches of the step), so the sum is the step's
    gradient; flattened into one buffer per dtype for few, large all-reduces);
-3. the global norm counts every logical entry once: TP-split tensors on every
+4. the global norm counts every logical entry once: TP-split tensors on every
    TP rank, replicated tensors on TP rank 0 only, the tied embedding on the
    first stage only; the squares are summed over the model-parallel group.
 """
@@ -39,6 +43,11 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
     params = dict(model.named_parameters())
     if ps.pp_size > 1 and TIED in params and params[TIED].grad is not None:
         dist.all_reduce(params[TIED].grad, group=ps.embed_group)
+    partial = getattr(model, "sequence_parallel_grad_names", None)
+    if ps.tp_size > 1 and partial is not None:
+        grads = [params[n].grad for n in partial() if params[n].grad is not None]
+        if grads:
+            _all_reduce_flat(grads, ps.tp_group)
     if ps.dp_size > 1:
         _all_reduce_flat([p.grad for p in params.values() if p.grad is not None], ps.dp_group)
 

@@ -43,6 +43,21 @@ class TensorParallel:
         start = self.rank * rows
         return start, rows, max(0, min(rows, vocab - start))
 
+    @property
+    def splits_sequence(self) -> bool:
+        """Whether activations between TP regions hold only this rank's slice of the sequence."""
+        return self.sequence_parallel and self.size > 1
+
+    def sequence_slice(self, seq_len: int) -> slice:
+        """The positions of a ``seq_len`` sequence this rank holds (all of them without SP)."""
+        if not self.splits_sequence:
+            return slice(0, seq_len)
+        if seq_len % self.size:
+            raise ValueError(f"sequence length {seq_len} is not divisible by the tensor-parallel size "
+                             f"{self.size} (sequence parallelism gives every rank an equal slice)")
+        n = seq_len // self.size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Input of a column-parallel layer (all-gathers the sequence under SP)."""
         return gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
@@ -85,7 +100,8 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the vocabulary split in row blocks; lookups all-reduced."""
+    """Token embedding with the vocabulary split in row blocks; lookups all-reduced
+    (reduce-scattered along the sequence under sequence parallelism)."""
 
     def __init__(self, vocab: int, hidden: int, tp: TensorParallel):
         super().__init__()
@@ -100,7 +116,9 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp(out, self.tp.group)
+        # Sum of the ranks' partial lookups; under SP a reduce-scatter, so the output is
+        # already this rank's sequence slice (the layer feeding the split region).
+        return self.tp.leave(out)
 
 
 class _VocabParallelCE(torch.autograd.Function):

@@ -9,6 +9,7 @@ Each function's backward is the conjugate of its forward (Megatron, nanotron):
     scatter_to_sequence   fwd split sequence dim    bwd all-gather sequence dim
     gather_from_sequence  fwd all-gather sequence   bwd reduce-scatter sequence
     reduce_scatter_to_sequence  fwd reduce-scatter  bwd all-gather sequence
+    gather_sequence_for_replicated  fwd all-gather sequence  bwd split sequence
 
 Activations are ``[batch, seq, hidden]``, so the sequence dimension is 1.  With
 ``group=None`` (one process, or tp == 1) every function is the identity, so a
@@ -133,6 +134,20 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return _all_gather(g, SEQ_DIM, ctx.group), None
 
 
+class _GatherSequenceForReplicated(torch.autograd.Function):
+    # Feeds a computation every TP rank repeats identically (BERT's pooler): each rank's
+    # gradient for the full sequence is already the whole gradient, so backward keeps
+    # this rank's slice instead of summing tp identical copies.
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split(g, SEQ_DIM, ctx.group), None
+
+
 def _wrap(fn):
     def apply(x: torch.Tensor, group) -> torch.Tensor:
         if _size(group) == 1:
@@ -149,3 +164,4 @@ gather_from_tp = _wrap(_GatherFromTP)
 scatter_to_sequence = _wrap(_ScatterToSequence)
 gather_from_sequence = _wrap(_GatherFromSequence)
 reduce_scatter_to_sequence = _wrap(_ReduceScatterToSequence)
+gather_sequence_for_replicated = _wrap(_GatherSequenceForReplicated)
