@@ -1,4 +1,5 @@
-"""Fused MSG kernels on a CUDA GPU (skipped without one): bf16/fp16/fp32, Triton and CUDA backends."""
+"""Fused MSG kernels on a CUDA GPU (skipped without one): bf16/fp16/fp32, Triton and CUDA backends,
+and the custom ops (opcheck, torch.compile fullgraph with Inductor, CUDA-graph capture)."""
 import pytest
 import torch
 
@@ -110,9 +111,121 @@ def test_add_layer_norm_and_depth_residual_bf16():
 
 
 def test_compiled_model_path_fullgraph():
-    """Under torch.compile the auto backend traces the reference, so fullgraph compiles."""
+    """Under torch.compile the auto backend traces the reference (Inductor fuses it), fullgraph."""
     n = 768
     x = torch.randn(64, n, device=DEV)
     w, b, c = torch.randn(n, device=DEV), torch.randn(n, device=DEV), make_mask("ramp", n)
     f = torch.compile(lambda x: kernels.masked_layer_norm(x, w, b, c, EPS), fullgraph=True)
     assert rel_err(f(x), ref(x, w, b, c, EPS)) < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# the custom ops (megatron_msg/kernels/ops.py): opcheck, torch.compile, CUDA graphs
+
+OPS = torch.ops.megatron_msg
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_cuda_ops(backend, dtype):
+    if backend not in backends():
+        pytest.skip("CUDA extension not built")
+    from torch.library import opcheck
+    n = 256
+    x = torch.randn(4, 33, n, device=DEV, dtype=dtype, requires_grad=True)
+    w, b = (torch.randn(n, device=DEV, requires_grad=True) for _ in range(2))
+    c = make_mask("ramp", n)
+    opcheck(OPS.masked_layer_norm_fwd, (x, w, b, c, EPS, backend))
+    y, mean, rstd = OPS.masked_layer_norm_fwd(x, w, b, c, EPS, backend)
+    assert mean.dtype == torch.float32 and mean.shape == x.shape[:-1]
+    dy = torch.randn_like(y)
+    opcheck(OPS.masked_layer_norm_bwd, (dy, x.detach(), w.detach(), c, mean, rstd, None, torch.float32, backend))
+    opcheck(OPS.masked_layer_norm_bwd, (dy, x.detach(), w.detach(), c, mean, rstd, torch.randn_like(dy),
+                                        torch.float32, backend))
+    xf = x.detach().float().requires_grad_()
+    opcheck(OPS.add_masked_layer_norm_fwd, (xf, x, w, b, c, EPS, backend))
+    opcheck(OPS.depth_residual_add, (xf, xf.detach() * 2, x, torch.tensor(0.3, device=DEV), backend))
+    opcheck(OPS.depth_residual_add_bwd, (dy, torch.tensor(0.3, device=DEV), backend))
+
+
+# two Inductor compiles, not four: tools/gpu_kernels.sh gives this whole file 240 s
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.bfloat16), ("cuda", torch.float32)])
+def test_compile_fullgraph_with_fused_ops_matches_eager(backend, dtype):
+    """Inductor with the fused kernels as custom ops in the graph (fwd + bwd) equals eager."""
+    if backend not in backends():
+        pytest.skip("CUDA extension not built")
+    n, heads = 768, 12
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, n, device=DEV, requires_grad=True)  # fp32 residual stream
+    a = torch.randn(4, 64, n, device=DEV, dtype=dtype, requires_grad=True)
+    o = torch.randn(4, heads, 64, n // heads, device=DEV, dtype=dtype, requires_grad=True)
+    w, b = (torch.randn(n, device=DEV, requires_grad=True) for _ in range(2))
+    c, head_mask, depth = make_mask("ramp", n), torch.rand(heads, device=DEV), torch.tensor(0.4, device=DEV)
+
+    def f(x, a, o, w, b):
+        y = kernels.masked_layer_norm(x, w, b, c, EPS, backend=backend)
+        y2, h = kernels.add_masked_layer_norm(x, a, w, b, c, EPS, backend=backend)
+        oh = kernels.scale_heads(o, head_mask).transpose(1, 2).reshape(4, 64, n)
+        out = kernels.depth_residual_add(x, h, (y2 + oh).to(dtype), depth, backend=backend)
+        return kernels.depth_mix(x, out + y, depth)
+
+    seen = []
+
+    def backend_fn(gm, example_inputs):
+        seen.extend(str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function")
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    params = (x, a, o, w, b)
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend=backend_fn, fullgraph=True)
+    dy = torch.randn(4, 64, n, device=DEV)
+    out = cf(*params)
+    grads = torch.autograd.grad(out, params, dy)
+    out_ref = f(*params)
+    grads_ref = torch.autograd.grad(out_ref, params, dy)
+    assert "megatron_msg.masked_layer_norm_fwd.default" in seen
+    assert "megatron_msg.depth_residual_add.default" in seen
+    if backend == "triton":
+        assert "megatron_msg.add_masked_layer_norm_fwd.default" in seen
+    # bf16: Inductor keeps fused bf16 intermediates (scale_heads) in fp32, eager rounds them
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out.detach(), out_ref.detach()) < tol
+    for g, gr in zip(grads, grads_ref):
+        assert rel_err(g, gr) < tol
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_ops_capture_in_cuda_graph(backend):
+    """Forward and backward ops replay from a CUDA graph; new mask values take effect (Σc on device)."""
+    if backend not in backends():
+        pytest.skip("CUDA extension not built")
+    n, m = 1024, 512
+    torch.manual_seed(1)
+    x, dy = torch.randn(m, n, device=DEV), torch.randn(m, n, device=DEV)
+    w, b = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    c, depth = make_mask("ramp", n), torch.tensor(0.3, device=DEV)
+
+    def step():
+        y, mean, rstd = OPS.masked_layer_norm_fwd(x, w, b, c, EPS, backend)
+        dx, dw, db = OPS.masked_layer_norm_bwd(dy, x, w, c, mean, rstd, None, torch.float32, backend)
+        out = OPS.depth_residual_add(x, y, dx, depth, backend)
+        ddx, ddy = OPS.depth_residual_add_bwd(dy, depth, backend)
+        return y, dx, dw, db, out, ddx, ddy
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up: Triton JIT, extension load, allocator
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = step()
+    c[n // 2:] = 0.7  # a ramp step: new values, same tensors
+    depth.fill_(0.8)
+    x.copy_(torch.randn(m, n, device=DEV))
+    g.replay()
+    torch.cuda.synchronize()
+    for a, r in zip(captured, step()):
+        assert rel_err(a, r) < 1e-6

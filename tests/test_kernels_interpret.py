@@ -3,6 +3,8 @@
 The Triton kernels compute in fp32 whatever their I/O dtype; the interpreter
 gets bf16 arithmetic wrong, so every check here runs fp32 I/O against the fp64
 PyTorch reference (masked_layer_norm_reference), which defines the op.
+The custom ops (kernels/ops.py) with the Triton implementation are checked
+here too: opcheck, and torch.compile(fullgraph=True) with backend="triton".
 On a CUDA machine this module skips: tests/test_kernels_gpu.py covers the
 compiled kernels there, and TRITON_INTERPRET must not leak into them.
 """
@@ -264,3 +266,98 @@ def test_depth_residual_add(cval):
     outr.backward(dout)
     for a, r in zip(f32, f64):
         assert_close(a.grad, r.grad)
+
+
+# ---------------------------------------------------------------------------
+# the custom ops (megatron_msg/kernels/ops.py) with the Triton implementation
+
+OPS = torch.ops.megatron_msg
+
+
+def test_opcheck_triton_ops():
+    """Schema, autograd registration, fake vs real and AOT dispatch (dynamic shapes), tiny fp32 shapes."""
+    from torch.library import opcheck
+    n = 12
+    x, w, b, dy = (t.float() for t in inputs((2, 3, n), seed=11))
+    c = make_mask("ramp", n).float()
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    opcheck(OPS.masked_layer_norm_fwd, (x, w, b, c, EPS, "triton"))
+    y, mean, rstd = OPS.masked_layer_norm_fwd(x, w, b, c, EPS, "triton")
+    assert mean.shape == rstd.shape == x.shape[:-1] and mean.dtype == torch.float32
+    d = (dy, x.detach(), w.detach(), c, mean, rstd)
+    opcheck(OPS.masked_layer_norm_bwd, (*d, None, torch.float32, "triton"))
+    opcheck(OPS.masked_layer_norm_bwd, (*d, torch.randn_like(dy), torch.float32, "triton"))
+    delta = torch.randn(x.shape, requires_grad=True)
+    opcheck(OPS.add_masked_layer_norm_fwd, (x, delta, w, b, c, EPS, "triton"))
+    opcheck(OPS.depth_residual_add, (x, delta, x.detach() * 2, torch.tensor(0.3), "triton"))
+    opcheck(OPS.depth_residual_add_bwd, (dy, torch.tensor(0.3), "triton"))
+
+
+def test_triton_ops_match_reference_ops_and_eager_twins():
+    from megatron_msg.kernels import ops
+    n = 100
+    x, w, b, dy = (t.float() for t in inputs((4, n), seed=12))
+    c = make_mask("random", n).float()
+    outs = {}
+    for name, fn in (("op", OPS.masked_layer_norm_fwd), ("eager", ops._EagerMaskedLayerNorm.apply)):
+        for backend in ("triton", "reference"):
+            xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+            y, mean, rstd = fn(xx, ww, bb, c, EPS, backend)
+            y.backward(dy)
+            outs[name, backend] = (y, mean, rstd, xx.grad, ww.grad, bb.grad)
+    for key in (("eager", "triton"), ("op", "reference")):
+        for a, r in zip(outs[key], outs["op", "triton"]):
+            assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_fp64_input_falls_back_to_reference_inside_the_op():
+    x, w, b, _ = inputs((3, 10), seed=13)
+    c = make_mask("ramp", 10)
+    y, mean, _ = OPS.masked_layer_norm_fwd(x, w, b, c, EPS, "triton")
+    assert y.dtype == mean.dtype == torch.float64
+    torch.testing.assert_close(y, ref(x, w, b, c, EPS))
+
+
+def test_compile_fullgraph_with_triton_ops_matches_eager():
+    """torch.compile(fullgraph=True) through the dispatch functions with backend="triton".
+
+    The fused ops are single nodes of the forward and backward graphs (no graph
+    break, nothing traced into the launchers); values and gradients equal eager.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    graphs = {"fw": [], "bw": []}
+
+    def rec(key):
+        def compiler(gm, _):
+            graphs[key].extend(str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function")
+            return make_boxed_func(gm)
+        return compiler
+
+    n = 20
+    x, w, b, _ = (t.float() for t in inputs((2, 3, n), seed=14))
+    c = make_mask("ramp", n).float()
+    o = torch.randn(2, 3, 4, 5)
+    head_mask = torch.tensor([1.0, 0.0, 0.5])
+    depth = torch.tensor(0.4)
+
+    def f(x, w, b, o):
+        y = kernels.masked_layer_norm(x, w, b, c, EPS, backend="triton")
+        y2, h = kernels.add_masked_layer_norm(x, y, w, b, c, EPS, backend="triton")
+        z = kernels.depth_residual_add(x, h, y2, depth, backend="triton")
+        return kernels.depth_mix(x, z, depth).square().sum() + kernels.scale_heads(o, head_mask).square().sum()
+
+    params = [t.clone().requires_grad_() for t in (x, w, b, o)]
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend=aot_autograd(fw_compiler=rec("fw"), bw_compiler=rec("bw")), fullgraph=True)
+    out = cf(*params)
+    grads = torch.autograd.grad(out, params)
+    out_ref = f(*params)
+    grads_ref = torch.autograd.grad(out_ref, params)
+    assert_close(out, out_ref)
+    for g, gr in zip(grads, grads_ref):
+        assert_close(g, gr)
+    for name in ("masked_layer_norm_fwd", "add_masked_layer_norm_fwd", "depth_residual_add"):
+        assert f"megatron_msg.{name}.default" in graphs["fw"]
+    assert graphs["bw"].count("megatron_msg.masked_layer_norm_bwd.default") == 2
+    assert "megatron_msg.depth_residual_add_bwd.default" in graphs["bw"]

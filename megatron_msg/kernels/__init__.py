@@ -25,11 +25,17 @@ Public ops the model calls while masks are active:
 ``masked_linear(x, weight, bias, in_mask=None, out_mask=None)``
     ``out_mask * linear(in_mask * x)`` with both masks folded into the weight:
     the head, FFN and hidden output masks then cost no pass over activations.
+
+The fused backends run as ``torch.library`` custom ops (``torch.ops.megatron_msg.*``,
+defined in ``ops.py``) with fake implementations and registered backward
+formulas, so ``torch.compile(fullgraph=True)`` and CUDA graphs capture them as
+single nodes; the functions here only choose the backend and the op.
 """
 from __future__ import annotations
 
 import torch
 
+from megatron_msg.kernels import ops
 from megatron_msg.kernels.backend import MAX_FUSED_N, resolve
 from megatron_msg.kernels.folding import head_columns, masked_linear
 from megatron_msg.model.masked_norm import masked_layer_norm_reference
@@ -40,7 +46,8 @@ __all__ = ["masked_layer_norm", "add_masked_layer_norm", "depth_mix", "depth_res
 
 def _fusable_ln(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor) -> bool:
     n = x.shape[-1]
-    return (not mask.requires_grad and n <= MAX_FUSED_N and weight is not None and bias is not None
+    return (not mask.requires_grad and n <= MAX_FUSED_N and x.dtype in ops.FUSED_DTYPES
+            and weight is not None and bias is not None
             and weight.shape == (n,) and bias.shape == (n,) and mask.shape == (n,)
             and x.device == weight.device == mask.device)
 
@@ -54,11 +61,7 @@ def masked_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """
     name = resolve(x, backend)
     if name != "reference" and _fusable_ln(x, weight, bias, mask):
-        if name == "triton":
-            from megatron_msg.kernels.triton_masked_ln import masked_layer_norm_triton
-            return masked_layer_norm_triton(x, weight, bias, mask, eps)
-        from megatron_msg.kernels.cuda_ext import masked_layer_norm_cuda
-        return masked_layer_norm_cuda(x, weight, bias, mask, eps)
+        return ops.masked_layer_norm(x, weight, bias, mask, float(eps), name)[0]
     return masked_layer_norm_reference(x, weight, bias, mask, eps)
 
 
@@ -76,9 +79,9 @@ def add_masked_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Te
     """
     name = resolve(x, backend)
     if (name == "triton" and _fusable_ln(x, weight, bias, mask) and delta.shape == x.shape
-            and torch.result_type(x, delta) == x.dtype):
-        from megatron_msg.kernels.triton_masked_ln import add_masked_layer_norm_triton
-        return add_masked_layer_norm_triton(x, delta, weight, bias, mask, eps)
+            and torch.promote_types(x.dtype, delta.dtype) == x.dtype and delta.dtype in ops.FUSED_DTYPES):
+        y, h, _, _ = ops.add_masked_layer_norm(x, delta, weight, bias, mask, float(eps), name)
+        return y, h
     h = x + delta
     return masked_layer_norm(h, weight, bias, mask, eps, backend=name), h
 
@@ -100,10 +103,11 @@ def depth_residual_add(x: torch.Tensor, h: torch.Tensor, f: torch.Tensor, c: tor
     ``h + f`` it replaces plus one read of x.
     """
     name = resolve(x, backend)
-    if name != "reference" and h.shape == x.shape == f.shape and h.dtype == x.dtype \
-            and torch.result_type(h, f) == x.dtype and not c.requires_grad:
-        from megatron_msg.kernels.triton_elementwise import depth_residual_add_triton
-        return depth_residual_add_triton(x, h, f, c)
+    if (name != "reference" and h.shape == x.shape == f.shape and h.dtype == x.dtype
+            and x.dtype in ops.FUSED_DTYPES and f.dtype in ops.FUSED_DTYPES
+            and torch.promote_types(h.dtype, f.dtype) == x.dtype and not c.requires_grad
+            and c.numel() == 1 and c.device == x.device):
+        return ops.depth_residual(x, h, f, c, name)
     return torch.lerp(x, h + f, c.to(x.dtype))
 
 

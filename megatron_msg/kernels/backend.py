@@ -5,7 +5,9 @@ The choice is made per call from, in order of precedence,
 1. the ``backend=`` keyword of a dispatch function (tests, benchmarks),
 2. the environment variable ``MSG_KERNEL_BACKEND`` (``auto`` when unset),
 3. ``auto``: Triton for CUDA tensors when Triton imports, else the reference
-   (also the reference while torch.compile traces: Inductor fuses it).
+   (also the reference while torch.compile traces: Inductor fuses it with its
+   neighbours; an explicit "triton"/"cuda" puts the fused kernels in the
+   compiled graph as custom ops, see ops.py).
 
 There is deliberately no module-level "current backend" setting: the choice is a
 pure function of the arguments and the environment, so it is the same on every
@@ -13,7 +15,6 @@ rank and inside ``torch.compile``.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -27,15 +28,24 @@ ENV_VAR = "MSG_KERNEL_BACKEND"
 MAX_FUSED_N = 16384
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_OK: bool | None = None
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it may still lack a GPU: the interpreter runs on CPU)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+    """True when Triton imports (it may still lack a GPU: the interpreter runs on CPU).
+
+    Cached in a module global, not functools.lru_cache: Dynamo traces this
+    function (resolve runs inside torch.compile) and warns on lru_cache wrappers.
+    """
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_OK = True
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def triton_interpreting() -> bool:
@@ -59,8 +69,10 @@ def resolve(x: torch.Tensor, backend: str | None = None) -> str:
     """
     name = (backend or os.environ.get(ENV_VAR) or "auto").lower()
     if name == "auto":
-        # Under torch.compile the reference is traced and fused by Inductor; the
-        # eager kernels are opaque Python there (and would break fullgraph).
+        # Under torch.compile the reference is traced and fused by Inductor with
+        # the surrounding ops.  The fused kernels are custom ops (ops.py) that
+        # compile fine too, but Inductor cannot fuse across them; choose them
+        # explicitly (backend= / MSG_KERNEL_BACKEND) to compile with them.
         if _compiling():
             return "reference"
         if x.is_cuda and triton_available():

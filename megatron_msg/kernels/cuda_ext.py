@@ -1,4 +1,4 @@
-"""Loader and autograd wrapper for the masked LayerNorm CUDA extension (csrc/).
+"""Loader and launchers for the masked LayerNorm CUDA extension (csrc/).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load``
 (JIT, ninja) into a cache directory, never at ``pip install`` time: setup.py
@@ -66,23 +66,20 @@ def available() -> bool:
     return True
 
 
-class MaskedLayerNormCUDA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps):
-        ext = load()
-        n = x.shape[-1]
-        y, mean, rstd = ext.fwd(x.reshape(-1, n), weight, bias, mask, float(eps))
-        ctx.save_for_backward(x, weight, mask, mean, rstd)
-        ctx.bias_dtype = bias.dtype
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mask, mean, rstd = ctx.saved_tensors
-        n = x.shape[-1]
-        dx, dw, db = load().bwd(dy.reshape(-1, n), x.reshape(-1, n), weight, mask, mean, rstd, ctx.bias_dtype)
-        return dx.view(x.shape), dw, db, None, None
+def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, eps: float):
+    """Forward launcher -> (y with x's shape, mean [rows], rstd [rows] fp32)."""
+    n = x.shape[-1]
+    y, mean, rstd = load().fwd(x.reshape(-1, n), weight, bias, mask, float(eps))
+    return y.view(x.shape), mean, rstd
 
 
-def masked_layer_norm_cuda(x, weight, bias, mask, eps):
-    return MaskedLayerNormCUDA.apply(x, weight, bias, mask, eps)
+def bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor,
+        rstd: torch.Tensor, bias_dtype: torch.dtype):
+    """Backward launcher -> (dx with x's shape, dweight, dbias in bias_dtype)."""
+    n = x.shape[-1]
+    dx, dw, db = load().bwd(dy.reshape(-1, n), x.reshape(-1, n), weight, mask, mean.reshape(-1),
+                            rstd.reshape(-1), bias_dtype)
+    return dx.view(x.shape), dw, db
+
+
+# Autograd and torch.compile wiring: megatron_msg/kernels/ops.py (custom op megatron_msg::masked_layer_norm_fwd).

@@ -39,30 +39,27 @@ def _depth_residual_bwd_kernel(DOUT, C, DX, DY, numel, BLOCK: tl.constexpr):
 _BLOCK = 4096
 
 
-class DepthResidualAdd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h, f, c):
-        x, h, f = x.contiguous(), h.contiguous(), f.contiguous()
-        c = c.reshape(()).contiguous()
-        out = torch.empty_like(x)
-        n = x.numel()
-        if n:
-            _depth_residual_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x, h, f, c, out, n, BLOCK=_BLOCK, num_warps=8)
-        ctx.save_for_backward(c)
-        ctx.f_dtype = f.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        (c,) = ctx.saved_tensors
-        dout = dout.contiguous()
-        dx = torch.empty_like(dout)
-        dy = torch.empty_like(dout)
-        n = dout.numel()
-        if n:
-            _depth_residual_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dout, c, dx, dy, n, BLOCK=_BLOCK, num_warps=8)
-        return dx, dy, dy.to(ctx.f_dtype), None
+def depth_residual_fwd(x: torch.Tensor, h: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``x + c ((h + f) - x)`` as a new contiguous tensor of x's dtype; c: 0-dim, read on the device."""
+    x, h, f = x.contiguous(), h.contiguous(), f.contiguous()
+    c = c.reshape(()).contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        _depth_residual_fwd_kernel[(triton.cdiv(n, _BLOCK),)](x, h, f, c, out, n, BLOCK=_BLOCK, num_warps=8)
+    return out
 
 
-def depth_residual_add_triton(x, h, f, c):
-    return DepthResidualAdd.apply(x, h, f, c)
+def depth_residual_bwd(dout: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((1 - c) dout, c dout)`` in one pass (gradients of x and of ``h + f``), dout's dtype."""
+    dout = dout.contiguous()
+    c = c.reshape(()).contiguous()
+    dx = torch.empty_like(dout)
+    dy = torch.empty_like(dout)
+    n = dout.numel()
+    if n:
+        _depth_residual_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dout, c, dx, dy, n, BLOCK=_BLOCK, num_warps=8)
+    return dx, dy
+
+
+# Autograd and torch.compile wiring: megatron_msg/kernels/ops.py (custom op megatron_msg::depth_residual_add).

@@ -20,8 +20,8 @@ Kernel layout.  Forward: one program per tile of BLOCK_M rows x BLOCK_N
 read exactly once; S = sum(c) is reduced per program from the mask vector, so
 it never leaves the device.  Backward: a fixed grid of G programs, each walking
 its share of row tiles, accumulating dw/db partials in registers and writing
-one [N] partial per program; one device-side torch sum reduces the G partials.  All
-arithmetic is fp32 whatever the I/O dtype (bf16/fp16/fp32); under the CPU
+one [N] partial per program; two device-side torch sums (dw, db) reduce the G
+partials.  All arithmetic is fp32 whatever the I/O dtype (bf16/fp16/fp32); under the CPU
 interpreter (TRITON_INTERPRET=1) only fp32 I/O is reliable.
 """
 from __future__ import annotations
@@ -343,52 +343,14 @@ def masked_ln_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask:
             BLOCK_M=bm, BLOCK_N=block_n, HAS_DRES=dres is not None, num_warps=nw)
     if m == 0:
         part.zero_()
-    # One device-side reduction of both partial stacks (no host round trip; one
-    # C++ op has less launch overhead than another Triton launch).
-    sums = part.sum(1)
-    return dx.view(x.shape), sums[0].to(weight.dtype), sums[1].to(bias_dtype or weight.dtype)
+    # Device-side reductions of the partial stacks (no host round trip; a C++ op
+    # has less launch overhead than another Triton launch).  Two sums, not one
+    # over both stacks: dw and db must not share storage (outputs of a custom op,
+    # ops.py, may not alias each other).
+    dw = part[0].sum(0).to(weight.dtype)
+    db = part[1].sum(0).to(bias_dtype or weight.dtype)
+    return dx.view(x.shape), dw, db
 
 
-class MaskedLayerNormTriton(torch.autograd.Function):
-    """Autograd wrapper: saves x (not y), mean and rstd, like a fused LayerNorm."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, eps):
-        y, mean, rstd, _ = masked_ln_fwd(x, weight, bias, mask, eps)
-        ctx.save_for_backward(x, weight, mask, mean, rstd)
-        ctx.bias_dtype = bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mask, mean, rstd = ctx.saved_tensors
-        dx, dw, db = masked_ln_bwd(dy, x, weight, mask, mean, rstd, bias_dtype=ctx.bias_dtype)
-        return dx, dw, db, None, None
-
-
-def masked_layer_norm_triton(x, weight, bias, mask, eps):
-    return MaskedLayerNormTriton.apply(x, weight, bias, mask, eps)
-
-
-class AddMaskedLayerNormTriton(torch.autograd.Function):
-    """``h = x + delta; y = masked_ln(h)`` -> (y, h); backward adds dh into the LN's dx pass."""
-
-    @staticmethod
-    def forward(ctx, x, delta, weight, bias, mask, eps):
-        y, mean, rstd, h = masked_ln_fwd(x, weight, bias, mask, eps, delta=delta)
-        ctx.save_for_backward(h, weight, mask, mean, rstd)
-        ctx.delta_dtype = delta.dtype
-        ctx.bias_dtype = bias.dtype
-        return y, h
-
-    @staticmethod
-    def backward(ctx, dy, dh):
-        h, weight, mask, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(h)
-        dsum, dw, db = masked_ln_bwd(dy, h, weight, mask, mean, rstd, bias_dtype=ctx.bias_dtype, dres=dh)
-        return dsum, dsum.to(ctx.delta_dtype), dw, db, None, None
-
-
-def add_masked_layer_norm_triton(x, delta, weight, bias, mask, eps):
-    return AddMaskedLayerNormTriton.apply(x, delta, weight, bias, mask, eps)
+# The autograd wiring (forward saves x, mean, rstd; backward calls masked_ln_bwd)
+# lives in megatron_msg/kernels/ops.py as torch.library custom ops.
