@@ -68,6 +68,8 @@ setup(
         "viz": ["matplotlib", "tensorboard"],
         "data": ["sentencepiece"],
         "kernels": ["triton"],
+        # The deepspeed launcher (multi-node hostfile runs); training itself does not need it.
+        "deepspeed": ["deepspeed"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

@@ -157,13 +157,18 @@ class _VocabParallelCE(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
                                  vocab: int, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross entropy over non-ignored targets; ``logits`` hold this rank's vocab block."""
+    """Mean cross entropy over non-ignored targets; ``logits`` hold this rank's vocab block.
+
+    A batch whose targets are all ignored (a BERT micro-batch with no masked
+    token) contributes 0 with zero gradient, instead of PyTorch's 0/0 = NaN.
+    """
     flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    count = (tgt != ignore_index).sum().clamp(min=1)
     if tp.size == 1:
-        return F.cross_entropy(flat[:, :vocab].float(), tgt, ignore_index=ignore_index)
+        return F.cross_entropy(flat[:, :vocab].float(), tgt, ignore_index=ignore_index, reduction="sum") / count
     start, _, real = tp.vocab_range(vocab)
     per_token = _VocabParallelCE.apply(flat, tgt, start, real, tp.group, ignore_index)
-    return per_token.sum() / (tgt != ignore_index).sum()
+    return per_token.sum() / count
 
 
 def gather_vocab_logits(logits: torch.Tensor, tp: TensorParallel, vocab: int) -> torch.Tensor:

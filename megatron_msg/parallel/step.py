@@ -34,12 +34,13 @@ def my_micro_batches(grad_accum: int, ps: ParallelState) -> range:
     return range(ps.dp_rank * n, (ps.dp_rank + 1) * n)
 
 
-def forward_backward(model, ps: ParallelState, get_batch: Callable[[int], dict], micro_ids: range,
+def forward_backward(stage_forward: Callable[[torch.Tensor | None, dict], torch.Tensor], ps: ParallelState, get_batch: Callable[[int], dict], micro_ids: range,
                      scale: float, act_shape: tuple[int, ...], forward_only: bool = False,
                      before_micro: Callable[[int], None] | None = None,
                      autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
     """Run ``micro_ids`` through this rank's pipeline; return the replica's summed scaled loss.
 
+    ``stage_forward`` is the stage model's ``stage_forward`` (or a compiled version of it).
     ``get_batch(micro)`` gives the micro-batch (every stage loads it: later stages need
     the attention mask, the last one the labels); ``before_micro(micro)`` runs before
     each forward (RNG seeding).  The returned loss is known on every stage of the
@@ -52,7 +53,7 @@ def forward_backward(model, ps: ParallelState, get_batch: Callable[[int], dict],
         if before_micro is not None:
             before_micro(micro)
         with autocast():
-            out = model.stage_forward(x, get_batch(micro))
+            out = stage_forward(x, get_batch(micro))
         return out * scale if ps.is_last_stage else out
 
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()

@@ -130,6 +130,9 @@ class Trainer:
     def _wrap_model(self) -> None:
         self.model.train()
         self.forward_model = torch.compile(self.model) if self.cfg.train.compile else self.model
+        # The training path calls stage_forward, so that is what gets compiled.
+        self.stage_forward = (torch.compile(self.model.stage_forward) if self.cfg.train.compile
+                              else self.model.stage_forward)
 
     def expected_shape(self, stage_index: int) -> Shape:
         return self.stages[stage_index - 1].shape if stage_index else self.cfg.model.shape
@@ -206,7 +209,7 @@ class Trainer:
         ps = self.ps
         seed = self.cfg.train.seed
         total = forward_backward(
-            self.forward_model, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
+            self.stage_forward, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
             self._activation_shape(), forward_only=forward_only, autocast=self._autocast,
             before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
         if ps.dp_size > 1:
