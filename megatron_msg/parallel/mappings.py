@@ -56,112 +56,54 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return _split(_all_reduce(x, group), dim, group)
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
+
+
+def _last(op):
+    return lambda x, group: op(x, -1, group)
+
+
+def _seq(op):
+    return lambda x, group: op(x, SEQ_DIM, group)
+
+
+class _Conjugate(torch.autograd.Function):
+    """``forward(x) = fwd(x)``, ``backward(g) = bwd(g)``: one Function for every mapping below."""
 
     @staticmethod
-    def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
+    def forward(ctx, x, group, fwd, bwd):
+        ctx.group, ctx.bwd = group, bwd
+        return fwd(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather(g, -1, ctx.group), None
+        return ctx.bwd(g, ctx.group), None, None, None
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, -1, ctx.group), None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, SEQ_DIM, ctx.group), None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    # Feeds a column-parallel layer: every rank's gradient for the full sequence is a
-    # partial sum over its own output columns, so backward reduce-scatters it.
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, SEQ_DIM, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, SEQ_DIM, ctx.group), None
-
-
-class _GatherSequenceForReplicated(torch.autograd.Function):
-    # Feeds a computation every TP rank repeats identically (BERT's pooler): each rank's
-    # gradient for the full sequence is already the whole gradient, so backward keeps
-    # this rank's slice instead of summing tp identical copies.
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split(g, SEQ_DIM, ctx.group), None
-
-
-def _wrap(fn):
+def _mapping(name: str, fwd, bwd, doc: str):
     def apply(x: torch.Tensor, group) -> torch.Tensor:
         if _size(group) == 1:
             return x
-        return fn.apply(x, group)
-    apply.__name__ = fn.__name__.lstrip("_")
+        return _Conjugate.apply(x, group, fwd, bwd)
+    apply.__name__, apply.__doc__ = name, doc
     return apply
 
 
-copy_to_tp = _wrap(_CopyToTP)
-reduce_from_tp = _wrap(_ReduceFromTP)
-scatter_to_tp = _wrap(_ScatterToTP)
-gather_from_tp = _wrap(_GatherFromTP)
-scatter_to_sequence = _wrap(_ScatterToSequence)
-gather_from_sequence = _wrap(_GatherFromSequence)
-reduce_scatter_to_sequence = _wrap(_ReduceScatterToSequence)
-gather_sequence_for_replicated = _wrap(_GatherSequenceForReplicated)
+copy_to_tp = _mapping("copy_to_tp", _identity, _all_reduce, "Input of a TP region.")
+reduce_from_tp = _mapping("reduce_from_tp", _all_reduce, _identity, "Output of a row-parallel layer.")
+scatter_to_tp = _mapping("scatter_to_tp", _last(_split), _last(_all_gather), "Keep this rank's last-dim block.")
+gather_from_tp = _mapping("gather_from_tp", _last(_all_gather), _last(_split), "Concatenate last-dim blocks.")
+scatter_to_sequence = _mapping("scatter_to_sequence", _seq(_split), _seq(_all_gather),
+                               "Keep this rank's sequence slice.")
+# Feeds a column-parallel layer: every rank's gradient for the full sequence is a
+# partial sum over its own output columns, so backward reduce-scatters it.
+gather_from_sequence = _mapping("gather_from_sequence", _seq(_all_gather), _seq(_reduce_scatter),
+                                "All-gather the sequence before a column-parallel layer.")
+reduce_scatter_to_sequence = _mapping("reduce_scatter_to_sequence", _seq(_reduce_scatter), _seq(_all_gather),
+                                      "Output of a row-parallel layer under sequence parallelism.")
+# Feeds a computation every TP rank repeats identically (BERT's pooler): each rank's
+# gradient for the full sequence is already the whole gradient, so backward keeps
+# this rank's slice instead of summing tp identical copies.
+gather_sequence_for_replicated = _mapping("gather_sequence_for_replicated", _seq(_all_gather), _seq(_split),
+                                          "All-gather the sequence for a replicated computation.")
