@@ -246,3 +246,30 @@ def test_deepspeed_launcher_runs_msg_train(tmp_path):
 def _free_port() -> int:
     from tests.dist_harness import free_port
     return free_port()
+
+
+def test_deepspeed_hostfile_two_nodes_without_ssh(tmp_path):
+    # A two-"node" hostfile launched the way clusters without ssh do it: one launcher per node
+    # with --no_ssh --node_rank, both on this machine.  TP2 x PP2 across the two nodes.
+    import shutil as _sh
+    if _sh.which("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    raw = _raw("gpt", tp=2, pp=2)
+    raw["train"].update(steps=12, eval_interval=12, save_interval=12)
+    raw["lr"] = {"warmup_steps": 2}
+    raw["growth"]["stages"] = [{"at_step": 6, "hidden": 24, "layers": 4}]
+    cfg_path, hostfile = tmp_path / "run.yaml", tmp_path / "hostfile"
+    cfg_path.write_text(json.dumps(raw))
+    hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
+    port = str(_free_port())
+    env = {**_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
+                               "--master_addr", "127.0.0.1", "--master_port", port, "--module",
+                               "megatron_msg.cli.train", str(cfg_path), "--out-dir", str(tmp_path / "run"),
+                               "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for n in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert "done: step 12/12" in outs[0] and "done:" not in outs[1]  # global rank 0 is on node 0
+    growth = [r for r in _records(tmp_path / "run") if r["kind"] == "growth"]
+    assert len(growth) == 1 and abs(growth[0]["loss_after"] - growth[0]["loss_before"]) < 1e-5

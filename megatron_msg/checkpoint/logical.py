@@ -28,21 +28,26 @@ STATE_TENSORS = ("exp_avg", "exp_avg_sq", "step_offset")
 
 
 def _gather_tensor(name: str, local: torch.Tensor | None, shape: tuple, cfg, ps: ParallelState) -> torch.Tensor:
-    """The logical tensor ``name`` on every rank of the replica (``local`` is this rank's block or None)."""
+    """The logical tensor ``name`` on every rank of the replica (``local`` is this rank's block or None).
+
+    Collectives run on ``ps.device`` (NCCL cannot move CPU tensors); the result is on the CPU.
+    """
     owner = owner_stage(name, cfg.layers, ps.pp_size)
     if ps.pp_rank == owner:
-        t = local.detach().to("cpu", torch.float32)
+        t = local.detach().to(ps.device, torch.float32)
         if ps.tp_size > 1 and tensor_spec(name).tp_split_dim() is not None:
             parts = [torch.empty_like(t) for _ in range(ps.tp_size)]
             dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
-            full = merge_tensor(name, parts, cfg)
+            full = merge_tensor(name, [p.cpu() for p in parts], cfg)
         else:
-            full = t.clone()
+            full = t.cpu().clone()
     else:
         full = torch.empty(shape, dtype=torch.float32)
     if ps.pp_size > 1:
         c = ps.coords
-        dist.broadcast(full, src=ps.topology.rank_of(c.tp, owner, c.dp), group=ps.pp_group)
+        on_device = full.to(ps.device)
+        dist.broadcast(on_device, src=ps.topology.rank_of(c.tp, owner, c.dp), group=ps.pp_group)
+        full = on_device.cpu()
     return full
 
 
