@@ -109,11 +109,16 @@ class LRConfig:
 class DataConfig:
     # jsonl: ``path`` is a jsonl file ("bundled" = the corpus in megatron_msg/assets/),
     # tokenized on the fly with the byte tokenizer.  indexed: ``path`` is a Megatron
-    # .bin/.idx prefix written by msg-preprocess (GPT only, for now).
+    # .bin/.idx prefix written by msg-preprocess (GPT: build_gpt_datasets; BERT:
+    # build_bert_datasets, best preprocessed with --split-sentences).
     format: str = "jsonl"
     path: str = "bundled"
     text_key: str = "text"
+    # byte | sentencepiece (indexed only; needs tokenizer_model).  The tokenizer fixes the
+    # vocabulary (model.vocab_size must hold it) and the special ids; it must be the one the
+    # data was preprocessed with.
     tokenizer: str = "byte"
+    tokenizer_model: str | None = None  # sentencepiece .model file
     valid_fraction: float = 0.05  # jsonl: share of documents held out for validation
     splits: str = "969,30,1"  # indexed: train,valid,test weights
     seed: int = 1234
@@ -436,16 +441,7 @@ def validate(cfg: RunConfig) -> None:
         _check(lr.decay_steps > lr.warmup_steps, "lr.decay_steps", "must exceed lr.warmup_steps")
     _check(lr.rewind_warmup_steps >= 0, "lr.rewind_warmup_steps", "must be >= 0")
 
-    dc = cfg.data
-    _check(0.0 < dc.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
-    _choice(dc.format, ("jsonl", "indexed"), "data.format")
-    if dc.format == "indexed":
-        _check(m.arch == "gpt", "data.format", "indexed datasets are wired for GPT only so far; "
-               "BERT trains from jsonl")
-    _choice(dc.tokenizer, ("byte",), "data.tokenizer")
-    if dc.tokenizer == "byte":
-        _check(m.vocab_size >= 261, "model.vocab_size",
-               f"{m.vocab_size} is smaller than the byte tokenizer's 261 tokens")
+    _validate_data(cfg)
 
     d = cfg.growth.defaults
     _validate_options(d.operator, d.init, d.init_std, d.phi, d.depth_placement, d.depth_init,
@@ -478,6 +474,64 @@ def validate(cfg: RunConfig) -> None:
                    f"'stack' copies the whole stack: {st.shape.layers} is not a multiple of {prev_shape.layers}")
         prev_shape, prev = st.shape, st
     _validate_parallel(cfg)
+
+
+TOKENIZERS = ("byte", "sentencepiece")
+BERT_SPECIAL_TOKENS = ("cls", "sep", "mask", "pad")
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    """Data source and tokenizer; opens the tokenizer (cheap) and stats the data files."""
+    dc, m = cfg.data, cfg.model
+    _check(0.0 < dc.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
+    _choice(dc.format, ("jsonl", "indexed"), "data.format")
+    _choice(dc.tokenizer, TOKENIZERS, "data.tokenizer")
+    if dc.format == "jsonl":
+        _check(dc.tokenizer == "byte", "data.tokenizer",
+               f"{dc.tokenizer!r} needs data.format: indexed (jsonl is tokenized on the fly with the byte "
+               "tokenizer; run msg-preprocess with this tokenizer first)")
+    if dc.tokenizer == "byte":
+        _check(dc.tokenizer_model is None, "data.tokenizer_model",
+               "only used with data.tokenizer: sentencepiece (the byte tokenizer has no model file)")
+    else:
+        _check(bool(dc.tokenizer_model), "data.tokenizer_model",
+               f"data.tokenizer: {dc.tokenizer} needs the path of its .model file (msg-tokenizer train writes one)")
+        _check(Path(dc.tokenizer_model).is_file(), "data.tokenizer_model",
+               f"no such file {dc.tokenizer_model!r}")
+    if dc.format == "indexed":
+        for suffix in (".bin", ".idx"):
+            f = _strip_data_suffix(dc.path) + suffix
+            _check(Path(f).is_file(), "data.path",
+                   f"no indexed dataset at {dc.path!r} ({f} does not exist; msg-preprocess writes "
+                   "<output-prefix>_text_document.bin/.idx)")
+        if m.arch == "bert":
+            _check(m.seq_len >= 5, "model.seq_len", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_len}")
+    tok = build_run_tokenizer(dc)
+    _check(m.vocab_size >= tok.vocab_size, "model.vocab_size",
+           f"{m.vocab_size} is smaller than the {dc.tokenizer} tokenizer's {tok.vocab_size} tokens")
+    if m.arch == "bert":
+        missing = [n.upper() for n in BERT_SPECIAL_TOKENS if getattr(tok.special_tokens, n) is None]
+        _check(not missing, "data.tokenizer_model" if dc.tokenizer_model else "data.tokenizer",
+               f"{tok.describe()} has no {', '.join(missing)} token(s), which BERT needs "
+               "(msg-tokenizer train reserves [CLS], [SEP], [MASK], [PAD])")
+
+
+def _strip_data_suffix(prefix: str) -> str:
+    for suffix in (".bin", ".idx"):
+        if prefix.endswith(suffix):
+            return prefix[: -len(suffix)]
+    return prefix
+
+
+def build_run_tokenizer(dc: DataConfig):
+    """The tokenizer ``data.tokenizer`` / ``data.tokenizer_model`` name (a ``megatron_msg.data`` Tokenizer)."""
+    from megatron_msg.data.tokenizer import build_tokenizer
+    try:
+        return build_tokenizer(dc.tokenizer, dc.tokenizer_model)
+    except ImportError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # e.g. a file that is not a sentencepiece model
+        raise ConfigError(f"data.tokenizer_model: cannot load {dc.tokenizer_model!r}: {exc}") from None
 
 
 def _validate_parallel(cfg: RunConfig) -> None:

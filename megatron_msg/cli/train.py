@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_msg.training.trainer import Trainer
     try:
-        trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
-                          progress=False if args.no_progress else None, parallel=ps)
+        try:
+            trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
+                              progress=False if args.no_progress else None, parallel=ps)
+        except ConfigError as exc:  # found while opening the data (e.g. a tokenizer that does not match it)
+            print(f"msg-train: config error: {exc}", file=sys.stderr)
+            return 2
         result = trainer.run(max_steps=args.max_steps)
     finally:
         shutdown()

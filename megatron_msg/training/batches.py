@@ -3,7 +3,7 @@ of (seed, step, micro-batch), so the data position to checkpoint is the step.
 
 The byte-level tokenizer here is the dependency-free default used by the demo
 (vocab: 256 bytes + 5 special tokens).  Real runs use the indexed datasets of
-``megatron_msg.data``.
+``megatron_msg.data`` through ``IndexedGPTBatches`` / ``IndexedBertBatches``.
 """
 from __future__ import annotations
 
@@ -152,3 +152,30 @@ class IndexedGPTBatches:
         win = np.stack([self.dataset[(first + b) % len(self.dataset)]["tokens"] for b in range(self.batch_size)])
         t = torch.from_numpy(win.astype(np.int64))
         return {"tokens": t[:, :-1], "targets": t[:, 1:]}
+
+
+@dataclass
+class IndexedBertBatches:
+    """Batches from a ``megatron_msg.data`` BERT dataset, in the trainer's BERT batch format.
+
+    Same sample numbering as ``IndexedGPTBatches``; a ``BERTDataset`` item is itself a pure
+    function of its index (its masking RNG is seeded by ``(seed, index)``), so the batch of
+    ``(step, micro)`` is too.  Dataset fields map to the model's: ``labels`` -> ``mlm_labels``
+    (-100 = not predicted), ``padding_mask`` -> bool (True = real token), ``is_random`` ->
+    ``nsp_labels`` (1 = the segments were swapped).
+    """
+
+    dataset: object
+    batch_size: int
+    micro_batches: int = 1
+
+    def get(self, step: int, micro: int = 0) -> dict:
+        first = (step * self.micro_batches + micro) * self.batch_size
+        items = [self.dataset[(first + b) % len(self.dataset)] for b in range(self.batch_size)]
+
+        def stack(key: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([it[key] for it in items]).astype(np.int64))
+
+        return {"tokens": stack("tokens"), "token_types": stack("token_types"),
+                "padding_mask": stack("padding_mask") != 0, "mlm_labels": stack("labels"),
+                "nsp_labels": stack("is_random")}

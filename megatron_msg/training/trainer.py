@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
-from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig, Shape
+from megatron_msg.config import ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer
 from megatron_msg.growth.apply import build_optimizer, grow_model, spec_for_stage
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
@@ -40,7 +40,8 @@ from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
 from megatron_msg.parallel.random import RNGTracker
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
 from megatron_msg.parallel.topology import ParallelState
-from megatron_msg.training.batches import BertBatches, GPTBatches, IndexedGPTBatches, byte_token_streams
+from megatron_msg.training.batches import (BertBatches, GPTBatches, IndexedBertBatches, IndexedGPTBatches,
+                                          byte_token_streams)
 from megatron_msg.training.lr import lr_at
 from megatron_msg.training.metrics import MetricsLog
 from megatron_msg.training.plot import plot_loss_curve
@@ -60,19 +61,39 @@ def build_batches(cfg: RunConfig):
     """(train, valid) batch sources whose ``get(step, micro)`` is a pure function of the step."""
     t, d = cfg.train, cfg.data
     if d.format == "indexed":
-        from megatron_msg.data import build_gpt_datasets
-        from megatron_msg.data.tokenizer import ByteTokenizer
         n_train = t.steps * t.grad_accum * t.batch_size
         n_valid = t.eval_iters * t.batch_size
-        train, valid, _ = build_gpt_datasets(d.path, cfg.model.seq_len, seed=d.seed, splits=d.splits,
-                                             num_samples=(n_train, n_valid, None), tokenizer=ByteTokenizer())
-        if train is None or valid is None:
-            raise ValueError(f"data.splits={d.splits!r} leaves no training or validation data")
-        return IndexedGPTBatches(train, t.batch_size, t.grad_accum), IndexedGPTBatches(valid, t.batch_size)
+        train, valid = _indexed_datasets(cfg, (n_train, n_valid, None))
+        make = IndexedGPTBatches if cfg.model.arch == "gpt" else IndexedBertBatches
+        return make(train, t.batch_size, t.grad_accum), make(valid, t.batch_size)
     train_stream, valid_stream = byte_token_streams(d.path, d.text_key, d.valid_fraction, d.seed)
     make = GPTBatches if cfg.model.arch == "gpt" else BertBatches
     return (make(train_stream, cfg.model.seq_len, t.batch_size, t.seed),
             make(valid_stream, cfg.model.seq_len, t.batch_size, t.seed + 1))
+
+
+def _indexed_datasets(cfg: RunConfig, num_samples: tuple):
+    """(train, valid) datasets of ``data.path`` read with the configured tokenizer."""
+    from megatron_msg.data import build_bert_datasets, build_gpt_datasets
+    from megatron_msg.data.errors import TokenizerMismatchError
+    d, seq_len = cfg.data, cfg.model.seq_len
+    tok = build_run_tokenizer(d)
+    try:
+        if cfg.model.arch == "gpt":
+            train, valid, _ = build_gpt_datasets(d.path, seq_len, seed=d.seed, splits=d.splits,
+                                                 num_samples=num_samples, tokenizer=tok)
+        else:
+            train, valid, _ = build_bert_datasets(d.path, tok, max_seq_len=seq_len, seed=d.seed, splits=d.splits,
+                                                  num_samples=num_samples)
+    except TokenizerMismatchError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    except ValueError as exc:
+        if str(exc).startswith("splits:"):  # e.g. a split too small to hold a document
+            raise ConfigError(f"data.{exc}") from None
+        raise
+    if train is None or valid is None:
+        raise ConfigError(f"data.splits: {d.splits!r} leaves no training or validation data")
+    return train, valid
 
 
 def model_loss(model, batch: dict) -> torch.Tensor:
