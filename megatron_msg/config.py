@@ -144,6 +144,11 @@ class GrowthStage:
     depth_placement: str | None = None
     depth_init: str | None = None
     rewind_lr: bool | None = None
+    # Move the run to another TP x PP x DP layout at this growth (same number of processes;
+    # FLM-101B: TP2/PP1/DP96 -> TP4/PP2/DP24).  Omitted: keep the previous stage's.
+    tp: int | None = None
+    pp: int | None = None
+    dp: int | None = None
 
 
 @dataclass
@@ -178,6 +183,7 @@ class ResolvedStage:
     depth_placement: str
     depth_init: str
     rewind_lr: bool
+    layout: tuple[int, int, int] = (1, 1, 1)  # (tp, pp, dp) from this stage on
 
     @property
     def uses_masks(self) -> bool:
@@ -219,8 +225,13 @@ class ParallelConfig:
     # Set it to a TP run's size in a single-process run to reproduce that run exactly.
     growth_layout_parts: int = 0
 
-    def layout_parts(self) -> int:
-        return self.growth_layout_parts or self.tp
+    def layout_parts(self, tp: int | None = None) -> int:
+        """Blocks for a growth into a layout with ``tp`` (default: this section's tp)."""
+        return self.growth_layout_parts or (tp or self.tp)
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return (self.tp, self.pp, self.dp)
 
 
 @dataclass
@@ -390,15 +401,17 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
     """Fill every stage's shape and options from the previous stage and the defaults."""
     d = cfg.growth.defaults
     prev = cfg.model.shape
+    layout = cfg.parallel.layout
     out = []
     for i, s in enumerate(cfg.growth.stages):
+        layout = tuple(getattr(s, n) if getattr(s, n) is not None else v for n, v in zip(("tp", "pp", "dp"), layout))
         shape = Shape(*(getattr(s, n) if getattr(s, n) is not None else getattr(prev, n)
                         for n in SHAPE_DIMS))
         pick = lambda name: getattr(s, name) if getattr(s, name) is not None else getattr(d, name)  # noqa: E731
         out.append(ResolvedStage(index=i, at_step=s.at_step, shape=shape, operator=pick("operator"),
                                  init=pick("init"), init_std=pick("init_std"), phi=pick("phi"),
                                  depth_placement=pick("depth_placement"), depth_init=pick("depth_init"),
-                                 rewind_lr=pick("rewind_lr")))
+                                 rewind_lr=pick("rewind_lr"), layout=layout))
         prev = shape
     return out
 
@@ -545,22 +558,44 @@ def _validate_parallel(cfg: RunConfig) -> None:
         _check(p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",
                f"model.seq_len={cfg.model.seq_len} is not divisible by parallel.tp={p.tp}")
-    _check(t.grad_accum % p.dp == 0, "train.grad_accum",
-           f"{t.grad_accum} is not divisible by parallel.dp={p.dp} (replicas take equal shares of the micro-batches)")
-    if p.tp * p.pp * p.dp > 1:
+    world = p.tp * p.pp * p.dp
+    if world > 1:
         _check(t.dtype != "fp16", "train.dtype", "fp16 loss scaling is single-process only; use bf16 with parallel runs")
-    shapes = [("model", cfg.model.shape)] + [(f"growth.stages[{s.index}]", s.shape) for s in resolve_stages(cfg)]
-    parts = p.layout_parts()
-    for where, shape in shapes:
-        _check(shape.heads % p.tp == 0, f"{where}.heads",
-               f"{shape.heads} is not divisible by parallel.tp={p.tp} (every TP rank holds an equal share of heads)")
-        _check(shape.ffn % p.tp == 0, f"{where}.ffn", f"{shape.ffn} is not divisible by parallel.tp={p.tp}")
-        _check(shape.layers % p.pp == 0, f"{where}.layers",
-               f"{shape.layers} is not divisible by parallel.pp={p.pp} (pipeline stages hold equal numbers of layers)")
+    entries = [("model", cfg.model.shape, p.layout, None)]
+    prev_shape = cfg.model.shape
+    for s in resolve_stages(cfg):
+        entries.append((f"growth.stages[{s.index}]", s.shape, s.layout, prev_shape))
+        prev_shape = s.shape
+    for where, shape, (tp, pp, dp), old_shape in entries:
+        desc = f"tp{tp} x pp{pp} x dp{dp}"
+        if (tp, pp, dp) == p.layout:
+            tp_txt, pp_txt, dp_txt = f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"
+        else:
+            for name, v in (("tp", tp), ("pp", pp), ("dp", dp)):
+                _check(v >= 1, f"{where}.{name}", f"must be >= 1, got {v}")
+            _check(tp * pp * dp == world, where,
+                   f"layout {desc} needs {tp * pp * dp} processes, the run has {world} (parallel.tp * pp * dp)")
+            tp_txt, pp_txt, dp_txt = f"tp={tp} (layout {desc})", f"pp={pp} (layout {desc})", f"dp={dp} (layout {desc})"
+        _check(t.grad_accum % dp == 0, "train.grad_accum" if where == "model" else f"{where}.dp",
+               f"{t.grad_accum} is not divisible by {dp_txt} (replicas take equal shares of the micro-batches)"
+               if where == "model" else f"train.grad_accum={t.grad_accum} is not divisible by {dp_txt}")
+        if p.sequence_parallel:
+            _check(cfg.model.seq_len % tp == 0, "parallel.sequence_parallel",
+                   f"model.seq_len={cfg.model.seq_len} is not divisible by {tp_txt}")
+        _check(shape.heads % tp == 0, f"{where}.heads",
+               f"{shape.heads} is not divisible by {tp_txt} (every TP rank holds an equal share of heads)")
+        _check(shape.ffn % tp == 0, f"{where}.ffn", f"{shape.ffn} is not divisible by {tp_txt}")
+        _check(shape.layers % pp == 0, f"{where}.layers",
+               f"{shape.layers} is not divisible by {pp_txt} (pipeline stages hold equal numbers of layers)")
+        # A growth into this stage appends new units inside `parts` blocks of the old and new sizes.
+        parts = p.layout_parts(tp)
         for dim in ("ffn", "heads"):
-            _check(getattr(shape, dim) % parts == 0, f"{where}.{dim}",
-                   f"{getattr(shape, dim)} is not divisible by the growth layout's {parts} blocks "
-                   "(parallel.growth_layout_parts)")
+            for label, sh in (("", shape), ("the previous ", old_shape)):
+                if sh is None:
+                    continue
+                _check(getattr(sh, dim) % parts == 0, f"{where}.{dim}",
+                       f"{label}{dim}={getattr(sh, dim)} is not divisible by the growth layout's {parts} blocks "
+                       "(parallel.growth_layout_parts, default: the TP size)")
 
 
 def _validate_options(operator, init, init_std, phi, placement, depth_init, path):

@@ -52,18 +52,21 @@ class GrowthResult:
 
 def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | None = None,
                optim_cfg: OptimizerConfig | None = None, ramp_start: int = 0, phi: int = 1,
-               ps: ParallelState | None = None) -> GrowthResult:
+               ps: ParallelState | None = None, placement=None) -> GrowthResult:
     """Grow ``model`` (and its optimizer state) to ``spec.new``; returns new objects.
 
     Under MSG the new model starts on its masked path with a ramp from
     ``ramp_start`` over ``phi`` steps; other operators have no ramp.  With a
-    sharded model every rank of the replica must call this together (``ps``).
+    sharded model every rank of the replica must call this together (``ps``, the
+    layout the model is sharded on); ``placement`` is this rank's part of the new
+    model (default: the old model's, i.e. the same layout), so a growth event can
+    also move the run to another TP x PP x DP layout.
     """
     plan = plan_growth(spec)
     device = next(model.parameters()).device
     ps = ps or ParallelState.single(device)
     grown = grow_tensors(gather_model(model, ps), plan)
-    new_model = build_model(model.cfg.with_shape(spec.new), model.placement, initialize=False)
+    new_model = build_model(model.cfg.with_shape(spec.new), placement or model.placement, initialize=False)
     load_model(new_model, grown)
     new_model.to(device)
     new_model.train(model.training)

@@ -39,7 +39,7 @@ from megatron_msg.model.placement import placement_for
 from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
 from megatron_msg.parallel.random import RNGTracker
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
-from megatron_msg.parallel.topology import ParallelState
+from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BertBatches, GPTBatches, IndexedBertBatches, IndexedGPTBatches,
                                           byte_token_streams)
 from megatron_msg.training.lr import lr_at
@@ -138,7 +138,9 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, t.tensorboard and self.is_main, enabled=self.is_main)
         ckpt = latest_checkpoint(self.out_dir) if resume else None
         if ckpt is not None:
-            self._restore(load_checkpoint(ckpt), ckpt)
+            state = load_checkpoint(ckpt)
+            self._use_layout(self.layout_of(state["stage_index"]))  # the layout the run had reached
+            self._restore(state, ckpt)
         else:
             self.model = build_model(cfg.model, self.placement, seed=t.seed).to(self.device)
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -155,12 +157,25 @@ class Trainer:
         self.stage_forward = (torch.compile(self.model.stage_forward) if self.cfg.train.compile
                               else self.model.stage_forward)
 
+    def layout_of(self, stage_index: int) -> tuple[int, int, int]:
+        """(tp, pp, dp) after ``stage_index`` growth stages."""
+        return self.stages[stage_index - 1].layout if stage_index else self.cfg.parallel.layout
+
+    def _use_layout(self, layout: tuple[int, int, int]) -> ParallelState:
+        """Switch this rank to ``layout`` (collective when it changes); returns the previous state."""
+        old = self.ps
+        topo = Topology(*layout)
+        if topo != self.ps.topology:
+            self.ps = ParallelState.create(topo, self.device)
+            self.placement = placement_for(self.ps, self.rng, self.cfg.parallel.sequence_parallel)
+        return old
+
     def expected_shape(self, stage_index: int) -> Shape:
         return self.stages[stage_index - 1].shape if stage_index else self.cfg.model.shape
 
     def state_dict(self) -> dict:
         """The logical training state (collective under parallelism: every rank must call it)."""
-        p = self.cfg.parallel
+        topo = self.ps.topology
         return {
             "step": self.step,
             "stage_index": self.stage_index,
@@ -170,7 +185,7 @@ class Trainer:
             "optimizer": gather_optimizer(self.optimizer, self.model, self.ps),
             "ramp": None if self.ramp is None else dataclasses.asdict(self.ramp),
             # Dropout is reseeded per micro-batch from (seed, step, micro): no generator state.
-            "written_by": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
+            "written_by": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
             "config": self.cfg.to_dict(),
         }
 
@@ -291,14 +306,16 @@ class Trainer:
     def grow(self, stage: ResolvedStage) -> None:
         before = self._probe_loss()
         spec = spec_for_stage(self.model.cfg, stage, seed=self.cfg.train.seed,
-                              layout_parts=self.cfg.parallel.layout_parts())
+                              layout_parts=self.cfg.parallel.layout_parts(stage.layout[0]))
+        old_ps = self._use_layout(stage.layout)  # gather on the old layout, shard onto the new one
         result = grow_model(self.model, spec, self.optimizer, self.cfg.optimizer,
-                            ramp_start=stage.at_step, phi=stage.phi, ps=self.ps)
+                            ramp_start=stage.at_step, phi=stage.phi, ps=old_ps, placement=self.placement)
         self.model, self.optimizer, self.ramp = result.model, result.optimizer, result.ramp
         self._wrap_model()
         after = self._probe_loss()
         record = {"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
                   "shape": str(stage.shape), "parameters": self.model.num_parameters(),
+                  "layout": "tp{} x pp{} x dp{}".format(*stage.layout),
                   "loss_before": before, "loss_after": after, "phi": stage.phi, "rewind_lr": stage.rewind_lr}
         self.metrics.write(record)
         self._log_console(f"step {stage.at_step}: grew ({stage.operator}) to {stage.shape}, "
