@@ -8,7 +8,6 @@ from megatron_msg.checkpoint.shard import merge_tensor, shard_tensor
 from megatron_msg.config import Shape
 from megatron_msg.model import build_model
 from megatron_msg.model.layout import tensor_spec
-from megatron_msg.parallel.topology import Topology, TopologyError
 from tests.helpers import tiny_cfg
 
 
@@ -40,12 +39,3 @@ def test_vocab_blocks_are_padded_with_zero_rows():
     assert last.shape == (31, 8)
     torch.testing.assert_close(last[:30], full[31:])
     assert torch.all(last[30] == 0)
-
-
-def test_wrong_topologies_fail_with_a_clear_error():
-    with pytest.raises(TopologyError, match="heads=6 is not divisible by parallel.tp=4"):
-        Topology(tp=4).check(Shape(32, 64, 6, 2), "growth.stages[1]")
-    with pytest.raises(TopologyError, match="layers=3 is not divisible by parallel.pp=2"):
-        Topology(pp=2).check(Shape(32, 64, 4, 3), "growth.stages[0]")
-    with pytest.raises(TopologyError, match="world size 3 != parallel.tp \\* pp \\* dp"):
-        Topology(tp=2, pp=2).check(Shape(32, 64, 4, 4), world_size=3)

@@ -7,7 +7,6 @@ growth is gather -> grow -> shard, re-sharding onto a new layout is the same ope
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 

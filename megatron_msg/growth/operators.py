@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_msg.config import Shape
-from megatron_msg.model.layout import (BIAS, IN, LN_WEIGHT, MASK, WEIGHT, Axis, layer_name,
+from megatron_msg.model.layout import (BIAS, IN, LN_WEIGHT, WEIGHT, Axis, layer_name,
                                        split_layer_name, tensor_spec)
 
 UNIT_DIMS = ("hidden", "ffn", "heads")

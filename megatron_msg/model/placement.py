@@ -1,7 +1,7 @@
 """Which part of the logical model a rank builds: its TP split and its pipeline stage.
 
 ``Placement()`` is the whole model on one device.  Under pipeline parallelism a
-stage holds an equal contiguous block of layers (``Topology.stage_layers``); the
+stage holds an equal contiguous block of layers (``Placement.layer_indices``); the
 first stage also holds the embeddings, the last the final LayerNorm and output
 heads, and with tied embeddings the last stage holds its own copy of the token
 embedding (gradients summed across the two copies by the trainer).

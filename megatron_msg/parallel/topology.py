@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_msg.config import Shape
 
 
 class TopologyError(ValueError):
@@ -59,31 +58,6 @@ class Topology:
     def mp_groups(self) -> list[list[int]]:
         """Model-parallel groups (TP x PP): the ranks that together hold one model replica."""
         return [[self.rank_of(t, p, d) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
-
-    def stage_layers(self, layers: int, stage: int) -> range:
-        """Layers held by pipeline stage ``stage``: equal contiguous blocks."""
-        per = layers // self.pp
-        return range(stage * per, (stage + 1) * per)
-
-    def stage_of_layer(self, layers: int, layer: int) -> int:
-        return layer // (layers // self.pp)
-
-    def check(self, shape: Shape, where: str = "model", world_size: int | None = None) -> None:
-        """Raise :class:`TopologyError` if a model of ``shape`` cannot be laid out on this topology."""
-        for name in ("tp", "pp", "dp"):
-            if getattr(self, name) < 1:
-                raise TopologyError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
-        if world_size is not None and world_size != self.world_size:
-            raise TopologyError(f"world size {world_size} != parallel.tp * pp * dp = "
-                                f"{self.tp} * {self.pp} * {self.dp} = {self.world_size}")
-        if shape.heads % self.tp:
-            raise TopologyError(f"{where}: heads={shape.heads} is not divisible by parallel.tp={self.tp} "
-                                "(every tensor-parallel rank holds an equal share of heads)")
-        if shape.ffn % self.tp:
-            raise TopologyError(f"{where}: ffn={shape.ffn} is not divisible by parallel.tp={self.tp}")
-        if shape.layers % self.pp:
-            raise TopologyError(f"{where}: layers={shape.layers} is not divisible by parallel.pp={self.pp} "
-                                "(pipeline stages hold equal numbers of layers)")
 
 
 def _new_groups(all_groups: list[list[int]], rank: int):

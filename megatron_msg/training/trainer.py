@@ -233,20 +233,14 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _activation_shape(self) -> tuple[int, ...]:
-        """Shape of the hidden states sent between pipeline stages."""
-        b, t = self.cfg.train.batch_size, self.cfg.model.seq_len
-        if hasattr(self.model, "activation_shape"):
-            return self.model.activation_shape(b, t)
-        return (b, t, self.model.cfg.hidden)
-
     def _run_micro_batches(self, get_batch, micro_ids, scale: float, forward_only: bool, step: int) -> torch.Tensor:
         """Sum over ``micro_ids`` of ``scale * loss``, summed over data-parallel replicas."""
         ps = self.ps
         seed = self.cfg.train.seed
         total = forward_backward(
             self.stage_forward, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
-            self._activation_shape(), forward_only=forward_only, autocast=self._autocast,
+            self.model.activation_shape(self.cfg.train.batch_size, self.cfg.model.seq_len),
+            forward_only=forward_only, autocast=self._autocast,
             before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
         if ps.dp_size > 1:
             dist.all_reduce(total, group=ps.dp_group)
