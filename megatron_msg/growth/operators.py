@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_msg.config import Shape
-from megatron_msg.model.layout import (BIAS, IN, LN_WEIGHT, WEIGHT, Axis, layer_name,
-                                       split_layer_name, tensor_spec)
+from megatron_msg.model.init import initial_tensor
+from megatron_msg.model.layout import IN, Axis, layer_name, split_layer_name, tensor_spec
 
 UNIT_DIMS = ("hidden", "ffn", "heads")
 
@@ -190,13 +190,10 @@ def _fresh(name: str, shape: tuple[int, ...], plan: GrowthPlan, init: str, dtype
     if spec.is_mask:
         # Masks ramp from 0 under MSG; every other operator has no masks (all 1).
         return torch.full(shape, 0.0 if plan.spec.uses_masks else 1.0, dtype=dtype)
-    if init == "zeros" or spec.init == BIAS:
+    if init == "zeros":
         return torch.zeros(shape, dtype=dtype)
-    if spec.init == LN_WEIGHT:
-        return torch.ones(shape, dtype=dtype)
-    assert spec.init == WEIGHT, spec.init
     g = _generator(plan.spec.seed, plan.spec.event, key)
-    return torch.randn(shape, generator=g, dtype=torch.float32).mul_(plan.spec.init_std).to(dtype)
+    return initial_tensor(name, shape, plan.spec.init_std, plan.spec.seed, generator=g).to(dtype)
 
 
 def new_entry_mask(name: str, new_shape: tuple[int, ...], plan: GrowthPlan) -> torch.Tensor:

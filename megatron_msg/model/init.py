@@ -17,14 +17,16 @@ from megatron_msg.model.layout import BIAS, LN_WEIGHT, WEIGHT, tensor_spec
 from megatron_msg.parallel.random import derive_seed
 
 
-def initial_tensor(name: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+def initial_tensor(name: str, shape: tuple[int, ...], std: float, seed: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The from-scratch value of ``name`` (growth uses it for new entries, with its own generator)."""
     spec = tensor_spec(name)
     if spec.is_mask or spec.init == LN_WEIGHT:
         return torch.ones(shape)
     if spec.init == BIAS:
         return torch.zeros(shape)
     assert spec.init == WEIGHT, spec.init
-    g = torch.Generator().manual_seed(derive_seed(seed, "init", name))
+    g = generator or torch.Generator().manual_seed(derive_seed(seed, "init", name))
     return torch.randn(shape, generator=g).mul_(std)
 
 
