@@ -40,45 +40,41 @@ class RNGTracker:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        # A name holds either a seed not yet drawn from (cheap to set every micro-batch)
+        # or the generator state left by its last fork.
+        self._seeds: dict[str, int] = {}
         self._states: dict[str, torch.Tensor] = {}
 
-    def _get(self) -> torch.Tensor:
+    def _generator(self) -> torch.Generator:
         if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
-
-    def _set(self, state: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return torch.cuda.default_generators[index]
+        return torch.default_generator
 
     def seed(self, name: str, seed: int) -> None:
-        outer = self._get()
-        gen_seed = seed & ((1 << 63) - 1)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(gen_seed)
-        else:
-            torch.manual_seed(gen_seed)
-        self._states[name] = self._get()
-        self._set(outer)
+        self._seeds[name] = seed & ((1 << 63) - 1)
+        self._states.pop(name, None)
 
     @contextmanager
     def fork(self, name: str = TP_REGION):
-        if name not in self._states:
+        if name not in self._states and name not in self._seeds:
             raise KeyError(f"RNG state {name!r} was never seeded")
-        outer = self._get()
-        self._set(self._states[name])
+        gen = self._generator()
+        outer = gen.get_state()
+        if name in self._states:
+            gen.set_state(self._states[name])
+        else:
+            gen.manual_seed(self._seeds.pop(name))
         try:
             yield
         finally:
-            self._states[name] = self._get()
-            self._set(outer)
+            self._states[name] = gen.get_state()
+            gen.set_state(outer)
 
     def seed_micro_batch(self, seed: int, step: int, micro: int, pp_rank: int = 0, tp_rank: int = 0) -> None:
         """Seed both generators for one micro-batch (see the module docstring)."""
         default = derive_seed(seed, step, micro, "default", pp_rank)
+        self._generator().manual_seed(default)
         if self.device.type == "cuda":
-            torch.cuda.manual_seed(default)
-        torch.manual_seed(default)
+            torch.default_generator.manual_seed(default)  # CPU-side randomness stays reproducible too
         self.seed(TP_REGION, derive_seed(seed, step, micro, TP_REGION, pp_rank, tp_rank))
