@@ -5,13 +5,13 @@ by tensor, the owning stage all-gathers the TP blocks and merges them
 (shard.py), then broadcasts the logical tensor along its pipeline group, so
 every rank of the replica ends with the logical state.  Data-parallel replicas
 hold identical state and each gathers its own copy.  ``load_*`` are local: each
-rank cuts its blocks out of a logical state.
+rank cuts its blocks out of a logical state.  ``names=`` gathers a subset
+(live growth streams one layer at a time this way, growth/apply.py).
 
 With one process (``ParallelState.single()``) gather is the identity and load
 is ``load_state_dict``, so growth, checkpoints and resume run the same code at
-every scale.  The logical state is materialised on every rank (CPU memory):
-fine up to a few billion parameters; a streaming per-layer version is needed
-for FLM-101B-sized growth (docs/parallel.md).
+every scale.  Checkpoints still gather the whole logical state on every rank
+(CPU memory); growth gathers one layer at a time (docs/parallel.md, "Memory").
 """
 from __future__ import annotations
 
@@ -51,29 +51,51 @@ def _gather_tensor(name: str, local: torch.Tensor | None, shape: tuple, cfg, ps:
     return full
 
 
+def _selected(shapes: dict[str, tuple], names) -> dict[str, tuple]:
+    """``shapes`` restricted to ``names``, in the order of ``names`` (every rank must pass the same)."""
+    if names is None:
+        return shapes
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        raise KeyError(f"no logical tensor(s) {unknown[:3]}")
+    return {n: shapes[n] for n in names}
+
+
 def gather_tensors(local: dict[str, torch.Tensor], cfg, ps: ParallelState,
-                   params_only: bool = False) -> dict[str, torch.Tensor]:
-    """Logical tensors (fp32, CPU) from every rank's named blocks (parameters, masks or grads)."""
+                   params_only: bool = False, names=None, shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """Logical tensors (fp32, CPU) from every rank's named blocks (parameters, masks or grads).
+
+    ``names``: only these tensors, gathered in this order, which must be the
+    same on every rank of the replica (the collectives run per tensor);
+    default all.  ``shapes``: ``logical_shapes(cfg)`` if the caller has it.
+    """
     if ps.topology.world_size == 1:
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in local.items()}
-    shapes = logical_shapes(cfg)
+        keep = local if names is None else {n: local[n] for n in names if n in local}
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in keep.items()}
+    shapes = _selected(shapes or logical_shapes(cfg), names)
     return {name: _gather_tensor(name, local.get(name), shape, cfg, ps) for name, shape in shapes.items()
             if not (params_only and tensor_spec(name).is_mask)}
 
 
-def gather_model(model: torch.nn.Module, ps: ParallelState) -> dict[str, torch.Tensor]:
-    """Logical parameters and masks of a whole or sharded model."""
-    return gather_tensors(model.state_dict(), model.cfg, ps)
+def gather_model(model: torch.nn.Module, ps: ParallelState, names=None,
+                 shapes: dict | None = None) -> dict[str, torch.Tensor]:
+    """Logical parameters and masks of a whole or sharded model (only ``names``, if given)."""
+    return gather_tensors(model.state_dict(), model.cfg, ps, names=names, shapes=shapes)
 
 
-def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState) -> dict[str, dict]:
-    """Logical (name-keyed, full-tensor) AdamW state; parameters without state are left out."""
+def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names=None,
+                     shapes: dict | None = None) -> dict[str, dict]:
+    """Logical (name-keyed, full-tensor) AdamW state; parameters without state are left out.
+
+    ``names``/``shapes`` as in :func:`gather_tensors` (masks among ``names`` are skipped).
+    """
     named = optimizer.named_state()
     if ps.topology.world_size == 1:
+        keep = named if names is None else {n: named[n] for n in names if n in named}
         return {n: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                for n, st in named.items()}
+                for n, st in keep.items()}
     cfg = model.cfg
-    shapes = logical_shapes(cfg)
+    shapes = _selected(shapes or logical_shapes(cfg), names)
     out = {}
     for name, shape in shapes.items():
         if tensor_spec(name).is_mask:  # buffers have no optimizer state
@@ -99,19 +121,28 @@ def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState) -> di
 
 
 @torch.no_grad()
-def load_model(model: torch.nn.Module, logical: dict[str, torch.Tensor]) -> None:
-    """Copy this rank's blocks of a logical state into a (whole or sharded) model."""
+def load_model(model: torch.nn.Module, logical: dict[str, torch.Tensor], strict: bool = True) -> set[str]:
+    """Copy this rank's blocks of a logical state into a (whole or sharded) model.
+
+    ``strict=False`` loads only the tensors of this model that ``logical`` has
+    (a piece of a streamed state) and ignores the rest; returns the names loaded.
+    """
     tp = model.placement.tp
     local = model.state_dict(keep_vars=True)
     missing = sorted(set(local) - set(logical))
-    if missing:
+    if missing and strict:
         raise KeyError(f"logical state lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
+    loaded = set()
     for name, t in local.items():
+        if name not in logical:
+            continue
         block = shard_tensor(name, logical[name], model.cfg, tp.size, tp.rank)
         if tuple(block.shape) != tuple(t.shape):
             raise ValueError(f"{name}: logical state gives a block of shape {tuple(block.shape)}, "
                              f"the model has {tuple(t.shape)}")
         t.copy_(block)
+        loaded.add(name)
+    return loaded
 
 
 def shard_optimizer_state(logical: dict[str, dict], model: torch.nn.Module) -> dict[str, dict]:

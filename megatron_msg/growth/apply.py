@@ -8,6 +8,12 @@ on one CPU and on a TP x PP x DP layout: under parallelism every rank of a
 model replica gathers the same logical state and grows it identically
 (growth RNG is keyed by seed, event and tensor name), then keeps its own part,
 so new layers land on whichever stage the new layer count assigns them to.
+
+The composition is streamed: global tensors one at a time, then new layer by
+new layer (gather its source layer's parameters, masks and Adam state, grow,
+keep this rank's blocks, free), so the extra memory per rank is about one
+logical layer, never the whole logical state.  The result is bit-identical to
+``grow_tensors`` / ``grow_optimizer_state`` on the whole state.
 """
 from __future__ import annotations
 
@@ -17,11 +23,14 @@ import torch
 
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
 from megatron_msg.config import ModelConfig, OptimizerConfig, ResolvedStage
-from megatron_msg.growth.operators import GrowthPlan, GrowthSpec, grow_tensors, plan_growth
-from megatron_msg.growth.optimizer_state import grow_optimizer_state
+from megatron_msg.growth.operators import (GrowthPlan, GrowthSpec, grow_layer, grow_layer_width, grow_param,
+                                           plan_growth)
+from megatron_msg.growth.optimizer_state import (check_rule, grow_layer_state, grow_layer_width_state,
+                                                 grow_tensor_state)
 from megatron_msg.growth.ramp import MaskRamp
 from megatron_msg.model import build_model
-from megatron_msg.model.layout import tensor_spec
+from megatron_msg.model.init import logical_shapes
+from megatron_msg.model.layout import split_layer_name, tensor_spec
 from megatron_msg.parallel.topology import ParallelState
 from megatron_msg.training.optimizer import MSGAdamW
 
@@ -65,19 +74,73 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | None = None,
     plan = plan_growth(spec)
     device = next(model.parameters()).device
     ps = ps or ParallelState.single(device)
-    grown = grow_tensors(gather_model(model, ps), plan)
     new_model = build_model(model.cfg.with_shape(spec.new), placement or model.placement, initialize=False)
-    load_model(new_model, grown)
     new_model.to(device)
     new_model.train(model.training)
     new_model.set_masked(spec.uses_masks)
-    new_opt = None
+    new_opt, rule = None, None
     if optimizer is not None:
         assert optim_cfg is not None
-        named = gather_optimizer(optimizer, model, ps)
+        rule = optim_cfg.growth_step_rule
+        check_rule(rule)
         new_opt = build_optimizer(new_model, optim_cfg)
-        new_opt.load_named_state(shard_optimizer_state(
-            grow_optimizer_state(named, plan, optim_cfg.growth_step_rule), new_model))
+    held = set(new_model.state_dict())  # this rank's tensors of the new model
+    held_layers = {split_layer_name(n)[0] for n in held}
+    loaded: set[str] = set()
+
+    def gather(names: list[str]) -> tuple[dict, dict]:
+        """Logical parameters/masks and Adam state of ``names`` (collective over the replica)."""
+        params = gather_model(model, ps, names=names, shapes=shapes)
+        states = gather_optimizer(optimizer, model, ps, names=names, shapes=shapes) if new_opt else {}
+        return params, states
+
+    def keep(params: dict, states: dict) -> None:
+        """This rank's blocks of a piece of the grown logical state (the rest is dropped)."""
+        loaded.update(load_model(new_model, params, strict=False))
+        if new_opt is not None:
+            new_opt.load_named_state(shard_optimizer_state(states, new_model))
+
+    # The same names in the same order on every rank of the replica: the gathers are collective.
+    shapes = logical_shapes(model.cfg)
+    global_names, layer_names = [], {}
+    for name in shapes:
+        layer, _ = split_layer_name(name)
+        if layer is None:
+            global_names.append(name)
+        else:
+            layer_names.setdefault(layer, []).append(name)
+
+    for name in global_names:  # one global tensor at a time
+        params, states = gather([name])
+        if name in held:
+            keep({name: grow_param(name, params[name], plan)},
+                 {n: grow_tensor_state(n, st, plan, rule) for n, st in states.items()})
+        del params, states
+
+    # New layer by new layer.  Every rank joins every gather (the source layer lives on one stage,
+    # the new layer may land on another); only the ranks holding layer j grow and keep it.  The
+    # last source is cached, width-grown on first use: copies of one source are adjacent
+    # (interleave placement), so at most one old layer is held at a time.
+    source = None  # [index, gathered params, gathered states, width-grown (params, states) or None]
+    for j, ls in enumerate(plan.layers):
+        if source is None or source[0] != ls.src:
+            source = None  # free the previous source before gathering the next
+            params, states = gather(layer_names[ls.src])
+            source = [ls.src, {split_layer_name(n)[1]: t for n, t in params.items()},
+                      {split_layer_name(n)[1]: st for n, st in states.items()}, None]
+            del params, states
+        if j not in held_layers:
+            continue
+        if source[3] is None:
+            source[3] = (grow_layer_width(ls.src, source[1], plan),
+                         grow_layer_width_state(ls.src, source[2], plan, rule) if new_opt else {})
+            source[1] = source[2] = None
+        keep(grow_layer(j, source[3][0], plan), grow_layer_state(j, source[3][1], plan))
+    del source
+    missing = sorted(set(new_model.state_dict()) - loaded)
+    if missing:
+        raise KeyError(f"growth produced no value for {len(missing)} tensor(s) of the new model, e.g. {missing[:3]}")
+    if new_opt is not None:
         new_opt.set_lr(optimizer.param_groups[0]["lr"])
     ramp = MaskRamp(ramp_start, phi) if spec.uses_masks else None
     return GrowthResult(new_model, new_opt, ramp, plan)

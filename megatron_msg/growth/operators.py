@@ -5,7 +5,9 @@
 every old unit lands and which old unit each new position copies, and for depth
 which old layer (or none) each new layer comes from.  ``grow_tensors`` then
 applies the plan to one named tensor at a time, so a checkpoint can be grown
-parameter by parameter without ever holding the whole model twice.
+parameter by parameter without ever holding the whole model twice; the
+per-layer pieces (``grow_layer_width``, ``grow_layer``) let live growth stream
+one logical layer at a time.
 
 Operators (DESIGN.md "Baselines are first-class operators"):
 
@@ -268,6 +270,61 @@ def grow_moment(name: str, old: torch.Tensor, plan: GrowthPlan) -> torch.Tensor:
     return _scatter_old(old_cpu, name, new_shape, plan, zeros).to(old.device)
 
 
+# --------------------------------------------------------------------------- streaming growth
+#
+# Growth decomposes into independent pieces, so a caller can stream it and hold
+# one logical layer at a time (growth/apply.py):
+#
+# * a global (non-layer) tensor is only width-grown: ``grow_param`` / ``grow_moment``;
+# * old layer ``i`` is width-grown tensor by tensor under its *old* name
+#   (``grow_layer_width``), which fixes the RNG keys of its new entries;
+# * new layer ``j`` is then built from the width-grown tensors of its source
+#   layer ``plan.layers[j].src`` (``grow_layer`` / ``grow_layer_moments``).
+#
+# ``grow_tensors`` and ``grow_moments`` below are loops over these pieces.
+
+def grow_layer_width(index: int, tensors: dict[str, torch.Tensor], plan: GrowthPlan,
+                     grow_one=None) -> dict[str, torch.Tensor]:
+    """Width-grow old layer ``index`` ({local name: tensor}); ``grow_one`` defaults to ``grow_param``."""
+    grow_one = grow_one or grow_param
+    return {local: grow_one(layer_name(index, local), t, plan) for local, t in tensors.items()}
+
+
+def grow_layer(j: int, src: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, torch.Tensor]:
+    """Parameters and masks of new layer ``j`` (full names) from its width-grown source layer.
+
+    ``src`` maps local names to the width-grown tensors of old layer
+    ``plan.layers[j].src``.  An old layer is its source, renamed; a new layer is
+    built at the new width, either from the from-scratch initialiser
+    (``random``) or as a copy of its source (``copy``); it takes its source's
+    FFN/head masks and, under MSG, a depth mask of 0.
+    """
+    ls = plan.layers[j]
+    _, depth_init = plan.spec.effective_depth
+    out: dict[str, torch.Tensor] = {}
+    for local, t in src.items():
+        name = layer_name(j, local)
+        if not ls.new:
+            out[name] = t
+            continue
+        spec = tensor_spec(name)
+        if local == "depth_mask":
+            value = 0.0 if plan.spec.uses_masks else 1.0
+            out[name] = torch.full_like(t, value)
+        elif spec.is_mask or depth_init == "copy":
+            out[name] = t.clone()
+        else:
+            fresh = _fresh(name, tuple(t.shape), plan, "normal", t.dtype, f"depth/{name}")
+            out[name] = fresh.to(t.device)
+    return out
+
+
+def grow_layer_moments(j: int, src: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, torch.Tensor]:
+    """One kind of optimizer moment of new layer ``j`` from its width-grown source; new layers start at 0."""
+    new = plan.layers[j].new
+    return {layer_name(j, local): torch.zeros_like(t) if new else t for local, t in src.items()}
+
+
 # --------------------------------------------------------------------------- whole-state growth
 
 def _grow_width(tensors: dict[str, torch.Tensor], plan: GrowthPlan, grow_one
@@ -276,41 +333,23 @@ def _grow_width(tensors: dict[str, torch.Tensor], plan: GrowthPlan, grow_one
     grown: dict[str, torch.Tensor] = {}
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
-        g = grow_one(name, t, plan)
         layer, local = split_layer_name(name)
         if layer is None:
-            grown[name] = g
+            grown[name] = grow_one(name, t, plan)
         else:
-            per_layer.setdefault(layer, {})[local] = g
-    return grown, per_layer
+            per_layer.setdefault(layer, {})[local] = t
+    return grown, {i: grow_layer_width(i, ts, plan, grow_one) for i, ts in per_layer.items()}
 
 
 def grow_tensors(state: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str, torch.Tensor]:
     """Grow every named parameter and mask; returns the new model's state dict.
 
-    Width first, then depth: a new layer is built at the new width, either from
-    the from-scratch initialiser (``random``) or as a copy of its grown source
-    layer (``copy``); it takes its source's FFN/head masks and, under MSG, a
-    depth mask of 0.
+    Width first, then depth (:func:`grow_layer`); the whole-state form of the
+    streaming pieces above.
     """
     grown, per_layer = _grow_width(state, plan, grow_param)
-    _, depth_init = plan.spec.effective_depth
     for j, ls in enumerate(plan.layers):
-        src = per_layer[ls.src]
-        for local, t in src.items():
-            name = layer_name(j, local)
-            if not ls.new:
-                grown[name] = t
-                continue
-            spec = tensor_spec(name)
-            if local == "depth_mask":
-                value = 0.0 if plan.spec.uses_masks else 1.0
-                grown[name] = torch.full_like(t, value)
-            elif spec.is_mask or depth_init == "copy":
-                grown[name] = t.clone()
-            else:
-                fresh = _fresh(name, tuple(t.shape), plan, "normal", t.dtype, f"depth/{name}")
-                grown[name] = fresh.to(t.device)
+        grown.update(grow_layer(j, per_layer[ls.src], plan))
     return grown
 
 
@@ -318,6 +357,5 @@ def grow_moments(moments: dict[str, torch.Tensor], plan: GrowthPlan) -> dict[str
     """Grow one kind of optimizer moment keyed by parameter name; new layers start at 0."""
     grown, per_layer = _grow_width(moments, plan, grow_moment)
     for j, ls in enumerate(plan.layers):
-        for local, t in per_layer.get(ls.src, {}).items():
-            grown[layer_name(j, local)] = torch.zeros_like(t) if ls.new else t
+        grown.update(grow_layer_moments(j, per_layer.get(ls.src, {}), plan))
     return grown
