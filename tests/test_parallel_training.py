@@ -15,6 +15,7 @@ differently) moves the loss by 1e-2 or more within a few steps.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_torchrun_nproc_4_runs_msg_train(tmp_path):
     cfg_path.write_text(json.dumps(raw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(_free_port()),
            "-m", "megatron_msg.cli.train", str(cfg_path), "--out-dir", str(tmp_path / "run"), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**_env(), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: step 40/40" in proc.stdout and proc.stdout.count("done:") == 1  # only rank 0 reports
     growth = [r for r in _records(tmp_path / "run") if r["kind"] == "growth"]
@@ -210,37 +211,10 @@ def test_torchrun_with_the_wrong_process_count_fails_before_training(tmp_path):
     cfg_path.write_text(json.dumps(_raw("gpt", tp=2, pp=2)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "megatron_msg.cli.train", str(cfg_path), "--out-dir", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert proc.returncode != 0
     assert "started 2 process(es) but parallel.tp * pp * dp = 2 * 2 * 1 = 4" in proc.stderr
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("step_*"))
-
-
-def _env() -> dict:
-    import os
-    return dict(os.environ)
-
-
-def test_deepspeed_launcher_runs_msg_train(tmp_path):
-    # The deepspeed launcher appends --local_rank=N and exports RANK/WORLD_SIZE; single node here
-    # (a multi-node hostfile needs passwordless ssh, which CI lacks).
-    import shutil as _sh
-    if _sh.which("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    raw = _raw("gpt", tp=2, dp=2)
-    raw["train"].update(steps=12, eval_interval=12, save_interval=12)
-    raw["lr"] = {"warmup_steps": 2}
-    raw["growth"]["stages"] = [{"at_step": 6, "ffn": 48, "heads": 4}]
-    cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(json.dumps(raw))
-    cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(_free_port()), "--module", "megatron_msg.cli.train",
-           str(cfg_path), "--out-dir", str(tmp_path / "run"), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "done: step 12/12" in proc.stdout
-    growth = [r for r in _records(tmp_path / "run") if r["kind"] == "growth"]
-    assert len(growth) == 1 and abs(growth[0]["loss_after"] - growth[0]["loss_before"]) < 1e-5
 
 
 def _free_port() -> int:
@@ -248,28 +222,52 @@ def _free_port() -> int:
     return free_port()
 
 
+def _launch_config(tmp_path, stages: list[dict], **parallel) -> str:
+    """A 12-step run with one growth, written as a config file for a launcher test."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    raw = _raw("gpt", **parallel)
+    raw["train"].update(steps=12, eval_interval=12, save_interval=12)
+    raw["lr"] = {"warmup_steps": 2}
+    raw["growth"]["stages"] = stages
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def _assert_one_preserving_growth(run_dir) -> None:
+    growth = [r for r in _records(run_dir) if r["kind"] == "growth"]
+    assert len(growth) == 1 and abs(growth[0]["loss_after"] - growth[0]["loss_before"]) < 1e-5
+
+
+DS_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def test_deepspeed_launcher_runs_msg_train(tmp_path):
+    # The deepspeed launcher appends --local_rank=N and exports RANK/WORLD_SIZE; one node.
+    cfg_path = _launch_config(tmp_path, [{"at_step": 6, "ffn": 48, "heads": 4}], tp=2, dp=2)
+    cmd = ["deepspeed", "--num_gpus", "4", "--master_port", str(_free_port()), "--module", "megatron_msg.cli.train",
+           cfg_path, "--out-dir", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **DS_ENV})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "done: step 12/12" in proc.stdout
+    _assert_one_preserving_growth(tmp_path / "run")
+
+
 def test_deepspeed_hostfile_two_nodes_without_ssh(tmp_path):
     # A two-"node" hostfile launched the way clusters without ssh do it: one launcher per node
     # with --no_ssh --node_rank, both on this machine.  TP2 x PP2 across the two nodes.
-    import shutil as _sh
-    if _sh.which("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    raw = _raw("gpt", tp=2, pp=2)
-    raw["train"].update(steps=12, eval_interval=12, save_interval=12)
-    raw["lr"] = {"warmup_steps": 2}
-    raw["growth"]["stages"] = [{"at_step": 6, "hidden": 24, "layers": 4}]
-    cfg_path, hostfile = tmp_path / "run.yaml", tmp_path / "hostfile"
-    cfg_path.write_text(json.dumps(raw))
+    cfg_path = _launch_config(tmp_path, [{"at_step": 6, "hidden": 24, "layers": 4}], tp=2, pp=2)
+    hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
     port = str(_free_port())
-    env = {**_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **DS_ENV}
     procs = [subprocess.Popen(["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
                                "--master_addr", "127.0.0.1", "--master_port", port, "--module",
-                               "megatron_msg.cli.train", str(cfg_path), "--out-dir", str(tmp_path / "run"),
+                               "megatron_msg.cli.train", cfg_path, "--out-dir", str(tmp_path / "run"),
                                "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for n in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     assert "done: step 12/12" in outs[0] and "done:" not in outs[1]  # global rank 0 is on node 0
-    growth = [r for r in _records(tmp_path / "run") if r["kind"] == "growth"]
-    assert len(growth) == 1 and abs(growth[0]["loss_after"] - growth[0]["loss_before"]) < 1e-5
+    _assert_one_preserving_growth(tmp_path / "run")
