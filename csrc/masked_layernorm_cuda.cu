@@ -75,6 +75,11 @@ template <bool WARP_ROW> struct RowGeom {
   }
 };
 
+// Forward: one row per warp (narrow) or block (wide) slot, no persistent loop.
+// The row slice stays in registers in the I/O dtype (half the registers of an
+// fp32 copy, so more rows fit per SM), and S = sum(c) is reduced together with
+// sum(c x) in one row reduction: the mask vector is read with 16-byte loads
+// alongside x instead of by a separate per-row pass.
 template <typename T, int VEC, int ITERS, bool WARP_ROW>
 __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                      const float* __restrict__ b, const float* __restrict__ c,
@@ -83,43 +88,40 @@ __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
   __shared__ float2 sh[33];
   RowGeom<WARP_ROW> g;
   const int nvec = N / VEC;
-  // S = sum(c): once per owner, on the device.
-  float cs = 0.f;
-  for (int j = g.lane; j < nvec; j += g.nlanes)
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) cs += __ldg(c + j * VEC + k);
-  const float inv_s = 1.f / row_sum2<WARP_ROW>(make_float2(cs, 0.f), sh).x;
 
   for (int64_t row = g.first; row < M; row += g.stride) {
     const Pack<T, VEC>* xr = reinterpret_cast<const Pack<T, VEC>*>(x + row * N);
-    float xv[ITERS][VEC], cv[ITERS][VEC];
-    float s = 0.f;
+    Pack<T, VEC> xp[ITERS];
+    float2 s = make_float2(0.f, 0.f);  // (sum c x, sum c)
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int j = g.lane + i * g.nlanes;
       if (j < nvec) {
-        Pack<T, VEC> p = xr[j];
+        xp[i] = xr[j];
         const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          xv[i][k] = to_f(p.v[k]);
-          cv[i][k] = pc.v[k];
-          s += cv[i][k] * xv[i][k];
+          s.x += pc.v[k] * to_f(xp[i].v[k]);
+          s.y += pc.v[k];
         }
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { xv[i][k] = 0.f; cv[i][k] = 0.f; }
       }
     }
-    const float mu = row_sum2<WARP_ROW>(make_float2(s, 0.f), sh).x * inv_s;
+    s = row_sum2<WARP_ROW>(s, sh);
+    const float inv_s = 1.f / s.y;
+    const float mu = s.x * inv_s;
     float s2 = 0.f;
 #pragma unroll
-    for (int i = 0; i < ITERS; ++i)
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = g.lane + i * g.nlanes;
+      if (j < nvec) {
+        const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float d = xv[i][k] - mu;
-        s2 += cv[i][k] * d * d;
+        for (int k = 0; k < VEC; ++k) {
+          const float d = to_f(xp[i].v[k]) - mu;
+          s2 += pc.v[k] * d * d;
+        }
       }
+    }
     const float var = row_sum2<WARP_ROW>(make_float2(s2, 0.f), sh).x * inv_s;
     const float r = rsqrtf(var + eps);
     Pack<T, VEC>* yr = reinterpret_cast<Pack<T, VEC>*>(y + row * N);
@@ -128,11 +130,12 @@ __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
       const int j = g.lane + i * g.nlanes;
       if (j < nvec) {
         Pack<T, VEC> p;
+        const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
         const Pack<float, VEC> pw = reinterpret_cast<const Pack<float, VEC>*>(w)[j];
         const Pack<float, VEC> pb = reinterpret_cast<const Pack<float, VEC>*>(b)[j];
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          p.v[k] = from_f<T>(((xv[i][k] - mu) * r * pw.v[k] + pb.v[k]) * cv[i][k]);
+          p.v[k] = from_f<T>(((to_f(xp[i].v[k]) - mu) * r * pw.v[k] + pb.v[k]) * pc.v[k]);
         yr[j] = p;
       }
     }

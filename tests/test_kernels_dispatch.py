@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from megatron_msg import kernels
 from megatron_msg.kernels.backend import resolve
-from megatron_msg.model.masked_norm import masked_layer_norm_reference
+from megatron_msg.kernels.reference import masked_layer_norm_reference
 
 
 def test_auto_backend_on_cpu_is_reference(monkeypatch):
@@ -91,3 +91,12 @@ def test_cuda_extension_unavailable_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     assert cuda_ext.available() is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+@pytest.mark.parametrize("sub", ["kernels", "kernel-sweep", "mask-overhead"])
+def test_msg_bench_without_a_gpu_says_so(sub, tmp_path):
+    from megatron_msg.cli.bench import main
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main([sub, "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing half-written

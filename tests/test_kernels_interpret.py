@@ -47,7 +47,7 @@ def _only_under_interpreter(request):
 
 from megatron_msg import kernels  # noqa: E402
 from megatron_msg.kernels import triton_masked_ln as tml  # noqa: E402
-from megatron_msg.model.masked_norm import masked_layer_norm_reference as ref  # noqa: E402
+from megatron_msg.kernels.reference import masked_layer_norm_reference as ref  # noqa: E402
 
 EPS = 1e-5
 # Hidden sizes that are not powers of two (and one that is), small enough for the interpreter.
@@ -149,11 +149,11 @@ def test_wide_row_forward_in_chunks(mask_kind):
     x, w, b, _ = inputs((6, n), seed=10)
     x = x + 50.0  # a large mean: the merge must not lose the variance
     c = make_mask(mask_kind, n)
-    y, mean, rstd, _ = tml.masked_ln_fwd(x.float(), w.float(), b.float(), c.float(), EPS, wide=True, chunk=32)
+    y, mean, rstd, _ = tml.masked_ln_fwd(x.float(), w.float(), b.float(), c.float(), EPS, variant="chunked", chunk=32)
     assert_close(y, ref(x, w, b, c, EPS), rtol=1e-4, atol=1e-4)
     d = torch.randn_like(x)
     y2, _, _, h = tml.masked_ln_fwd(x.float(), w.float(), b.float(), c.float(), EPS, delta=d.float(),
-                                    wide=True, chunk=32)
+                                    variant="chunked", chunk=32)
     assert_close(h, x + d)
     assert_close(y2, ref(x + d, w, b, c, EPS), rtol=1e-4, atol=1e-4)
 
@@ -169,11 +169,46 @@ def test_wide_row_backward_in_chunks(dres):
     _, mean, rstd, _ = tml.masked_ln_fwd(xf, wf, bf, cf, EPS)
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
     ref(xr, wr, br, c, EPS).backward(dy)
-    dx, dw, db = tml.masked_ln_bwd(dy.float(), xf, wf, cf, mean, rstd, wide=True, chunk=32, programs=3,
+    dx, dw, db = tml.masked_ln_bwd(dy.float(), xf, wf, cf, mean, rstd, variant="chunked", chunk=32, programs=3,
                                    dres=r.float() if dres else None)
     assert_close(dx, xr.grad + (r if dres else 0), rtol=1e-4, atol=1e-4)
     assert_close(dw, wr.grad, rtol=1e-4, atol=1e-4)
     assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", (96, 100, 130, 64))
+@pytest.mark.parametrize("block_m", (1, 2))
+def test_split_row_kernels(n, block_m):
+    """The two-tile kernels used for wide rows, forced on small ones.
+
+    96 = 64 + 32 (two exact tiles), 100 = 64 + 36 (masked tail), 130 = 128 + 2,
+    64 = a power of two (the tail tile holds no column).  Forward with and without the
+    fused residual add; backward with several persistent programs and a residual gradient.
+    """
+    x, w, b, dy = inputs((7, n), seed=n + block_m)
+    x = x + 20.0  # a large mean
+    c = make_mask("ramp", n)
+    xf, wf, bf, cf = x.float(), w.float(), b.float(), c.float()
+    y, mean, rstd, _ = tml.masked_ln_fwd(xf, wf, bf, cf, EPS, variant="split", block_m=block_m)
+    assert_close(y, ref(x, w, b, c, EPS), rtol=1e-4, atol=1e-4)
+    d = torch.randn_like(x)
+    y2, _, _, h = tml.masked_ln_fwd(xf, wf, bf, cf, EPS, delta=d.float(), variant="split", block_m=block_m)
+    assert_close(h, x + d)
+    assert_close(y2, ref(x + d, w, b, c, EPS), rtol=1e-4, atol=1e-4)
+    r = torch.randn_like(x)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref(xr, wr, br, c, EPS).backward(dy)
+    dx, dw, db = tml.masked_ln_bwd(dy.float(), xf, wf, cf, mean, rstd, variant="split", block_m=block_m,
+                                   programs=3, dres=r.float())
+    assert_close(dx, xr.grad + r, rtol=1e-4, atol=1e-4)
+    assert_close(dw, wr.grad, rtol=1e-4, atol=1e-4)
+    assert_close(db, br.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_variant_is_an_error():
+    x, w, b, _ = inputs((2, 8), seed=0)
+    with pytest.raises(ValueError, match="unknown kernel variant 'tiles'"):
+        tml.masked_ln_fwd(x.float(), w.float(), b.float(), torch.ones(8), EPS, variant="tiles")
 
 
 @pytest.mark.parametrize("block_m", (1, 2, 8))
@@ -361,3 +396,34 @@ def test_compile_fullgraph_with_triton_ops_matches_eager():
         assert f"megatron_msg.{name}.default" in graphs["fw"]
     assert graphs["bw"].count("megatron_msg.masked_layer_norm_bwd.default") == 2
     assert "megatron_msg.depth_residual_add_bwd.default" in graphs["bw"]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_model_masked_path_with_triton_kernels(arch, monkeypatch):
+    """A whole model mid-ramp: the fused Triton kernels (through the interpreter) give the
+    reference backend's loss and gradients (fp32; the model calls the kernels itself)."""
+    from megatron_msg.config import Shape
+    from tests.helpers import fresh, make_batch, outputs
+    model = fresh(arch, Shape(24, 40, 3, 2), head_dim=8)
+    with torch.no_grad():
+        for name, buf in model.mask_buffers().items():
+            buf.fill_(0.6) if buf.dim() == 0 else buf[buf.numel() * 2 // 3:].fill_(0.3)
+    model.set_masked(True)
+    batch = make_batch(arch, model.cfg, batch=2)
+    calls = []
+    for fn in ("masked_ln_fwd", "masked_ln_bwd"):
+        real = getattr(tml, fn)
+        monkeypatch.setattr(tml, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("MSG_KERNEL_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        _, loss = outputs(model, arch, batch)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (loss_r, grads_r), (loss_t, grads_t) = results["reference"], results["triton"]
+    lns = 2 * model.cfg.layers + (1 if arch == "gpt" else 0)  # + GPT's final LN; BERT's embedding LN too
+    assert calls.count("masked_ln_fwd") >= lns and calls.count("masked_ln_bwd") >= lns, calls
+    assert_close(loss_t, loss_r)
+    for name, g in grads_r.items():
+        torch.testing.assert_close(grads_t[name], g, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

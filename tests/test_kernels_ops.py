@@ -18,7 +18,7 @@ from torch.library import opcheck
 
 from megatron_msg import kernels
 from megatron_msg.kernels import ops
-from megatron_msg.model.masked_norm import masked_layer_norm_reference as ref
+from megatron_msg.kernels.reference import masked_layer_norm_reference as ref
 
 EPS = 1e-5
 OPS = torch.ops.megatron_msg

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device-machine session for the kernels: build the CUDA extension, run the
-# GPU tests, then the benchmarks.  Usage (on the GPU machine, repo root):
-#   tools/gpu_kernels.sh [tests|bench|sweep|overhead]...   (default: tests bench overhead)
+# One device-machine session for the kernels: build the CUDA extension, then the
+# steps asked for, each under its own timeout.  Usage (on the GPU machine, repo root):
+#   tools/gpu_kernels.sh [quick|tests|sweep|bench|overhead|overhead-compiled]...
+#   (default: tests bench overhead)
+#   quick: only the launch-variant and model tests of tests/test_kernels_gpu.py
 # Writes logs, JSON and markdown under ${OUT:-runs/gpu}.
 set -u
 OUT=${OUT:-runs/gpu}
@@ -20,12 +22,16 @@ try:
 except Exception as e:
     print('CUDA EXTENSION BUILD FAILED:', str(e)[-3000:])
 " 2>&1 | tee "$OUT/build.log"
+bench="python3 -m megatron_msg.cli.bench"
 for s in $steps; do
   case $s in
-    tests) timeout ${T_TESTS:-240} python3 -m pytest -q -x tests/test_kernels_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
-    sweep) timeout ${T_SWEEP:-300} python3 -m megatron_msg.cli.bench kernels --sweep --only triton --widths "${SWEEP_WIDTHS:-768,1024,4096,10240}" --out "$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" ;;
-    bench) timeout ${T_BENCH:-300} python3 -m megatron_msg.cli.bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
-    overhead) timeout ${T_OVER:-300} python3 -m megatron_msg.cli.bench mask-overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.log" ;;
+    quick) timeout ${T_QUICK:-120} python3 -m pytest -q -x tests/test_kernels_gpu.py -k "variants or model_ramp" 2>&1 | tail -15 | tee "$OUT/quick.log" ;;
+    tests) timeout ${T_TESTS:-240} python3 -m pytest -q tests/test_kernels_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    sweep) timeout ${T_SWEEP:-300} $bench kernel-sweep --widths "${SWEEP_WIDTHS:-768,1024,4096,10240}" --out "$OUT" 2>&1 | tee "$OUT/sweep.log" ;;
+    bench) timeout ${T_BENCH:-300} $bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
+    overhead) timeout ${T_OVER:-300} $bench mask-overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.log" ;;
+    overhead-compiled) timeout ${T_OVERC:-300} $bench mask-overhead --compile --windows 3 --out "$OUT" 2>&1 | tee "$OUT/overhead_compiled.log" ;;
+    *) echo "unknown step $s" ;;
   esac
   echo "== $s done at +$(( $(date +%s) - t0 ))s"
 done

@@ -38,7 +38,7 @@ import torch
 from megatron_msg.kernels import ops
 from megatron_msg.kernels.backend import MAX_FUSED_N, resolve
 from megatron_msg.kernels.folding import head_columns, masked_linear
-from megatron_msg.model.masked_norm import masked_layer_norm_reference
+from megatron_msg.kernels.reference import masked_layer_norm_reference
 
 __all__ = ["masked_layer_norm", "add_masked_layer_norm", "depth_mix", "depth_residual_add",
            "scale_heads", "masked_linear", "head_columns", "resolve"]

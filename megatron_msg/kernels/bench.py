@@ -6,13 +6,26 @@ in one process so that ratios are side by side.  Bytes are counted as in
 ../shared/bench/anchor_baselines.py: forward = read x + write y, forward+backward
 adds read x, read dy, write dx (weights and statistics are negligible).
 
-mask-overhead: one GPT-2-small training step (bf16 autocast, fused AdamW) with
-the masks of a growth ramp active against the same model with the masks removed.
+Two timings per implementation:
+
+* **device** (the headline): the call (forward, or forward + ``autograd.grad``)
+  captured ``CALLS`` times in one CUDA graph and replayed; the median per call
+  over the replays.  This is the GPU's time with host launch overhead removed for
+  every implementation alike, which is what a training step sees when the host
+  runs ahead of the GPU (as it does in a real step, and under CUDA graphs).
+* **host-inclusive**: ``triton.testing.do_bench`` of one eager call with the L2
+  flushed before it.  When the host's Python + launch time exceeds the GPU time
+  this measures the host (docs/kernel_notes.md); kept for comparison.
+
+mask-overhead: one GPT-2-small training step (bf16 autocast, fused AdamW) of the
+model itself with the masks of a growth ramp active, against the same model with
+the masks removed; the variants' timing windows are interleaved so drift hits all alike.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -20,15 +33,48 @@ import torch
 import torch.nn.functional as F
 
 from megatron_msg import kernels
-from megatron_msg.model.masked_norm import masked_layer_norm_reference
+from megatron_msg.kernels.reference import masked_layer_norm_reference
 
 WIDTHS = (768, 1024, 4096, 10240)
 INPUT_BYTES = 2 ** 26  # ~64 MiB of bf16 input, as the anchor
+EPS = 1e-5
+CALLS = 20     # calls captured per CUDA graph
+REPLAYS = 15   # graph replays timed (median reported)
 
 
-def _bench(fn, grad_to_none=None) -> float:
+def host_inclusive_ms(fn, grad_to_none=None) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def device_ms(fn, calls: int = CALLS, replays: int = REPLAYS) -> float:
+    """Median GPU time per call of ``fn`` from CUDA-graph replays (no host launch overhead).
+
+    Warm-up runs on a side stream (Triton JIT, allocator), as graph capture requires.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
 
 
 def _make_mask(n: int, device) -> torch.Tensor:
@@ -38,28 +84,33 @@ def _make_mask(n: int, device) -> torch.Tensor:
 
 
 def ln_impls(n: int):
-    """name -> callable(x, w, b, c, wb, bb) building the forward; None when unavailable."""
-    eps = 1e-5
+    """name -> callable(x, w, b, c, wb, bb) building the forward; a string when unavailable.
+
+    Ours and the masked references take fp32 w/b (the model's parameters);
+    F.layer_norm and apex take bf16 copies (wb, bb), as an unmasked bf16 model would.
+    """
     impls = {
-        "triton": lambda x, w, b, c, wb, bb: kernels.masked_layer_norm(x, w, b, c, eps, backend="triton"),
+        "triton": lambda x, w, b, c, wb, bb: kernels.masked_layer_norm(x, w, b, c, EPS, backend="triton"),
     }
     try:
         from megatron_msg.kernels import cuda_ext
         cuda_ext.load()
-        impls["cuda"] = lambda x, w, b, c, wb, bb: kernels.masked_layer_norm(x, w, b, c, eps, backend="cuda")
+        impls["cuda"] = lambda x, w, b, c, wb, bb: kernels.masked_layer_norm(x, w, b, c, EPS, backend="cuda")
     except Exception as exc:  # reported, not fatal
         impls["cuda"] = f"unavailable: {exc!r}"[:300]
-    impls["torch_ln"] = lambda x, w, b, c, wb, bb: F.layer_norm(x, (n,), wb, bb, eps)
-    impls["eager_masked"] = lambda x, w, b, c, wb, bb: masked_layer_norm_reference(x, w, b, c, eps)
+    impls["torch_ln"] = lambda x, w, b, c, wb, bb: F.layer_norm(x, (n,), wb, bb, EPS)
+    impls["eager_masked"] = lambda x, w, b, c, wb, bb: masked_layer_norm_reference(x, w, b, c, EPS)
     compiled = torch.compile(masked_layer_norm_reference)
-    impls["compiled_masked"] = lambda x, w, b, c, wb, bb: compiled(x, w, b, c, eps)
+    impls["compiled_masked"] = lambda x, w, b, c, wb, bb: compiled(x, w, b, c, EPS)
     try:
-        from apex.normalization import FusedLayerNorm  # noqa: F401
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine
-        impls["apex_ln"] = lambda x, w, b, c, wb, bb: fused_layer_norm_affine(x, wb, bb, (n,), eps)
+        impls["apex_ln"] = lambda x, w, b, c, wb, bb: fused_layer_norm_affine(x, wb, bb, (n,), EPS)
     except Exception:
         impls["apex_ln"] = "unavailable: apex not importable"
     return impls
+
+
+UNMASKED = ("torch_ln", "apex_ln")
 
 
 def bench_layernorm(widths=WIDTHS, dtype=torch.bfloat16, only=None, log=print) -> list[dict]:
@@ -76,11 +127,10 @@ def bench_layernorm(widths=WIDTHS, dtype=torch.bfloat16, only=None, log=print) -
         c = _make_mask(n, dev)
         dy = torch.randn(m, n, device=dev, dtype=dtype)
         elt = x.element_size()
-        byt_f = 2 * m * n * elt
-        byt_fb = byt_f + 3 * m * n * elt
-        # fp32 reference on a sample of rows for the error column
-        with torch.no_grad():
-            ref_y = masked_layer_norm_reference(x[:4096].float(), w, b, c, 1e-5)
+        bytes_f = 2 * m * n * elt
+        bytes_fb = bytes_f + 3 * m * n * elt
+        with torch.no_grad():  # fp32 reference on a sample of rows for the error column
+            ref_y = masked_layer_norm_reference(x[:4096].float(), w, b, c, EPS)
         row = {"N": n, "M": m}
         for name, make in ln_impls(n).items():
             if only and name not in only:
@@ -88,111 +138,153 @@ def bench_layernorm(widths=WIDTHS, dtype=torch.bfloat16, only=None, log=print) -
             if isinstance(make, str):
                 row[name] = make
                 continue
-            try:
-                fn = lambda: make(x, w, b, c, wb, bb)  # noqa: E731
-                y = fn()
-                err = None
-                if name not in ("torch_ln", "apex_ln"):
-                    err = float((y[:4096].detach().float() - ref_y).abs().max())
-                f_ms = _bench(fn)
-
-                def fb():
-                    fn().backward(dy)
-                fb_ms = _bench(fb, grad_to_none=[x, w, b, wb, bb])
-                row[name] = {"fwd_ms": round(f_ms, 4), "fwd_GBps": round(byt_f / f_ms / 1e6),
-                             "fb_ms": round(fb_ms, 4), "fb_GBps": round(byt_fb / fb_ms / 1e6),
-                             "max_abs_err_vs_fp32": err}
-            except Exception as exc:
-                row[name] = f"error: {exc!r}"[:300]
+            row[name] = _bench_one(name, make, (x, w, b, c, wb, bb), dy, ref_y, bytes_f, bytes_fb)
         rows.append(row)
         log(json.dumps(row))
-        del x, dy
+        x = dy = None  # free before empty_cache
         torch.cuda.empty_cache()
     return rows
+
+
+def _bench_one(name, make, args, dy, ref_y, bytes_f, bytes_fb) -> dict | str:
+    x, w, b, c, wb, bb = args
+    wrt = (x, wb, bb) if name in UNMASKED else (x, w, b)
+
+    def fwd():
+        return make(*args)
+
+    def fwd_bwd():
+        return torch.autograd.grad(make(*args), wrt, dy)
+
+    try:
+        y = fwd()
+        err = None if name in UNMASKED else float((y[:4096].detach().float() - ref_y).abs().max())
+        del y
+        res = {"max_abs_err_vs_fp32": err}
+        for key, fn, nbytes in (("fwd", fwd, bytes_f), ("fb", fwd_bwd, bytes_fb)):
+            try:
+                ms = device_ms(fn)
+                res[f"{key}_ms"], res[f"{key}_GBps"] = round(ms, 4), round(nbytes / ms / 1e6)
+            except Exception as exc:  # a graph that cannot be captured is reported, not fatal
+                res[f"{key}_error"] = f"graph: {exc!r}"[:200]
+            ms = host_inclusive_ms(fn)
+            res[f"{key}_host_ms"], res[f"{key}_host_GBps"] = round(ms, 4), round(nbytes / ms / 1e6)
+        return res
+    except Exception as exc:
+        return f"error: {exc!r}"[:300]
 
 
 def copy_bandwidth() -> float:
     x = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
-    ms = _bench(lambda: y.copy_(x))
-    del x, y
+    ms = host_inclusive_ms(lambda: y.copy_(x))
+    x = y = None  # free before empty_cache
     torch.cuda.empty_cache()
     return 2 * 2 ** 30 * 2 / ms / 1e6
 
 
+# ---------------------------------------------------------------------------
+# launch-configuration sweep of the Triton kernels (sets the heuristics in triton_masked_ln)
+
+def _fwd_candidates(n: int) -> list[dict]:
+    import triton
+    bn = triton.next_power_of_2(n)
+    out = [{"variant": "rows", "block_m": bm, "num_warps": nw}
+           for bm in (1, 2, 4, 8) for nw in (4, 8) if bm * bn <= 16384]
+    if n > 1024:
+        out += [{"variant": "split", "block_m": bm, "num_warps": nw} for bm in (1, 2) for nw in (4, 8)]
+        out += [{"variant": "chunked", "chunk": ch, "num_warps": nw} for ch, nw in ((1024, 4), (2048, 8))]
+    return out
+
+
+def _bwd_candidates(n: int) -> list[dict]:
+    import triton
+    bn = triton.next_power_of_2(n)
+    out = [{"variant": "rows", "block_m": bm, "num_warps": nw, "per_sm": ps}
+           for bm in (1, 2, 4) for nw in (4, 8) for ps in (1, 2) if bm * bn <= 8192]
+    if n > 1024:
+        out += [{"variant": "split", "block_m": 1, "num_warps": nw, "per_sm": ps} for nw in (4, 8) for ps in (1, 2)]
+        out += [{"variant": "chunked", "chunk": 2048, "num_warps": 16, "per_sm": 1}]
+    return out
+
+
 def sweep_triton(widths=WIDTHS, log=print) -> list[dict]:
-    """Forward/backward launch configurations of the Triton kernel (used to set the heuristics)."""
+    """Device time (CUDA graphs) of each candidate launch, calling the launchers directly."""
     from megatron_msg.kernels import triton_masked_ln as tml
     out = []
     for n in widths:
         m = INPUT_BYTES // (n * 2)
+        torch.manual_seed(n)
         x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, device="cuda")
-        b = torch.randn(n, device="cuda")
+        w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
         c = _make_mask(n, "cuda")
         dy = torch.randn_like(x)
-        _, mean, rstd, _ = tml.masked_ln_fwd(x, w, b, c, 1e-5)
-        bn = 1 << (n - 1).bit_length()
-        for bm in (1, 2, 4, 8, 16):
-            if bm * bn > 16384:
-                continue
-            for nw in (4, 8, 16):
-                try:
-                    ms = _bench(lambda: tml.masked_ln_fwd(x, w, b, c, 1e-5, block_m=bm, num_warps=nw))
-                    out.append({"N": n, "pass": "fwd", "block_m": bm, "num_warps": nw, "ms": round(ms, 4),
-                                "GBps": round(2 * m * n * 2 / ms / 1e6)})
-                except Exception as exc:
-                    out.append({"N": n, "pass": "fwd", "block_m": bm, "num_warps": nw, "error": repr(exc)[:200]})
-                for per_sm in (1, 2, 4):
-                    if bm * bn > 8192 and bm > 1:
-                        continue
-                    g = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
-                    try:
-                        ms = _bench(lambda: tml.masked_ln_bwd(dy, x, w, c, mean, rstd, block_m=bm, num_warps=nw,
-                                                              programs=g))
-                        out.append({"N": n, "pass": "bwd", "block_m": bm, "num_warps": nw, "per_sm": per_sm,
-                                    "ms": round(ms, 4), "GBps": round(3 * m * n * 2 / ms / 1e6)})
-                    except Exception as exc:
-                        out.append({"N": n, "pass": "bwd", "block_m": bm, "num_warps": nw, "per_sm": per_sm,
-                                    "error": repr(exc)[:200]})
+        y_ref, mean, rstd, _ = tml.masked_ln_fwd(x, w, b, c, EPS)
+        dx_ref = tml.masked_ln_bwd(dy, x, w, c, mean, rstd)[0]
+        for kw in _fwd_candidates(n):
+            rec = {"N": n, "pass": "fwd", **kw}
+            try:
+                y = tml.masked_ln_fwd(x, w, b, c, EPS, **kw)[0]
+                rec["max_abs_diff_vs_default"] = float((y.float() - y_ref.float()).abs().max())
+                ms = device_ms(lambda: tml.masked_ln_fwd(x, w, b, c, EPS, **kw))
+                rec.update(ms=round(ms, 4), GBps=round(2 * m * n * 2 / ms / 1e6))
+            except Exception as exc:
+                rec["error"] = repr(exc)[:200]
+            out.append(rec)
+        for kw in _bwd_candidates(n):
+            rec = {"N": n, "pass": "bwd", **kw}
+            try:
+                dx = tml.masked_ln_bwd(dy, x, w, c, mean, rstd, **kw)[0]
+                rec["max_abs_diff_vs_default"] = float((dx.float() - dx_ref.float()).abs().max())
+                ms = device_ms(lambda: tml.masked_ln_bwd(dy, x, w, c, mean, rstd, **kw))
+                rec.update(ms=round(ms, 4), GBps=round(3 * m * n * 2 / ms / 1e6))
+            except Exception as exc:
+                rec["error"] = repr(exc)[:200]
+            out.append(rec)
         for p in ("fwd", "bwd"):
-            mine = sorted((r for r in out if r["N"] == n and r["pass"] == p and "GBps" in r),
-                          key=lambda r: -r["GBps"])
-            log(json.dumps({"N": n, "pass": p, "top3": mine[:3]}))
-        del x, dy
+            ranked = sorted((r for r in out if r["N"] == n and r["pass"] == p and "GBps" in r),
+                            key=lambda r: -r["GBps"])
+            log(json.dumps({"N": n, "pass": p, "top3": ranked[:3]}))
+        x = dy = None  # free before empty_cache
         torch.cuda.empty_cache()
     return out
 
 
+# ---------------------------------------------------------------------------
+# report
+
+IMPLS = ["triton", "cuda", "torch_ln", "eager_masked", "compiled_masked", "apex_ln"]
+
+
 def markdown_table(res: dict) -> str:
-    names = ["triton", "cuda", "torch_ln", "eager_masked", "compiled_masked", "apex_ln"]
     lines = [f"Device: {res['device']}; torch {res['torch']}, triton {res['triton']}; "
              f"copy bandwidth {res['copy_GBps']:.0f} GB/s (read+write).", "",
-             "Timing: triton.testing.do_bench (median, L2 flushed before each call); it includes host "
-             "launch overhead whenever the host is slower than the GPU.", "",
-             "| hidden | rows | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | max abs err |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+             f"device = median GPU time per call over CUDA-graph replays ({CALLS} calls per graph, "
+             f"{REPLAYS} replays); host = do_bench of one eager call (L2 flushed), which includes host "
+             "launch time when the host is the slower side.", "",
+             "| hidden | rows | impl | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | host fwd ms | host fwd+bwd ms "
+             "| max abs err |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in res["layernorm"]:
-        for name in names:
+        for name in IMPLS:
             v = row.get(name)
             if v is None:
                 continue
             if isinstance(v, str):
-                lines.append(f"| {row['N']} | {row['M']} | {name} | {v[:60]} | | | | |")
+                lines.append(f"| {row['N']} | {row['M']} | {name} | {v[:60]} | | | | | | |")
                 continue
-            err = "" if v["max_abs_err_vs_fp32"] is None else f"{v['max_abs_err_vs_fp32']:.3g}"
-            lines.append(f"| {row['N']} | {row['M']} | {name} | {v['fwd_ms']:.4f} | {v['fwd_GBps']} | "
-                         f"{v['fb_ms']:.4f} | {v['fb_GBps']} | {err} |")
-    for key, title in (("fb_ms", "do_bench"),):
-        lines += ["", f"Ratios ({title}, same run): fwd+bwd time of F.layer_norm / ours, eager masked / ours.", "",
-                  "| hidden | triton fwd GB/s | cuda fwd GB/s | torch_ln fb / triton fb | torch_ln fb / cuda fb "
-                  "| eager fb / triton fb | eager fb / cuda fb |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += _ratio_rows(res, key)
+            err = "" if v.get("max_abs_err_vs_fp32") is None else f"{v['max_abs_err_vs_fp32']:.3g}"
+            lines.append(f"| {row['N']} | {row['M']} | {name} | {v.get('fwd_ms', 'n/a')} | "
+                         f"{v.get('fwd_GBps', 'n/a')} | {v.get('fb_ms', 'n/a')} | {v.get('fb_GBps', 'n/a')} | "
+                         f"{v.get('fwd_host_ms')} | {v.get('fb_host_ms')} | {err} |")
+    lines += ["", "Ratios (device times, same run): F.layer_norm fwd+bwd / ours, eager masked fwd+bwd / ours.", "",
+              "| hidden | triton fwd GB/s | cuda fwd GB/s | torch_ln fb / triton fb | torch_ln fb / cuda fb "
+              "| eager fb / triton fb | eager fb / cuda fb |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += _ratio_rows(res)
     return "\n".join(lines) + "\n"
 
 
-def _ratio_rows(res: dict, key: str) -> list[str]:
-    fkey = "fwd_GBps"
+def _ratio_rows(res: dict) -> list[str]:
     lines = []
     for row in res["layernorm"]:
         def get(name, k):
@@ -200,163 +292,162 @@ def _ratio_rows(res: dict, key: str) -> list[str]:
             return v.get(k) if isinstance(v, dict) else None
 
         def ratio(a, b):
-            return f"{a / b:.2f}x" if a and b else "n/a"
-        lines.append(f"| {row['N']} | {get('triton', fkey)} | {get('cuda', fkey)} | "
-                     f"{ratio(get('torch_ln', key), get('triton', key))} | "
-                     f"{ratio(get('torch_ln', key), get('cuda', key))} | "
-                     f"{ratio(get('eager_masked', key), get('triton', key))} | "
-                     f"{ratio(get('eager_masked', key), get('cuda', key))} |")
+            return f"{get(a, 'fb_ms') / get(b, 'fb_ms'):.2f}x" if get(a, "fb_ms") and get(b, "fb_ms") else "n/a"
+        lines.append(f"| {row['N']} | {get('triton', 'fwd_GBps')} | {get('cuda', 'fwd_GBps')} | "
+                     f"{ratio('torch_ln', 'triton')} | {ratio('torch_ln', 'cuda')} | "
+                     f"{ratio('eager_masked', 'triton')} | {ratio('eager_masked', 'cuda')} |")
     return lines
 
 
-def run_kernels(out_dir: str, widths=WIDTHS, sweep: bool = False, only=None) -> dict:
+def _require_gpu(what: str) -> None:
     if not torch.cuda.is_available():
-        raise SystemExit("msg-bench kernels needs a CUDA GPU")
+        raise SystemExit(f"msg-bench {what} needs a CUDA GPU")
+
+
+def _header() -> dict:
     import triton
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "dtype": "bfloat16", "input_bytes": INPUT_BYTES}
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"), "dtype": "bfloat16", "input_bytes": INPUT_BYTES}
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic: a run killed mid-write leaves the previous file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def run_kernels(out_dir: str, widths=WIDTHS, only=None) -> dict:
+    _require_gpu("kernels")
+    res = _header()
     res["copy_GBps"] = copy_bandwidth()
     print(f"copy {res['copy_GBps']:.0f} GB/s", flush=True)
-    if sweep:
-        res["triton_sweep"] = sweep_triton(widths, log=lambda s: print(s, flush=True))
     res["layernorm"] = bench_layernorm(widths, only=only, log=lambda s: print(s, flush=True))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(res, indent=1))
+    _write_json(out / "kernels.json", res)
     md = markdown_table(res)
     (out / "kernels.md").write_text(md)
     print(md, flush=True)
     return res
 
 
+def run_sweep(out_dir: str, widths=WIDTHS) -> dict:
+    _require_gpu("kernel-sweep")
+    res = _header()
+    res["sweep"] = sweep_triton(widths, log=lambda s: print(s, flush=True))
+    _write_json(Path(out_dir) / "sweep.json", res)
+    return res
+
+
 # ---------------------------------------------------------------------------
 # GPT-2-small step with and without masks
 
-def _fused_pre(layer, x, c, fm, hm, depth_c):
-    """Pre-LN layer with every mask fused (a drop-in for transformer.Layer._pre + depth_mix).
+def _ramp_masks(model) -> None:
+    """Masks of a ramp in progress: the newest quarter of each dimension at 0.3, depth masks 1."""
+    with torch.no_grad():
+        for buf in model.mask_buffers().values():
+            if buf.dim() == 1:
+                buf[buf.numel() * 3 // 4:] = 0.3
 
-    LN1 -> masked LN kernel; head mask and hidden mask folded into the output
-    projection; residual add fused into LN2; FFN and hidden masks folded into
-    fc2; the final residual add fused with the depth mix.
+
+def run_mask_overhead(out_dir: str, batch: int = 16, steps: int = 20, windows: int = 5,
+                      compile_model: bool = False, log=print) -> dict:
+    """Training-step time of the model mid-ramp (masked path) vs the same model unmasked.
+
+    One model and optimizer; each variant flips ``model.masked`` and the kernel
+    backend (``MSG_KERNEL_BACKEND``) and runs ``steps`` timed steps per window, the
+    variants' windows interleaved; the median window per variant is reported.
     """
-    attn, mlp = layer.attn, layer.mlp
-    bsz, t, _ = x.shape
-    y1 = kernels.masked_layer_norm(x, layer.ln1.weight, layer.ln1.bias, c, layer.ln1.eps)
-    q, k, v = attn.qkv(y1).view(bsz, t, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    o = o.transpose(1, 2).reshape(bsz, t, attn.heads * attn.head_dim)
-    a = kernels.masked_linear(o, attn.proj.weight, attn.proj.bias,
-                              in_mask=kernels.head_columns(hm, attn.head_dim), out_mask=c)
-    y2, h = kernels.add_masked_layer_norm(x, a, layer.ln2.weight, layer.ln2.bias, c, layer.ln2.eps)
-    u = mlp.act(mlp.fc1(y2))
-    f = kernels.masked_linear(u, mlp.fc2.weight, mlp.fc2.bias, in_mask=fm, out_mask=c)
-    return kernels.depth_residual_add(x, h, f, depth_c)
-
-
-def _install_fused_forward(model) -> None:
-    """Route the model's masked path through _fused_pre (benchmark only; the model's own code is unchanged)."""
-    import types
-
-    def layer_forward(self, x, hidden_mask, attn_mask=None):
-        if hidden_mask is None or attn_mask is not None or not self.pre_ln:
-            return type(self).forward(self, x, hidden_mask, attn_mask)
-        return _fused_pre(self, x, hidden_mask, self.ffn_mask, self.head_mask, self.depth_mask)
-    for layer in model.layers:
-        layer.forward = types.MethodType(layer_forward, layer)
-
-
-def run_mask_overhead(out_dir: str, batch: int = 16, steps: int = 20, log=print) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("msg-bench mask-overhead needs a CUDA GPU")
+    _require_gpu("mask-overhead")
     from megatron_msg.config import ModelConfig
     from megatron_msg.model.gpt import GPT
     cfg = ModelConfig(arch="gpt", hidden=768, ffn=3072, heads=12, head_dim=64, layers=12,
                       vocab_size=50304, seq_len=1024)
     dev = "cuda"
-    res = {"device": torch.cuda.get_device_name(), "config": "GPT-2 small (768, 3072, 12, 12), T=1024",
-           "batch": batch, "date": time.strftime("%Y-%m-%d"), "rows": []}
-
-    def measure(label, masked, backend, fused):
-        torch.manual_seed(0)
-        model = GPT(cfg).to(dev)
-        with torch.no_grad():  # masks of a ramp in progress: newest quarter of each dim at 0.3
-            for name, buf in model.mask_buffers().items():
-                if buf.dim() == 1:
-                    buf[buf.numel() * 3 // 4:] = 0.3
-        model.set_masked(masked)
-        if fused:
-            _install_fused_forward(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-        idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=dev)
-        tgt = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=dev)
-        old = os.environ.get("MSG_KERNEL_BACKEND")
-        if backend:
-            os.environ["MSG_KERNEL_BACKEND"] = backend
-        try:
-            def step():
-                with torch.autocast("cuda", torch.bfloat16):
-                    _, loss = model(idx, tgt)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-            for _ in range(3):
-                loss = step()
-            times = []
-            for _ in range(3):  # three timed windows; the median is reported
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    loss = step()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) / steps * 1e3)
-        finally:
-            if backend:
-                if old is None:
-                    os.environ.pop("MSG_KERNEL_BACKEND", None)
-                else:
-                    os.environ["MSG_KERNEL_BACKEND"] = old
-        row = {"label": label, "step_ms": round(sorted(times)[1], 2), "windows_ms": [round(t, 2) for t in times],
-               "loss": float(loss)}
-        log(json.dumps(row))
-        del model, opt
-        torch.cuda.empty_cache()
-        return row
-
-    # Function preservation of the fused path (same outputs as the model's own masked path)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "config": "GPT-2 small (768, 3072, 12, 12), T=1024, bf16 autocast, fused AdamW",
+           "batch": batch, "steps_per_window": steps, "windows": windows, "date": time.strftime("%Y-%m-%d"),
+           "compiled": compile_model, "rows": []}
     torch.manual_seed(0)
-    m1 = GPT(cfg).to(dev)
-    with torch.no_grad():
-        for name, buf in m1.mask_buffers().items():
-            if buf.dim() == 1:
-                buf[buf.numel() * 3 // 4:] = 0.3
-            else:
-                buf.fill_(0.6)
-    m1.set_masked(True)
-    idx = torch.randint(0, cfg.vocab_size, (2, 256), device=dev)
-    with torch.no_grad():
-        ref_logits = m1(idx)
-        _install_fused_forward(m1)
-        fused_logits = m1(idx)
-    res["fused_vs_model_max_abs_logit_diff_fp32"] = float((ref_logits - fused_logits).abs().max())
-    log(f"fused path vs model masked path, fp32 logits max |diff| = {res['fused_vs_model_max_abs_logit_diff_fp32']:.3g}")
-    del m1
-    torch.cuda.empty_cache()
+    model = GPT(cfg).to(dev)
+    _ramp_masks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=dev)
+    tgt = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=dev)
+    fwd = torch.compile(model) if compile_model else model
 
-    res["rows"].append(measure("no masks (fast path)", False, None, False))
-    res["rows"].append(measure("masks, model as written, reference kernels", True, "reference", False))
-    res["rows"].append(measure("masks, model as written, triton kernels", True, None, False))
-    res["rows"].append(measure("masks, fused path (folded masks + fused kernels)", True, None, True))
-    res["rows"].append(measure("no masks (fast path, repeat)", False, None, False))
-    base = min(res["rows"][0]["step_ms"], res["rows"][-1]["step_ms"])
-    for r in res["rows"]:
-        r["overhead_vs_nomask"] = round(r["step_ms"] / base - 1, 4)
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            _, loss = fwd(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    # (label, masked, MSG_KERNEL_BACKEND); under torch.compile "auto" traces the reference
+    # and Inductor fuses it, "triton" puts the fused kernels in the graph as custom ops.
+    variants = [("no masks (fast path)", False, "auto"),
+                ("ramp, fused kernels (auto: Triton)" if not compile_model else "ramp, auto (Inductor-fused reference)",
+                 True, "auto")]
+    if compile_model:
+        variants.append(("ramp, Triton custom ops", True, "triton"))
+    else:
+        variants.append(("ramp, reference kernels (PyTorch)", True, "reference"))
+        try:
+            from megatron_msg.kernels import cuda_ext
+            cuda_ext.load()
+            variants.append(("ramp, CUDA-extension LayerNorm", True, "cuda"))
+        except Exception as exc:
+            log(f"cuda extension unavailable: {exc!r}"[:300])
+    # Eager: every variant's windows interleaved in one phase.  Compiled: the backend is
+    # read while tracing and is not a guard, so each backend is its own phase after a
+    # dynamo reset (``model.masked`` is guarded: both values stay cached within a phase).
+    phases = [variants] if not compile_model else \
+        [[v for v in variants if v[2] == be] for be in dict.fromkeys(v[2] for v in variants)]
+    old = os.environ.get("MSG_KERNEL_BACKEND")
+    times: dict[str, list[float]] = {v[0]: [] for v in variants}
+    losses: dict[str, float] = {}
+    try:
+        for phase in phases:
+            if compile_model:
+                torch._dynamo.reset()
+            for label, masked, backend in phase:  # warm-up (and compiles) per variant
+                model.set_masked(masked)
+                os.environ["MSG_KERNEL_BACKEND"] = backend
+                for _ in range(3):
+                    step()
+            for _ in range(windows):
+                for label, masked, backend in phase:
+                    model.set_masked(masked)
+                    os.environ["MSG_KERNEL_BACKEND"] = backend
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        loss = step()
+                    torch.cuda.synchronize()
+                    times[label].append((time.perf_counter() - t0) / steps * 1e3)
+                    losses[label] = float(loss)
+    finally:
+        if old is None:
+            os.environ.pop("MSG_KERNEL_BACKEND", None)
+        else:
+            os.environ["MSG_KERNEL_BACKEND"] = old
+    base = statistics.median(times[variants[0][0]])
+    for label, _, backend in variants:
+        med = statistics.median(times[label])
+        row = {"label": label, "backend": backend, "step_ms": round(med, 2),
+               "windows_ms": [round(t, 2) for t in times[label]], "overhead_vs_nomask": round(med / base - 1, 4),
+               "last_loss": losses[label]}
+        res["rows"].append(row)
+        log(json.dumps(row))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mask_overhead.json").write_text(json.dumps(res, indent=1))
-    lines = ["| variant | step ms | overhead vs no masks |", "|---|---:|---:|"]
-    lines += [f"| {r['label']} | {r['step_ms']} | {100 * r['overhead_vs_nomask']:+.1f}% |" for r in res["rows"]]
+    suffix = "_compiled" if compile_model else ""
+    _write_json(out / f"mask_overhead{suffix}.json", res)
+    lines = ["| variant | step ms (median window) | overhead vs no masks | windows ms |", "|---|---:|---:|---|"]
+    lines += [f"| {r['label']} | {r['step_ms']} | {100 * r['overhead_vs_nomask']:+.1f}% | "
+              f"{', '.join(str(t) for t in r['windows_ms'])} |" for r in res["rows"]]
     md = "\n".join(lines) + "\n"
-    (out / "mask_overhead.md").write_text(md)
+    (out / f"mask_overhead{suffix}.md").write_text(md)
     log(md)
     return res

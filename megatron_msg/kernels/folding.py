@@ -30,12 +30,12 @@ def head_columns(head_mask: torch.Tensor, head_dim: int) -> torch.Tensor:
     return head_mask.repeat_interleave(head_dim)
 
 
-def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  in_mask: torch.Tensor | None = None, out_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``out_mask * F.linear(in_mask * x, weight, bias)`` with the masks folded into the weight.
+def fold_masks(weight: torch.Tensor, bias: torch.Tensor | None, in_mask: torch.Tensor | None = None,
+               out_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out_mask[:, None] * weight * in_mask[None, :], out_mask * bias)``; unmasked inputs pass through.
 
-    weight: [out, in]; in_mask: [in] or None; out_mask: [out] or None.  The
-    masks are cast to the weight's dtype (the product runs in the weight's or
+    weight: [out, in]; in_mask: [in] or None; out_mask: [out] or None.  The masks
+    are cast to the weight's dtype (the product then runs in the weight's or
     autocast's precision, as the unmasked layer would).
     """
     w = weight
@@ -46,4 +46,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         w = w * om[:, None]
         if bias is not None:
             bias = bias * om.to(bias.dtype)
-    return F.linear(x, w, bias)
+    return w, bias
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  in_mask: torch.Tensor | None = None, out_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``out_mask * F.linear(in_mask * x, weight, bias)`` with the masks folded into the weight."""
+    return F.linear(x, *fold_masks(weight, bias, in_mask, out_mask))

@@ -75,7 +75,7 @@ def _rows(t: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------
 # PyTorch implementations (backend "reference"): the same formulas as
-# megatron_msg.model.masked_norm.masked_layer_norm_reference and the kernels'
+# megatron_msg.kernels.reference.masked_layer_norm_reference and the kernels'
 # docstrings, accumulating in at least fp32.
 
 

@@ -23,7 +23,11 @@ def _depth_residual_fwd_kernel(X, H, F, C, OUT, numel, BLOCK: tl.constexpr):
     f = tl.load(F + offs, mask=msk, other=0.0)
     # round h + f to the I/O dtype, as the unfused ``h + f`` would
     y = (h.to(tl.float32) + f.to(tl.float32)).to(OUT.dtype.element_ty).to(tl.float32)  # f may be narrower
-    tl.store(OUT + offs, (x + c * (y - x)).to(OUT.dtype.element_ty), mask=msk)
+    # torch.lerp's two-sided form: exact at c = 0 (x) and at c = 1 (h + f), so an old
+    # layer (c = 1) gives bit for bit what the unmasked model computes
+    d = y - x
+    out = tl.where(c < 0.5, x + c * d, y - d * (1.0 - c))
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=msk)
 
 
 @triton.jit

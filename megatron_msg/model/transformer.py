@@ -11,6 +11,15 @@ Where each mask acts (DESIGN.md, MSG semantics):
 * ffn mask     -> after the activation of the first FFN projection (eq. 10-12);
 * head mask    -> each head's attention output, before the output projection;
 * depth mask   -> ``x + c * (layer(x) - x)`` around a whole layer (eq. 20).
+
+How the masked path runs, so that a ramp costs (almost) nothing on the GPU
+(docs/kernels.md; measured in docs/benchmarks.md): the LayerNorms are the fused
+masked-LN op; the FFN, head and sublayer-output masks are folded into the
+weights of fc2 / proj (``out_mask * W x * in_mask``, an O(out x in) scaling
+instead of a pass over the activations); in pre-LN blocks the mid-block residual
+add is fused into LN2 and the last residual add into the depth mix.  Each of
+these equals the masked formula above (up to float rounding); on CPU the same
+calls run the PyTorch reference.
 """
 from __future__ import annotations
 
@@ -74,7 +83,9 @@ class Attention(nn.Module):
         self.rng = placement.rng
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, out_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output, with this rank's head mask and the hidden ``out_mask`` (on the
+        output features) folded into the output projection."""
         qkv = self.qkv(x)
         b, t = qkv.shape[:2]  # the full sequence: under SP x is a slice, qkv gathered it
         q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -84,9 +95,9 @@ class Attention(nn.Module):
         with region:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                is_causal=self.causal and attn_mask is None, dropout_p=p)
-        if head_mask is not None:
-            o = kernels.scale_heads(o, head_mask)
-        return self.proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        head_cols = None if head_mask is None else kernels.head_columns(head_mask, self.head_dim)
+        return self.proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim),
+                         in_mask=head_cols, out_mask=out_mask)
 
 
 class MLP(nn.Module):
@@ -100,11 +111,11 @@ class MLP(nn.Module):
         self.fc2 = RowParallelLinear(cfg.ffn, cfg.hidden, tp)
         self.act = ACTIVATIONS[cfg.activation]
 
-    def forward(self, x: torch.Tensor, ffn_mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.act(self.fc1(x))
-        if ffn_mask is not None:
-            h = h * ffn_mask.to(h.dtype)  # mask after the activation: any activation works
-        return self.fc2(h)
+    def forward(self, x: torch.Tensor, ffn_mask: torch.Tensor | None,
+                out_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``fc2(ffn_mask * act(fc1 x)) * out_mask``: the FFN mask acts after the activation
+        (so any activation works); both masks are folded into fc2's weight."""
+        return self.fc2(self.act(self.fc1(x)), in_mask=ffn_mask, out_mask=out_mask)
 
 
 class Layer(nn.Module):
@@ -126,26 +137,38 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, hidden_mask: torch.Tensor | None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if hidden_mask is None:
-            return self._pre(x, None, None, None, attn_mask) if self.pre_ln else \
-                self._post(x, None, None, None, attn_mask)
-        fm, hm = self.ffn_mask, self.head_mask
-        y = self._pre(x, hidden_mask, fm, hm, attn_mask) if self.pre_ln else \
-            self._post(x, hidden_mask, fm, hm, attn_mask)
-        return kernels.depth_mix(x, y, self.depth_mask)
+            return self._pre(x, attn_mask) if self.pre_ln else self._post(x, attn_mask)
+        if self.pre_ln:
+            return self._pre_masked(x, hidden_mask, attn_mask)
+        return kernels.depth_mix(x, self._post_masked(x, hidden_mask, attn_mask), self.depth_mask)
 
-    def _pre(self, x, c, fm, hm, attn_mask):
+    def _pre(self, x, attn_mask):
+        x = x + self.dropout(self.attn(self.ln1(x), None, attn_mask))
+        return x + self.dropout(self.mlp(self.ln2(x), None))
+
+    def _post(self, x, attn_mask):
+        x = self.ln1(x + self.dropout(self.attn(x, None, attn_mask)))
+        return self.ln2(x + self.dropout(self.mlp(x, None)))
+
+    def _pre_masked(self, x, c, attn_mask):
         # Pre-LN: the residual stream is never normalised, so each sublayer output is
-        # masked before it is added (new hidden units of the stream stay c-scaled).
-        a = self.dropout(self.attn(self.ln1(x, c), hm, attn_mask))
-        x = x + (a if c is None else a * c.to(a.dtype))
-        f = self.dropout(self.mlp(self.ln2(x, c), fm))
-        return x + (f if c is None else f * c.to(f.dtype))
+        # masked by c before it is added (new hidden units of the stream stay c-scaled);
+        # the c-scaling rides in proj/fc2's weights (dropout commutes with it).
+        ln1, ln2 = self.ln1, self.ln2
+        y1 = kernels.masked_layer_norm(x, ln1.weight, ln1.bias, c, ln1.eps)
+        a = self.dropout(self.attn(y1, self.head_mask, attn_mask, out_mask=c))
+        y2, h = kernels.add_masked_layer_norm(x, a, ln2.weight, ln2.bias, c, ln2.eps)  # h = x + c*attn
+        f = self.dropout(self.mlp(y2, self.ffn_mask, out_mask=c))
+        return kernels.depth_residual_add(x, h, f, self.depth_mask)  # x + d*((h + c*mlp) - x)
 
-    def _post(self, x, c, fm, hm, attn_mask):
+    def _post_masked(self, x, c, attn_mask):
         # Post-LN: the masked LN ignores (and zeroes) the new units of its input,
-        # so sublayer outputs need no separate mask.
-        x = self.ln1(x + self.dropout(self.attn(x, hm, attn_mask)), c)
-        return self.ln2(x + self.dropout(self.mlp(x, fm)), c)
+        # so sublayer outputs need no hidden mask; each residual add is fused into its LN.
+        ln1, ln2 = self.ln1, self.ln2
+        a = self.dropout(self.attn(x, self.head_mask, attn_mask))
+        x, _ = kernels.add_masked_layer_norm(x, a, ln1.weight, ln1.bias, c, ln1.eps)
+        f = self.dropout(self.mlp(x, self.ffn_mask))
+        return kernels.add_masked_layer_norm(x, f, ln2.weight, ln2.bias, c, ln2.eps)[0]
 
 
 class LayerStack(nn.ModuleDict):

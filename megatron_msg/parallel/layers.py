@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_msg.kernels.folding import fold_masks
 from megatron_msg.parallel.mappings import (copy_to_tp, gather_from_sequence, reduce_from_tp,
                                             reduce_scatter_to_sequence)
 
@@ -84,7 +85,10 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """``y = x W^T + b`` with W's input columns split across ranks; output all-reduced.
 
-    The bias is added once, after the reduction.
+    The bias is added once, after the reduction.  MSG masks next to the layer
+    (``out_mask * linear(in_mask * x)``, in_mask: this rank's input columns, out_mask:
+    all outputs) are folded into the weight (kernels/folding.py): no pass over the
+    activations, and the result equals masking them.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, bias: bool = True,
@@ -94,9 +98,11 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, tp.local(in_features, what)))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.tp.leave(F.linear(x, self.weight if weight is None else weight))
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, in_mask: torch.Tensor | None = None,
+                out_mask: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = fold_masks(self.weight, self.bias, in_mask, out_mask)
+        y = self.tp.leave(F.linear(x, weight))
+        return y if bias is None else y + bias
 
 
 class VocabParallelEmbedding(nn.Module):
