@@ -427,7 +427,7 @@ def run_mask_overhead(out_dir: str, batch: int = 16, steps: int = 20, windows: i
                         loss = step()
                     torch.cuda.synchronize()
                     times[label].append((time.perf_counter() - t0) / steps * 1e3)
-                    losses[label] = float(loss)
+                    losses[label] = float(loss.detach())
     finally:
         if old is None:
             os.environ.pop("MSG_KERNEL_BACKEND", None)
