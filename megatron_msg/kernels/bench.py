@@ -293,7 +293,7 @@ def _ratio_rows(res: dict) -> list[str]:
 
         def ratio(a, b):
             return f"{get(a, 'fb_ms') / get(b, 'fb_ms'):.2f}x" if get(a, "fb_ms") and get(b, "fb_ms") else "n/a"
-        lines.append(f"| {row['N']} | {get('triton', 'fwd_GBps')} | {get('cuda', 'fwd_GBps')} | "
+        lines.append(f"| {row['N']} | {get('triton', 'fwd_GBps') or 'n/a'} | {get('cuda', 'fwd_GBps') or 'n/a'} | "
                      f"{ratio('torch_ln', 'triton')} | {ratio('torch_ln', 'cuda')} | "
                      f"{ratio('eager_masked', 'triton')} | {ratio('eager_masked', 'cuda')} |")
     return lines

@@ -45,6 +45,29 @@ from megatron_msg.kernels.backend import MAX_FUSED_N  # noqa: F401  (re-exported
 
 
 @triton.jit
+def _load_rows(X, rows64, stride, cols, m2, DELTA, H, N, HAS_DELTA: tl.constexpr):
+    """x (or h = x + delta, stored to H) as fp32 for one tile.
+
+    The fused residual add rounds h to the I/O dtype exactly as the unfused
+    ``h = x + delta`` would, then normalises it.  DELTA and H are contiguous [M, N].
+    """
+    x = tl.load(X + rows64[:, None] * stride + cols[None, :], mask=m2, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(DELTA + rows64[:, None] * N + cols[None, :], mask=m2, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=m2)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_normalized(Y, W, B, rows64, stride_y, cols, cmask, m2, d, rstd, c):
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = (d * rstd[:, None] * w[None, :] + b[None, :]) * c[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
+
+
+@triton.jit
 def _masked_ln_fwd_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, stride_y, eps,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr):
     pid = tl.program_id(0)
@@ -54,25 +77,14 @@ def _masked_ln_fwd_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, s
     cmask = cols < N
     m2 = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=m2, other=0.0)
-    if HAS_DELTA:
-        # fused residual add: h = x + delta, rounded to the I/O dtype exactly as
-        # the unfused ``h = x + delta`` would be, then normalised.  DELTA and H
-        # are contiguous [M, N].
-        delta = tl.load(DELTA + rows64[:, None] * N + cols[None, :], mask=m2, other=0.0)
-        x = (x.to(tl.float32) + delta.to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=m2)
-    x = x.to(tl.float32)
+    x = _load_rows(X, rows64, stride_x, cols, m2, DELTA, H, N, HAS_DELTA)
     c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
     inv_s = 1.0 / tl.sum(c, axis=0)
     mean = tl.sum(x * c[None, :], axis=1) * inv_s
     d = x - mean[:, None]
     var = tl.sum(d * d * c[None, :], axis=1) * inv_s
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = (d * rstd[:, None] * w[None, :] + b[None, :]) * c[None, :]
-    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
+    _store_normalized(Y, W, B, rows64, stride_y, cols, cmask, m2, d, rstd, c)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
@@ -80,11 +92,10 @@ def _masked_ln_fwd_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, s
 @triton.jit
 def _masked_ln_fwd_wide_kernel(X, Y, W, B, C, MEAN, RSTD, DELTA, H, M, N, stride_x, stride_y, eps,
                                CHUNK: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """Forward for wide rows (N > 4096), one row per program, in CHUNK-wide pieces.
+    """Forward of one row per program in CHUNK-wide pieces (variant "chunked").
 
-    A whole 10K row in registers leaves room for one row in flight per SM,
-    too little to cover HBM latency; chunking keeps registers small so many rows
-    are in flight.  Pass 1 merges per-chunk weighted mean / M2 (Chan et al.'s
+    Chunking keeps registers small, so many rows are in flight; at 10240 it measured
+    the same as the "split" kernel (docs/kernel_notes.md), which the heuristic uses.  Pass 1 merges per-chunk weighted mean / M2 (Chan et al.'s
     parallel update, numerically like the two-pass formula); pass 2 re-reads the
     row (from L2) and writes y.  HBM traffic: read x once, write y once.
     """
@@ -173,10 +184,9 @@ def _masked_ln_bwd_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DRES, M
 def _masked_ln_bwd_wide_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DRES, M, N,
                                stride_x, stride_dy, stride_dx,
                                CHUNK: tl.constexpr, HAS_DRES: tl.constexpr):
-    """Backward for wide rows (N > 4096): one row at a time, in column chunks.
+    """Backward of one row at a time in column chunks (variant "chunked"; slower than "split" at 10240).
 
-    Holding a whole 10K-wide row plus dw/db accumulators in registers spills, so
-    each row is walked twice in CHUNK-wide pieces: the first walk reduces
+    Each row is walked twice in CHUNK-wide pieces: the first walk reduces
     sum(g) and sum(g xhat), the second (re-reading the row from L2, not HBM)
     writes dx and adds the row into this program's private fp32 dw/db partial
     row, which stays L2-resident.  HBM traffic is still read x, dy / write dx.
@@ -235,25 +245,6 @@ def _masked_ln_bwd_wide_kernel(X, DY, DX, W, C, MEAN, RSTD, DW_PART, DB_PART, DR
 # Triton tiles are powers of two; one tile of next_pow2(N) columns wastes 37.5% of
 # the registers at N = 10240 (16384 - 10240), which capped residency at one row per
 # SM.  Two tiles hold 8192 + 2048 = exactly 10240 (likewise 5120, 6144, 12288).
-
-
-@triton.jit
-def _load_rows(X, rows64, stride, cols, m2, DELTA, H, N, HAS_DELTA: tl.constexpr):
-    """x (or h = x + delta, stored to H rounded to H's dtype) as fp32 for one tile."""
-    x = tl.load(X + rows64[:, None] * stride + cols[None, :], mask=m2, other=0.0)
-    if HAS_DELTA:
-        delta = tl.load(DELTA + rows64[:, None] * N + cols[None, :], mask=m2, other=0.0)
-        x = (x.to(tl.float32) + delta.to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=m2)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store_normalized(Y, W, B, rows64, stride_y, cols, cmask, m2, d, rstd, c):
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = (d * rstd[:, None] * w[None, :] + b[None, :]) * c[None, :]
-    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
 
 
 @triton.jit
