@@ -6,9 +6,10 @@
 #include <cuda_runtime.h>
 
 int msg_masked_ln_supported(int dtype, int N, int aligned);
+int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages);
 cudaError_t msg_masked_ln_fwd(int dtype, int aligned, const void* x, void* y, const float* w, const float* b,
                               const float* c, float* mean, float* rstd, int64_t M, int N, float eps,
-                              int sm_count, cudaStream_t stream);
+                              int sm_count, cudaStream_t stream, int variant, int stages);
 cudaError_t msg_masked_ln_bwd(int dtype, int aligned, const void* x, const void* dy, void* dx, const float* w,
                               const float* c, const float* mean, const float* rstd, float* dw_part,
                               float* db_part, int64_t M, int N, int sm_count, cudaStream_t stream, int* owners,
@@ -26,9 +27,9 @@ int dtype_code(const at::Tensor& t) {
   return -1;
 }
 
-int is_aligned(std::initializer_list<const at::Tensor*> ts) {
+int is_aligned(std::initializer_list<const at::Tensor*> ts, uintptr_t bytes) {
   for (auto* t : ts)
-    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return 0;
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % bytes != 0) return 0;
   return 1;
 }
 
@@ -42,10 +43,12 @@ bool supported(const at::Tensor& x) {
   return x.is_cuda() && msg_masked_ln_supported(dtype_code(x), x.size(-1), 1);
 }
 
-// x: [M, N] contiguous. Returns y, mean, rstd.
+// x: [M, N] contiguous. Returns y, mean, rstd.  variant: 0 auto, 1 registers, 2 staged
+// (see masked_layernorm_cuda.cu); stages: ring depth of the staged kernel, 0 = default.
 std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, const at::Tensor& c_,
-                            double eps) {
+                            double eps, int64_t variant, int64_t stages) {
   TORCH_CHECK(x_.is_cuda() && x_.dim() == 2, "x must be a 2-D CUDA tensor");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "masked_ln_fwd: variant must be 0 (auto), 1 (registers) or 2 (staged)");
   const c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous();
   auto w = f32(w_), b = f32(b_), c = f32(c_);
@@ -55,11 +58,19 @@ std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at
   auto opts = x.options().dtype(at::kFloat);
   auto mean = at::empty({M}, opts), rstd = at::empty({M}, opts);
   if (M == 0) return {y, mean, rstd};
-  const int aligned = is_aligned({&x, &y});
+  // x/y move as 16-byte vectors; w, b, c as Pack<float, 8> (32 bytes) next to
+  // 2-byte I/O.  A view into a larger parameter can start anywhere: then the
+  // scalar path runs.
+  const int aligned = is_aligned({&x, &y}, 16) && is_aligned({&w, &b, &c}, 32);
+  if (variant == 2)
+    TORCH_CHECK(msg_masked_ln_fwd_staged_supported(dtype_code(x), N, aligned, static_cast<int>(stages)),
+                "masked_ln_fwd: the staged kernel needs an sm_90+ GPU and an extension built for it, 16-byte "
+                "aligned tensors, a row of a multiple of 16 bytes with at most 16384 columns, and room for 2+ rows "
+                "in shared memory; got N=", N, ", dtype ", x.scalar_type(), ", aligned=", aligned);
   auto err = msg_masked_ln_fwd(dtype_code(x), aligned, x.data_ptr(), y.data_ptr(), w.data_ptr<float>(),
                                b.data_ptr<float>(), c.data_ptr<float>(), mean.data_ptr<float>(),
                                rstd.data_ptr<float>(), M, N, static_cast<float>(eps), sm_count(),
-                               at::cuda::getCurrentCUDAStream());
+                               at::cuda::getCurrentCUDAStream(), static_cast<int>(variant), static_cast<int>(stages));
   TORCH_CHECK(err == cudaSuccess, "masked_ln_fwd launch failed: ", cudaGetErrorString(err));
   return {y, mean, rstd};
 }
@@ -78,7 +89,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy_, const at::Tensor& x_, const a
   auto dx = at::empty_like(x);
   if (M == 0)
     return {dx, at::zeros({N}, w_.options()), at::zeros({N}, w_.options().dtype(bias_dtype))};
-  const int aligned = is_aligned({&x, &dy, &dx});
+  const int aligned = is_aligned({&x, &dy, &dx}, 16) && is_aligned({&w, &c}, 32);
   const int dt = dtype_code(x);
   auto stream = at::cuda::getCurrentCUDAStream();
   int owners = 0;
@@ -100,6 +111,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dy_, const at::Tensor& x_, const a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Masked LayerNorm (MSG) CUDA kernels";
   m.def("supported", &supported, "whether the kernels cover x's dtype and width");
-  m.def("fwd", &fwd, "masked LayerNorm forward -> (y, mean, rstd)");
+  m.def("fwd", &fwd, "masked LayerNorm forward -> (y, mean, rstd)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("mask"), py::arg("eps"), py::arg("variant") = 0, py::arg("stages") = 0);
   m.def("bwd", &bwd, "masked LayerNorm backward -> (dx, dweight, dbias)");
 }

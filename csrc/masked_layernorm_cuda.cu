@@ -30,8 +30,9 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
-// w, b, c are fp32 torch allocations (256-byte aligned) read as Pack<float, VEC>
-// at column j*VEC, so those loads are vector loads too.
+// w, b, c are fp32, read as Pack<float, VEC> at column j*VEC, so those loads are
+// vector loads too; the binding passes aligned = 0 (scalar path) unless x/y are
+// 16-byte and w/b/c 32-byte aligned.
 
 __device__ __forceinline__ float2 warp_sum2(float2 v) {
 #pragma unroll
@@ -141,6 +142,155 @@ __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
     }
     if (g.lane == 0) { mean_out[row] = mu; rstd_out[row] = r; }
   }
+}
+
+// ---------------------------------------------------------------------------
+// Staged forward for wide rows (sm_90+).
+//
+// Why: a row held in registers caps the rows in flight per SM (at 10240 the
+// register file holds two rows, and load, reduce and store of a row run in
+// sequence), which leaves DRAM half idle (docs/kernel_notes.md).  Here one
+// persistent block per SM keeps only its columns' constants in registers
+// (c, c*w, c*b, and S = sum(c) once), while the bulk-copy engine streams whole
+// rows into a ring of STAGES shared-memory buffers: rows k+1..k+STAGES-1 are
+// loading while row k is reduced and written.  Each thread reads back exactly
+// the vectors it owns, so the only block-wide syncs are the two reductions.
+// y = (x - mu) r (c w) + c b equals c (w (x - mu) r + b) up to fp32 rounding,
+// and exactly at c = 0 (zero) and c = 1 (the unmasked LayerNorm).
+
+constexpr int kMaxStages = 8;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+// Announce `bytes` on the barrier and start one bulk copy global -> shared that
+// completes them.  Issued by a single thread.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
+      "l"(static_cast<uint64_t>(__cvta_generic_to_global(src))), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+template <typename T, int VEC, int ITERS>
+__global__ void __launch_bounds__(512, 1)
+    masked_ln_fwd_staged_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
+                                const float* __restrict__ b, const float* __restrict__ c,
+                                float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t M, int N,
+                                float eps, int stages) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char ring[];  // stages x one row in the I/O dtype
+  __shared__ __align__(8) uint64_t bars[kMaxStages];
+  __shared__ float2 sh[33];
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int nvec = N / VEC;
+  const uint32_t row_bytes = static_cast<uint32_t>(N) * sizeof(T);
+  const int64_t first = blockIdx.x, stride = gridDim.x;
+  const int64_t my_rows = first < M ? (M - 1 - first) / stride + 1 : 0;
+
+  if (tid == 0) {
+    for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (tid == 0)
+    for (int s = 0; s < stages && s < my_rows; ++s)
+      bulk_load(ring + s * row_bytes, x + (first + s * stride) * N, row_bytes, &bars[s]);
+
+  // Column constants, loaded while the first rows stream in.
+  float cc[ITERS][VEC], cw[ITERS][VEC], cb[ITERS][VEC];
+  float csum = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITERS; ++i) {
+    const int j = tid + i * nthreads;
+    if (j < nvec) {
+      const Pack<float, VEC> pc = reinterpret_cast<const Pack<float, VEC>*>(c)[j];
+      const Pack<float, VEC> pw = reinterpret_cast<const Pack<float, VEC>*>(w)[j];
+      const Pack<float, VEC> pb = reinterpret_cast<const Pack<float, VEC>*>(b)[j];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        cc[i][k] = pc.v[k]; cw[i][k] = pc.v[k] * pw.v[k]; cb[i][k] = pc.v[k] * pb.v[k];
+        csum += pc.v[k];
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) { cc[i][k] = 0.f; cw[i][k] = 0.f; cb[i][k] = 0.f; }
+    }
+  }
+  const float inv_s = 1.f / row_sum2<false>(make_float2(csum, 0.f), sh).x;
+
+  for (int64_t k = 0; k < my_rows; ++k) {
+    const int s = static_cast<int>(k % stages);
+    const int64_t row = first + k * stride;
+    mbar_wait(&bars[s], static_cast<uint32_t>((k / stages) & 1));
+    const Pack<T, VEC>* xs = reinterpret_cast<const Pack<T, VEC>*>(ring + s * row_bytes);
+    float sx = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = tid + i * nthreads;
+      if (j < nvec) {
+        const Pack<T, VEC> p = xs[j];
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) sx += cc[i][q] * to_f(p.v[q]);
+      }
+    }
+    const float mu = row_sum2<false>(make_float2(sx, 0.f), sh).x * inv_s;
+    // Past that reduction every thread has finished the previous row, so its
+    // buffer can take the row STAGES ahead of it.
+    if (tid == 0 && k >= 1 && k - 1 + stages < my_rows) {
+      const int ps = static_cast<int>((k - 1) % stages);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      bulk_load(ring + ps * row_bytes, x + (first + (k - 1 + stages) * stride) * N, row_bytes, &bars[ps]);
+    }
+    float s2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = tid + i * nthreads;
+      if (j < nvec) {
+        const Pack<T, VEC> p = xs[j];
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) {
+          const float d = to_f(p.v[q]) - mu;
+          s2 += cc[i][q] * d * d;
+        }
+      }
+    }
+    const float r = rsqrtf(row_sum2<false>(make_float2(s2, 0.f), sh).x * inv_s + eps);
+    Pack<T, VEC>* yr = reinterpret_cast<Pack<T, VEC>*>(y + row * N);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = tid + i * nthreads;
+      if (j < nvec) {
+        const Pack<T, VEC> p = xs[j];
+        Pack<T, VEC> o;
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) o.v[q] = from_f<T>((to_f(p.v[q]) - mu) * r * cw[i][q] + cb[i][q]);
+        yr[j] = o;
+      }
+    }
+    if (tid == 0) { mean_out[row] = mu; rstd_out[row] = r; }
+  }
+#endif
 }
 
 template <typename T, int VEC, int ITERS, bool WARP_ROW>
@@ -302,6 +452,97 @@ struct FwdLaunch {
   }
 };
 
+// Staged forward: VEC 4 for every dtype (16-byte fp32 constants; 8-byte bf16
+// vectors from shared memory), at most 512 threads (the kernel's launch bounds),
+// up to 8 vectors per thread, 2..kMaxStages row buffers.
+constexpr int kStagedVec = 4;
+constexpr int kStagedThreads = 512;
+constexpr int kStagedDefaultStages = 4;
+
+struct StagedConfig {
+  int iters = 0, threads = 0, stages = 0;  // threads == 0: unsupported
+};
+
+static int device_attr(cudaDeviceAttr a) {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, a, dev) != cudaSuccess) return 0;
+  return v;
+}
+
+template <typename T, int I>
+static bool staged_kernel_built() {
+  // The kernel body exists only when compiled for sm_90+; a build for an older
+  // virtual arch (e.g. TORCH_CUDA_ARCH_LIST=8.0 JIT-compiled from PTX on an H100)
+  // has an empty body, which must never be launched.
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, masked_ln_fwd_staged_kernel<T, kStagedVec, I>) != cudaSuccess) return false;
+  return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+}
+
+static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages) {
+  StagedConfig s;
+  const int elt = dtype == 0 ? 4 : 2;
+  if (!aligned || N <= 0 || N % kStagedVec != 0 || (N * elt) % 16 != 0) return s;
+  if (device_attr(cudaDevAttrComputeCapabilityMajor) < 9) return s;
+  const int nvec = N / kStagedVec;
+  const int iters = (nvec + kStagedThreads - 1) / kStagedThreads;
+  if (iters > 8) return s;
+  if (stages <= 0) stages = kStagedDefaultStages;
+  if (stages > kMaxStages) stages = kMaxStages;
+  const int64_t room = (int64_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024;  // static smem
+  const int64_t row = (int64_t)N * elt;
+  if (stages * row > room) stages = (int)(room / row);
+  if (stages < 2) return s;
+  s.iters = iters;
+  s.stages = stages;
+  s.threads = ((nvec + iters - 1) / iters + 31) / 32 * 32;
+  return s;
+}
+
+struct FwdStagedLaunch {
+  const StagedConfig& cfg; const void* x; void* y; const float *w, *b, *c; float *mean, *rstd;
+  int64_t M; int N; float eps; int sm_count; cudaStream_t stream; bool query;
+  template <typename T, int I> cudaError_t run() {
+    if (!staged_kernel_built<T, I>()) return cudaErrorInvalidDeviceFunction;
+    if (query) return cudaSuccess;
+    auto k = masked_ln_fwd_staged_kernel<T, kStagedVec, I>;
+    const int smem = cfg.stages * N * (int)sizeof(T);
+    cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    // Persistent: as many blocks as fit on each SM (one at 10240: 94 registers x 512 threads), at most two.
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, cfg.threads, smem) != cudaSuccess || per_sm < 1)
+      per_sm = 1;
+    if (per_sm > 2) per_sm = 2;
+    const int64_t slots = (int64_t)sm_count * per_sm;
+    const int blocks = (int)(M < slots ? M : slots);
+    k<<<blocks, cfg.threads, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), w, b, c, mean, rstd, M,
+                                             N, eps, cfg.stages);
+    return cudaGetLastError();
+  }
+};
+
+template <typename F>
+static cudaError_t dispatch_staged(int dtype, const StagedConfig& cfg, F&& f) {
+#define MSG_STAGED_ITERS(T)                              \
+  switch (cfg.iters) {                                   \
+    case 1: return f.template run<T, 1>();               \
+    case 2: return f.template run<T, 2>();               \
+    case 3: return f.template run<T, 3>();               \
+    case 4: return f.template run<T, 4>();               \
+    case 5: return f.template run<T, 5>();               \
+    case 6: return f.template run<T, 6>();               \
+    case 7: return f.template run<T, 7>();               \
+    case 8: return f.template run<T, 8>();               \
+  }                                                      \
+  return cudaErrorInvalidValue;
+  if (dtype == 0) { MSG_STAGED_ITERS(float) }
+  if (dtype == 1) { MSG_STAGED_ITERS(__half) }
+  if (dtype == 2) { MSG_STAGED_ITERS(__nv_bfloat16) }
+#undef MSG_STAGED_ITERS
+  return cudaErrorInvalidValue;
+}
+
 struct BwdLaunch {
   const Config& cfg; const void *x, *dy; void* dx; const float *w, *c, *mean, *rstd; float *dw_part, *db_part;
   int64_t M; int N; int sm_count; cudaStream_t stream; int* owners_out; bool query;
@@ -326,9 +567,26 @@ int msg_masked_ln_supported(int dtype, int N, int aligned) {
   return cfg.threads > 0 && N > 0;
 }
 
+// Forward variants: 0 auto, 1 registers (a row per warp or block, in registers),
+// 2 staged (sm_90 bulk copies into a shared-memory ring; `stages` buffers, 0 = default).
+// auto is "registers" until the H100 sweep (msg-bench kernel-sweep) says otherwise.
+int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages) {
+  const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages);
+  if (cfg.threads <= 0) return 0;
+  return msg::dispatch_staged(dtype, cfg,
+                              msg::FwdStagedLaunch{cfg, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                   0, N, 0.f, 0, 0, true}) == cudaSuccess;
+}
+
 cudaError_t msg_masked_ln_fwd(int dtype, int aligned, const void* x, void* y, const float* w, const float* b,
                               const float* c, float* mean, float* rstd, int64_t M, int N, float eps,
-                              int sm_count, cudaStream_t stream) {
+                              int sm_count, cudaStream_t stream, int variant, int stages) {
+  if (variant == 2) {
+    const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages);
+    if (cfg.threads <= 0) return cudaErrorInvalidValue;
+    return msg::dispatch_staged(dtype, cfg, msg::FwdStagedLaunch{cfg, x, y, w, b, c, mean, rstd, M, N, eps, sm_count,
+                                                                 stream, false});
+  }
   const msg::Config cfg = msg::choose(dtype, N, aligned != 0);
   if (cfg.threads <= 0) return cudaErrorInvalidValue;
   return msg::dispatch(dtype, cfg, msg::FwdLaunch{cfg, x, y, w, b, c, mean, rstd, M, N, eps, sm_count, stream});

@@ -93,6 +93,15 @@ def test_cuda_extension_unavailable_without_cuda():
     assert cuda_ext.available() is False
 
 
+@pytest.mark.parametrize("kw, msg", [({"variant": "fast"}, "variant must be one of"),
+                                     ({"stages": -1}, "stages must be >= 0")])
+def test_cuda_forward_launcher_rejects_bad_arguments_before_building(kw, msg):
+    from megatron_msg.kernels import cuda_ext
+    x = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match=msg):
+        cuda_ext.fwd(x, torch.ones(8), torch.zeros(8), torch.ones(8), 1e-5, **kw)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 @pytest.mark.parametrize("sub", ["kernels", "kernel-sweep", "mask-overhead"])
 def test_msg_bench_without_a_gpu_says_so(sub, tmp_path):

@@ -97,6 +97,67 @@ def test_triton_launch_variants_match_fp64(variant, n):
         assert rel_err(got, want) < TOL[torch.bfloat16][1]
 
 
+def staged_available() -> bool:
+    return "cuda" in backends() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1000, 4104, 10240, 16384])
+@pytest.mark.parametrize("m", [1, 131, 3001])
+@pytest.mark.parametrize("stages", [0, 2])
+def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages):
+    """The sm_90 staged forward (bulk copies into a shared-memory ring): fewer rows than SMs, rows not
+    a multiple of the grid, many rows per persistent block; widths whose vectors do not fill the block."""
+    if not staged_available():
+        pytest.skip("needs the CUDA extension on an sm_90+ GPU")
+    torch.manual_seed(n + m)
+    x64 = torch.randn(m, n, device=DEV, dtype=torch.float64) * 2 + 0.5
+    w, b = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    c = make_mask("zeros", n)
+    c[n // 2: n * 3 // 4] = 0.3
+    x = x64.to(dtype)
+    y, mean, rstd = cuda_ext.fwd(x, w, b, c, EPS, variant="staged", stages=stages)
+    yr = ref(x.double(), w.double(), b.double(), c.double(), EPS)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_err(y, yr) < TOL[dtype][0]
+    cd = c.double()
+    mu = (x.double() * cd).sum(-1) / cd.sum()
+    var = (((x.double() - mu[:, None]) ** 2) * cd).sum(-1) / cd.sum()
+    assert rel_err(mean, mu) < 1e-5
+    assert rel_err(rstd, (var + EPS).rsqrt()) < 1e-5
+    assert torch.all(y[:, n * 3 // 4:] == 0)
+    y_reg = cuda_ext.fwd(x, w, b, c, EPS, variant="registers")[0]
+    assert rel_err(y, y_reg) < TOL[dtype][0]
+
+
+def test_cuda_staged_forward_rejects_what_it_cannot_run():
+    if not staged_available():
+        pytest.skip("needs the CUDA extension on an sm_90+ GPU")
+    n = 100  # a bf16 row of 200 bytes: not a whole number of 16-byte bulk-copy units
+    x = torch.randn(8, n, device=DEV, dtype=torch.bfloat16)
+    w, b, c = torch.randn(n, device=DEV), torch.randn(n, device=DEV), torch.ones(n, device=DEV)
+    with pytest.raises(RuntimeError, match="staged kernel needs"):
+        cuda_ext.fwd(x, w, b, c, EPS, variant="staged")
+
+
+@pytest.mark.parametrize("variant", ["registers", "staged"])
+def test_cuda_forward_with_unaligned_weight_views(variant):
+    """w/b/c that are views starting mid-vector: the registers kernel falls back to scalar loads;
+    the staged kernel (vector loads only) refuses with a clear error instead of faulting."""
+    if "cuda" not in backends() or (variant == "staged" and not staged_available()):
+        pytest.skip("CUDA extension (staged: sm_90+) not available")
+    n = 1024
+    x = torch.randn(64, n, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n + 1, device=DEV)[1:]
+    b, c = torch.randn(n, device=DEV), make_mask("ramp", n)
+    if variant == "staged":
+        with pytest.raises(RuntimeError, match="aligned=0"):
+            cuda_ext.fwd(x, w, b, c, EPS, variant=variant)
+        return
+    y = cuda_ext.fwd(x, w, b, c, EPS, variant=variant)[0]
+    assert rel_err(y, ref(x.double(), w.double(), b.double(), c.double(), EPS)) < TOL[torch.bfloat16][0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_and_cuda_agree(dtype):
     if "cuda" not in backends():

@@ -61,8 +61,8 @@ def _overhead_run(a: argparse.Namespace) -> None:
 
 SUBCOMMANDS = {
     "kernels": ("masked LayerNorm kernels: GB/s and time, fwd and fwd+bwd", _kernels_args, _kernels_run),
-    "kernel-sweep": ("device time of each Triton launch configuration (sets the heuristics)", _sweep_args,
-                     _sweep_run),
+    "kernel-sweep": ("device time of each Triton launch configuration and CUDA forward kernel "
+                     "(sets the heuristics)", _sweep_args, _sweep_run),
     "mask-overhead": ("GPT-2-small training step with ramp masks vs masks removed", _overhead_args,
                       _overhead_run),
 }

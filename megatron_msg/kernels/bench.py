@@ -332,10 +332,46 @@ def run_kernels(out_dir: str, widths=WIDTHS, only=None) -> dict:
     return res
 
 
+CUDA_FWD_CANDIDATES = ({"variant": "registers"},) + tuple({"variant": "staged", "stages": s} for s in (2, 3, 4, 6))
+
+
+def sweep_cuda_fwd(widths=WIDTHS, log=print) -> list[dict]:
+    """Device time of the CUDA extension's forward kernels (sets its ``auto`` rule in csrc/)."""
+    from megatron_msg.kernels import cuda_ext
+    try:
+        cuda_ext.load()
+    except Exception as exc:  # reported, not fatal: the Triton sweep stands alone
+        return [{"impl": "cuda", "error": f"unavailable: {exc!r}"[:300]}]
+    out = []
+    for n in widths:
+        m = INPUT_BYTES // (n * 2)
+        torch.manual_seed(n)
+        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+        c = _make_mask(n, "cuda")
+        with torch.no_grad():
+            y_ref = masked_layer_norm_reference(x[:4096].float(), w, b, c, EPS)
+        for kw in CUDA_FWD_CANDIDATES:
+            rec = {"N": n, "pass": "fwd", "impl": "cuda", **kw}
+            try:
+                y = cuda_ext.fwd(x, w, b, c, EPS, **kw)[0]
+                rec["max_abs_err_vs_fp32"] = float((y[:4096].float() - y_ref).abs().max())
+                ms = device_ms(lambda: cuda_ext.fwd(x, w, b, c, EPS, **kw))
+                rec.update(ms=round(ms, 4), GBps=round(2 * m * n * 2 / ms / 1e6))
+            except Exception as exc:
+                rec["error"] = repr(exc)[:200]
+            out.append(rec)
+            log(json.dumps(rec))
+        x = None  # free before empty_cache
+        torch.cuda.empty_cache()
+    return out
+
+
 def run_sweep(out_dir: str, widths=WIDTHS) -> dict:
     _require_gpu("kernel-sweep")
     res = _header()
     res["sweep"] = sweep_triton(widths, log=lambda s: print(s, flush=True))
+    res["sweep_cuda_fwd"] = sweep_cuda_fwd(widths, log=lambda s: print(s, flush=True))
     _write_json(Path(out_dir) / "sweep.json", res)
     return res
 

@@ -66,10 +66,26 @@ def available() -> bool:
     return True
 
 
-def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, eps: float):
-    """Forward launcher -> (y with x's shape, mean [rows], rstd [rows] fp32)."""
+# Forward kernels of the extension (csrc/masked_layernorm_cuda.cu): "registers" keeps
+# a row per warp or block in registers; "staged" (sm_90+) streams rows into a ring of
+# shared-memory buffers with the bulk-copy engine.  "auto" is "registers" until the
+# H100 sweep (msg-bench kernel-sweep) shows where "staged" wins.
+FWD_VARIANTS = {"auto": 0, "registers": 1, "staged": 2}
+
+
+def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, eps: float,
+        variant: str = "auto", stages: int = 0):
+    """Forward launcher -> (y with x's shape, mean [rows], rstd [rows] fp32).
+
+    ``stages``: row buffers of the staged kernel (0 = its default, 4).
+    """
+    if variant not in FWD_VARIANTS:
+        raise ValueError(f"CUDA masked LayerNorm forward variant must be one of {sorted(FWD_VARIANTS)}; "
+                         f"got {variant!r}")
+    if stages < 0:
+        raise ValueError(f"stages must be >= 0 (0 = default); got {stages}")
     n = x.shape[-1]
-    y, mean, rstd = load().fwd(x.reshape(-1, n), weight, bias, mask, float(eps))
+    y, mean, rstd = load().fwd(x.reshape(-1, n), weight, bias, mask, float(eps), FWD_VARIANTS[variant], stages)
     return y.view(x.shape), mean, rstd
 
 
