@@ -22,7 +22,7 @@ def _raw(**parallel) -> dict:
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
         "lr": {"warmup_steps": 5},
         "train": {"steps": 60, "batch_size": 2, "grad_accum": 4, "log_interval": 1, "eval_interval": 30,
-                  "eval_iters": 2, "save_interval": 30, "device": "cpu", "tensorboard": False, "plot": False},
+                  "eval_iters": 3, "save_interval": 30, "device": "cpu", "tensorboard": False, "plot": False},
         "growth": {"defaults": {"phi": 8}, "stages": [
             {"at_step": 20, "hidden": 24, "ffn": 48, "tp": 2, "dp": 2},
             {"at_step": 40, "layers": 4, "heads": 4, "pp": 2, "dp": 1},
@@ -44,6 +44,9 @@ def test_growth_moves_the_run_to_a_new_layout(tmp_path):
     for g in growth:
         assert abs(g["loss_after"] - g["loss_before"]) <= 1e-5 * abs(g["loss_before"]), g
     assert _max_rel_diff(par[0]["losses"], single.losses) < 1e-3
+    # 3 eval batches over DP2 at step 30 (shares of 1 and 2) and DP1 at 60: the same loss as one process
+    assert sorted(par[0]["valid"]) == [29, 59]  # keyed by the 0-based step just trained
+    assert _max_rel_diff(par[0]["valid"], single.valid_losses) < 1e-3
 
 
 def test_resume_after_a_layout_change(tmp_path):

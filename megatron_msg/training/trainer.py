@@ -273,12 +273,16 @@ class Trainer:
         return total, norm
 
     def _eval_ids(self, n: int) -> tuple[range, int]:
-        """(this replica's share of n eval batches, number of replicas sharing them)."""
+        """(this replica's share of n eval batches, number of replicas sharing them).
+
+        Contiguous shares differing by at most one batch; with fewer batches than
+        replicas (the one-batch growth probe) every replica evaluates all of them and
+        their sum is divided back, so no pipeline runs an empty schedule.
+        """
         ps = self.ps
-        if n % ps.dp_size:
-            return range(n), 1  # every replica evaluates all; their sum is divided back
-        k = n // ps.dp_size
-        return range(ps.dp_rank * k, (ps.dp_rank + 1) * k), ps.dp_size
+        if n < ps.dp_size:
+            return range(n), 1
+        return range(ps.dp_rank * n // ps.dp_size, (ps.dp_rank + 1) * n // ps.dp_size), ps.dp_size
 
     @torch.no_grad()
     def _eval_loss(self, n: int) -> float:
