@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from megatron_msg.checkpoint.io import latest_checkpoint, load_checkpoint
+from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
 from megatron_msg.config import ConfigError, Shape, config_from_dict
 from megatron_msg.parallel.launch import LaunchEnv, init_parallel
 from megatron_msg.parallel.topology import TopologyError
@@ -120,16 +120,16 @@ def test_gathered_tp2_pp2_state_equals_the_single_process_state(arch, tmp_path):
     run_distributed(_train, 4, args=(_quick_growth_raw(arch, tp=2, pp=2), tmp_path / "par", None))
     Trainer(config_from_dict(_quick_growth_raw(arch, growth_layout_parts=2)), out_dir=tmp_path / "one",
             progress=False).run()
-    a = load_checkpoint(latest_checkpoint(tmp_path / "par"))
-    b = load_checkpoint(latest_checkpoint(tmp_path / "one"))
-    assert a["model_config"] == b["model_config"] and a["model"].keys() == b["model"].keys()
-    for name, t in b["model"].items():
-        torch.testing.assert_close(a["model"][name], t, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
-    assert a["optimizer"].keys() == b["optimizer"].keys()
-    for name, st in b["optimizer"].items():
-        assert a["optimizer"][name]["step"] == st["step"], name
+    a = open_checkpoint(latest_checkpoint(tmp_path / "par"))
+    b = open_checkpoint(latest_checkpoint(tmp_path / "one"))
+    assert a.state["model_config"] == b.state["model_config"] and list(a.model) == list(b.model)
+    for name, t in b.model.items():
+        torch.testing.assert_close(a.model[name], t, rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+    assert list(a.optimizer) == list(b.optimizer)
+    for name, st in b.optimizer.items():
+        assert a.optimizer[name]["step"] == st["step"], name
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(a["optimizer"][name][key], st[key], rtol=1e-3, atol=1e-8,
+            torch.testing.assert_close(a.optimizer[name][key], st[key], rtol=1e-3, atol=1e-8,
                                        msg=lambda m: f"{name}.{key}: {m}")
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint
+from megatron_msg.checkpoint.io import (FORMAT, LEGACY_FORMAT, CheckpointError, LogicalTensor, latest_checkpoint,
+                                        open_checkpoint, save_checkpoint)
 from megatron_msg.config import Shape, config_from_dict
 from megatron_msg.training.trainer import Trainer
 
@@ -73,12 +74,78 @@ def test_resume_reproduces_the_uninterrupted_losses(reference, tmp_path, stop_af
 
 def test_checkpoint_holds_masks_ramp_and_optimizer_mid_ramp(tmp_path):
     Trainer(_cfg(), out_dir=tmp_path, progress=False).run(max_steps=27)
-    state = torch.load(latest_checkpoint(tmp_path) / "state.pt", weights_only=False)
+    ckpt = open_checkpoint(latest_checkpoint(tmp_path))
+    state = ckpt.state
     assert state["ramp"] == {"start_step": 24, "phi": 6} and state["masked"]
-    hm = state["model"]["hidden_mask"]
+    hm = ckpt.model["hidden_mask"]
     assert torch.equal(hm[16:], torch.full((8,), 2 / 6)) and hm[:16].eq(1).all()
-    assert state["optimizer"]["layers.0.mlp.fc1.weight"]["exp_avg"].shape == (48, 24)
+    opt = ckpt.optimizer["layers.0.mlp.fc1.weight"]
+    assert opt["exp_avg"].shape == opt["exp_avg_sq"].shape == (48, 24)
+    assert opt["step_offset"] is not None and opt["step"] == 27  # grown at step 8 and 24: per-entry offsets
+    assert "hidden_mask" not in ckpt.optimizer  # masks are buffers: no optimizer state
     assert state["step"] == 27 and state["stage_index"] == 3
+
+
+def test_checkpoint_is_one_directory_per_tensor_and_a_small_state_file(tmp_path):
+    """The universal-checkpoint-like layout: tensors/<name>/{fp32,exp_avg,exp_avg_sq}.pt, no tensor in state.pt."""
+    trainer = Trainer(_cfg(), out_dir=tmp_path, progress=False)
+    trainer.run(max_steps=10)
+    root = latest_checkpoint(tmp_path)
+    names = {p.name for p in (root / "tensors").iterdir()}
+    assert names == set(trainer.model.state_dict())
+    fc1 = root / "tensors" / "layers.0.mlp.fc1.weight"
+    assert {p.name for p in fc1.iterdir()} == {"fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "step_offset.pt"}
+    assert {p.name for p in (root / "tensors" / "hidden_mask").iterdir()} == {"fp32.pt"}
+    state = torch.load(root / "state.pt", weights_only=True)
+    assert state["format"] == FORMAT
+
+    def tensors_in(obj):
+        if torch.is_tensor(obj):
+            return 1
+        if isinstance(obj, dict):
+            return sum(tensors_in(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensors_in(v) for v in obj)
+        return 0
+    assert tensors_in(state) == 0
+    assert torch.equal(torch.load(fc1 / "fp32.pt", weights_only=True),
+                       trainer.model.state_dict()["layers.0.mlp.fc1.weight"])
+
+
+def test_checkpoint_writes_each_tensor_as_it_arrives(tmp_path):
+    """save_checkpoint consumes the stream lazily: tensor k is on disk before tensor k+1 is asked for,
+    which is what lets a rank gather, write and drop one logical tensor at a time."""
+    seen = []
+
+    def stream():
+        for i in range(3):
+            if i:
+                tmp = next((tmp_path / "checkpoints").glob(".tmp-step_*"))
+                assert (tmp / "tensors" / f"t{i - 1}" / "fp32.pt").is_file()
+            seen.append(i)
+            yield LogicalTensor(f"t{i}", torch.full((2,), float(i)), None)
+
+    path = save_checkpoint(tmp_path, 5, {"step": 5}, {}, keep=2, tensors=stream())
+    assert seen == [0, 1, 2]
+    ckpt = open_checkpoint(path)
+    assert list(ckpt.model) == ["t0", "t1", "t2"] and torch.equal(ckpt.model["t2"], torch.full((2,), 2.0))
+    assert len(ckpt.optimizer) == 0
+
+
+def test_first_format_checkpoint_still_resumes(tmp_path):
+    """A checkpoint of the first format (every tensor in one state.pt) resumes to the same losses."""
+    cfg = _cfg()
+    ref = Trainer(cfg, out_dir=tmp_path / "ref", progress=False).run(max_steps=30)
+    Trainer(cfg, out_dir=tmp_path / "old", progress=False).run(max_steps=27)
+    root = latest_checkpoint(tmp_path / "old")
+    ckpt = open_checkpoint(root)
+    legacy = {**ckpt.state, "format": LEGACY_FORMAT, "model": dict(ckpt.model), "optimizer": dict(ckpt.optimizer)}
+    import shutil
+    shutil.rmtree(root / "tensors")
+    torch.save(legacy, root / "state.pt")
+    res = Trainer(cfg, out_dir=tmp_path / "old", progress=False).run(max_steps=3)
+    assert res.final_step == 30
+    assert all(res.losses[s] == ref.losses[s] for s in range(27, 30))
 
 
 def test_checkpoint_that_does_not_match_the_schedule_is_refused(tmp_path):
@@ -93,6 +160,18 @@ def test_damaged_checkpoint_gives_a_clear_error(tmp_path):
     Trainer(_cfg(), out_dir=tmp_path, progress=False).run(max_steps=7)
     (latest_checkpoint(tmp_path) / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        Trainer(_cfg(), out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "exp_avg.pt").write_bytes(b"truncated"), r"exp_avg.pt: cannot read checkpoint"),
+    (lambda d: (d / "fp32.pt").unlink(), r"fp32.pt: missing from the checkpoint"),
+    (lambda d: torch.save(torch.zeros(3), d / "fp32.pt"), r"tensor layers.0.mlp.fc1.weight is \(3,\), the index says"),
+])
+def test_damaged_tensor_file_names_the_file(tmp_path, damage, message):
+    Trainer(_cfg(), out_dir=tmp_path, progress=False).run(max_steps=10)
+    damage(latest_checkpoint(tmp_path) / "tensors" / "layers.0.mlp.fc1.weight")
+    with pytest.raises(CheckpointError, match=message):
         Trainer(_cfg(), out_dir=tmp_path, progress=False)
 
 

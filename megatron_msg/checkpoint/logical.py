@@ -10,10 +10,12 @@ rank cuts its blocks out of a logical state.  ``names=`` gathers a subset
 
 With one process (``ParallelState.single()``) gather is the identity and load
 is ``load_state_dict``, so growth, checkpoints and resume run the same code at
-every scale.  Checkpoints still gather the whole logical state on every rank
-(CPU memory); growth gathers one layer at a time (docs/parallel.md, "Memory").
+every scale.  Checkpoints gather and write one logical tensor at a time, growth
+one layer at a time (docs/parallel.md, "Memory").
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -121,8 +123,10 @@ def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names
 
 
 @torch.no_grad()
-def load_model(model: torch.nn.Module, logical: dict[str, torch.Tensor], strict: bool = True) -> set[str]:
+def load_model(model: torch.nn.Module, logical: Mapping[str, torch.Tensor], strict: bool = True) -> set[str]:
     """Copy this rank's blocks of a logical state into a (whole or sharded) model.
+
+    Reads ``logical`` one tensor at a time (it may be a checkpoint's lazy mapping).
 
     ``strict=False`` loads only the tensors of this model that ``logical`` has
     (a piece of a streamed state) and ignores the rest; returns the names loaded.
@@ -145,13 +149,17 @@ def load_model(model: torch.nn.Module, logical: dict[str, torch.Tensor], strict:
     return loaded
 
 
-def shard_optimizer_state(logical: dict[str, dict], model: torch.nn.Module) -> dict[str, dict]:
-    """This rank's part of a logical optimizer state (only the parameters it holds)."""
+def shard_optimizer_state(logical: Mapping[str, dict], model: torch.nn.Module) -> dict[str, dict]:
+    """This rank's part of a logical optimizer state (only the parameters it holds).
+
+    Looks up only this rank's parameters, one at a time, so ``logical`` may be a
+    lazy mapping over a checkpoint's files (checkpoint/io.py).
+    """
     tp, cfg = model.placement.tp, model.cfg
-    names = {n for n, _ in model.named_parameters()}
     out = {}
-    for name, st in logical.items():
-        if name not in names:
+    for name, _ in model.named_parameters():
+        st = logical.get(name)
+        if st is None:
             continue
         local = dict(st)
         for key in STATE_TENSORS:

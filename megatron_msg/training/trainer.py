@@ -22,6 +22,7 @@ import dataclasses
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +30,14 @@ import torch
 
 import torch.distributed as dist
 
-from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, latest_checkpoint,
+                                        open_checkpoint, save_checkpoint)
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
 from megatron_msg.config import ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer
 from megatron_msg.growth.apply import build_optimizer, grow_model, spec_for_stage
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
+from megatron_msg.model.init import logical_shapes
 from megatron_msg.model.placement import placement_for
 from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
 from megatron_msg.parallel.random import RNGTracker
@@ -136,11 +139,11 @@ class Trainer:
         t = cfg.train
 
         self.metrics = MetricsLog(self.out_dir, t.tensorboard and self.is_main, enabled=self.is_main)
-        ckpt = latest_checkpoint(self.out_dir) if resume else None
-        if ckpt is not None:
-            state = load_checkpoint(ckpt)
-            self._use_layout(self.layout_of(state["stage_index"]))  # the layout the run had reached
-            self._restore(state, ckpt)
+        ckpt_path = latest_checkpoint(self.out_dir) if resume else None
+        if ckpt_path is not None:
+            ckpt = open_checkpoint(ckpt_path)
+            self._use_layout(self.layout_of(ckpt.state["stage_index"]))  # the layout the run had reached
+            self._restore(ckpt)
         else:
             self.model = build_model(cfg.model, self.placement, seed=t.seed).to(self.device)
             self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -173,23 +176,34 @@ class Trainer:
     def expected_shape(self, stage_index: int) -> Shape:
         return self.stages[stage_index - 1].shape if stage_index else self.cfg.model.shape
 
-    def state_dict(self) -> dict:
-        """The logical training state (collective under parallelism: every rank must call it)."""
+    def checkpoint_state(self) -> dict:
+        """The small part of the logical training state (the tensors stream separately)."""
         topo = self.ps.topology
         return {
             "step": self.step,
             "stage_index": self.stage_index,
             "model_config": dataclasses.asdict(self.model.cfg),
-            "model": gather_model(self.model, self.ps),
             "masked": self.model.masked,
-            "optimizer": gather_optimizer(self.optimizer, self.model, self.ps),
             "ramp": None if self.ramp is None else dataclasses.asdict(self.ramp),
             # Dropout is reseeded per micro-batch from (seed, step, micro): no generator state.
             "written_by": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
             "config": self.cfg.to_dict(),
         }
 
-    def _restore(self, state: dict, path: Path) -> None:
+    def logical_tensors(self) -> Iterator[LogicalTensor]:
+        """The logical parameters, masks and AdamW state, one tensor at a time.
+
+        Collective over this rank's model replica (each item is gathered over its
+        TP x PP ranks), so every rank of the replica must consume it in step.
+        """
+        shapes = logical_shapes(self.model.cfg)
+        for name in shapes:
+            value = gather_model(self.model, self.ps, names=[name], shapes=shapes)[name]
+            opt = gather_optimizer(self.optimizer, self.model, self.ps, names=[name], shapes=shapes)
+            yield LogicalTensor(name, value, opt.get(name))
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        state, path = ckpt.state, ckpt.path
         mcfg = ModelConfig(**state["model_config"])
         want = self.expected_shape(state["stage_index"])
         if mcfg.arch != self.cfg.model.arch:
@@ -198,24 +212,33 @@ class Trainer:
             raise CheckpointError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
                                   f"stage(s) does not match the config's schedule, which gives {want}")
         self.model = build_model(mcfg, self.placement, initialize=False)
-        load_model(self.model, state["model"])  # this rank's blocks: any layout can resume any checkpoint
+        # Tensor by tensor, each rank cuts its blocks: any layout can resume any checkpoint.
+        load_model(self.model, ckpt.model)
         self.model.to(self.device)
         self.model.set_masked(state["masked"])
         self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
-        self.optimizer.load_named_state(shard_optimizer_state(state["optimizer"], self.model))
+        self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
         self.metrics.truncate_from(self.step)
         self._log_console(f"resumed from {path} at step {self.step}, shape {mcfg.shape}")
 
     def save(self) -> Path | None:
-        """Write a checkpoint (collective; rank 0 writes).  Returns its path on rank 0."""
-        state = self.state_dict()
+        """Write a checkpoint (collective; rank 0 writes).  Returns its path on rank 0.
+
+        Data-parallel replicas hold the same state, so only replica 0 gathers; rank 0
+        writes each logical tensor as soon as it is gathered and drops it.
+        """
+        tensors = self.logical_tensors() if self.ps.dp_rank == 0 else iter(())
         path = None
         if self.is_main:
             meta = {"shape": str(self.model.cfg.shape), "stage_index": self.stage_index,
                     "parameters": self.model.num_parameters()}
-            path = save_checkpoint(self.out_dir, self.step, state, meta, self.cfg.train.keep_checkpoints)
+            path = save_checkpoint(self.out_dir, self.step, self.checkpoint_state(), meta,
+                                   self.cfg.train.keep_checkpoints, tensors)
+        else:
+            for _ in tensors:  # the collectives of the gathers rank 0 writes
+                pass
         self._barrier()  # nobody reads "latest" before it exists
         return path
 
