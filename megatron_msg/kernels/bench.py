@@ -208,16 +208,21 @@ def _bwd_candidates(n: int) -> list[dict]:
     return out
 
 
+def _sweep_inputs(n: int):
+    """(rows, x bf16, w, b, c fp32) of ~64 MiB for width n, the same in every sweep."""
+    m = INPUT_BYTES // (n * 2)
+    torch.manual_seed(n)
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    return m, x, w, b, _make_mask(n, "cuda")
+
+
 def sweep_triton(widths=WIDTHS, log=print) -> list[dict]:
     """Device time (CUDA graphs) of each candidate launch, calling the launchers directly."""
     from megatron_msg.kernels import triton_masked_ln as tml
     out = []
     for n in widths:
-        m = INPUT_BYTES // (n * 2)
-        torch.manual_seed(n)
-        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        c = _make_mask(n, "cuda")
+        m, x, w, b, c = _sweep_inputs(n)
         dy = torch.randn_like(x)
         y_ref, mean, rstd, _ = tml.masked_ln_fwd(x, w, b, c, EPS)
         dx_ref = tml.masked_ln_bwd(dy, x, w, c, mean, rstd)[0]
@@ -344,11 +349,7 @@ def sweep_cuda_fwd(widths=WIDTHS, log=print) -> list[dict]:
         return [{"impl": "cuda", "error": f"unavailable: {exc!r}"[:300]}]
     out = []
     for n in widths:
-        m = INPUT_BYTES // (n * 2)
-        torch.manual_seed(n)
-        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w, b = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        c = _make_mask(n, "cuda")
+        m, x, w, b, c = _sweep_inputs(n)
         with torch.no_grad():
             y_ref = masked_layer_norm_reference(x[:4096].float(), w, b, c, EPS)
         for kw in CUDA_FWD_CANDIDATES:
