@@ -43,12 +43,27 @@ bool supported(const at::Tensor& x) {
   return x.is_cuda() && msg_masked_ln_supported(dtype_code(x), x.size(-1), 1);
 }
 
+// Whether fwd(..., variant=2) can run on these tensors.  Asked from Python
+// before the launch so that a refusal is an ordinary Python exception (a C++
+// exception thrown through some torch/pybind11 builds has crashed the process).
+bool staged_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& c,
+                      int64_t stages) {
+  if (!x.is_cuda() || x.dim() != 2) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto xc = x.contiguous();
+  auto wf = f32(w), bf = f32(b), cf = f32(c);
+  // y is a fresh allocation (always aligned); the rest as fwd checks them.
+  const int aligned = is_aligned({&xc}, 16) && is_aligned({&wf, &bf, &cf}, 32);
+  return msg_masked_ln_fwd_staged_supported(dtype_code(xc), xc.size(1), aligned, static_cast<int>(stages)) != 0;
+}
+
 // x: [M, N] contiguous. Returns y, mean, rstd.  variant: 0 auto, 1 registers, 2 staged
 // (see masked_layernorm_cuda.cu); stages: ring depth of the staged kernel, 0 = default.
 std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, const at::Tensor& c_,
                             double eps, int64_t variant, int64_t stages) {
   TORCH_CHECK(x_.is_cuda() && x_.dim() == 2, "x must be a 2-D CUDA tensor");
-  TORCH_CHECK(variant >= 0 && variant <= 2, "masked_ln_fwd: variant must be 0 (auto), 1 (registers) or 2 (staged)");
+  TORCH_CHECK(variant >= 0 && variant <= 3,
+              "masked_ln_fwd: variant must be 0 (auto), 1 (registers), 2 (staged) or 3 (staged, bulk y)");
   const c10::cuda::CUDAGuard guard(x_.device());
   auto x = x_.contiguous();
   auto w = f32(w_), b = f32(b_), c = f32(c_);
@@ -62,10 +77,10 @@ std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at
   // 2-byte I/O.  A view into a larger parameter can start anywhere: then the
   // scalar path runs.
   const int aligned = is_aligned({&x, &y}, 16) && is_aligned({&w, &b, &c}, 32);
-  if (variant == 2)
+  if (variant >= 2)
     TORCH_CHECK(msg_masked_ln_fwd_staged_supported(dtype_code(x), N, aligned, static_cast<int>(stages)),
                 "masked_ln_fwd: the staged kernel needs an sm_90+ GPU and an extension built for it, 16-byte "
-                "aligned tensors, a row of a multiple of 16 bytes with at most 16384 columns, and room for 2+ rows "
+                "aligned tensors, a row of a multiple of 16 bytes with at most 16384 columns, and room for 4+ rows "
                 "in shared memory; got N=", N, ", dtype ", x.scalar_type(), ", aligned=", aligned);
   auto err = msg_masked_ln_fwd(dtype_code(x), aligned, x.data_ptr(), y.data_ptr(), w.data_ptr<float>(),
                                b.data_ptr<float>(), c.data_ptr<float>(), mean.data_ptr<float>(),
@@ -113,5 +128,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether the kernels cover x's dtype and width");
   m.def("fwd", &fwd, "masked LayerNorm forward -> (y, mean, rstd)", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("mask"), py::arg("eps"), py::arg("variant") = 0, py::arg("stages") = 0);
+  m.def("staged_supported", &staged_supported, "whether fwd(variant=2) can run on these tensors", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("mask"), py::arg("stages") = 0);
   m.def("bwd", &bwd, "masked LayerNorm backward -> (dx, dweight, dbias)");
 }

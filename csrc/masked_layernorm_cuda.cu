@@ -152,13 +152,14 @@ __global__ void masked_ln_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
 // sequence), which leaves DRAM half idle (docs/kernel_notes.md).  Here one
 // persistent block per SM keeps only its columns' constants in registers
 // (c, c*w, c*b, and S = sum(c) once), while the bulk-copy engine streams whole
-// rows into a ring of STAGES shared-memory buffers: rows k+1..k+STAGES-1 are
-// loading while row k is reduced and written.  Each thread reads back exactly
-// the vectors it owns, so the only block-wide syncs are the two reductions.
+// rows into a ring of STAGES shared-memory buffers: later rows load while the
+// current pair is reduced and written.  Each thread reads back exactly the
+// vectors it owns, so the only block-wide syncs are the two reductions per
+// pair (and, with bulk_y, one before a pair's y leaves by bulk copy).
 // y = (x - mu) r (c w) + c b equals c (w (x - mu) r + b) up to fp32 rounding,
 // and exactly at c = 0 (zero) and c = 1 (the unmasked LayerNorm).
 
-constexpr int kMaxStages = 8;
+constexpr int kMaxStages = 12;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -179,6 +180,19 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
+// Bulk copy shared -> global (the TMA unit writes the row; the SM issues one
+// instruction instead of a row of vector stores), tracked as a bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
+                   static_cast<uint64_t>(__cvta_generic_to_global(dst))),
+               "r"(smem_u32(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Until the committed bulk stores have read their shared memory (reuse is safe after).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
@@ -192,12 +206,16 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
+// Rows are taken in pairs: the two-pass statistics of both rows travel in one
+// float2 block reduction, so a pair costs the block barriers one row used to,
+// and two rows' independent work hides each other's latency (one 512-thread
+// block per SM has little else to switch to).
 template <typename T, int VEC, int ITERS>
 __global__ void __launch_bounds__(512, 1)
     masked_ln_fwd_staged_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                 const float* __restrict__ b, const float* __restrict__ c,
                                 float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t M, int N,
-                                float eps, int stages) {
+                                float eps, int stages, int bulk_y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) unsigned char ring[];  // stages x one row in the I/O dtype
   __shared__ __align__(8) uint64_t bars[kMaxStages];
@@ -207,6 +225,12 @@ __global__ void __launch_bounds__(512, 1)
   const uint32_t row_bytes = static_cast<uint32_t>(N) * sizeof(T);
   const int64_t first = blockIdx.x, stride = gridDim.x;
   const int64_t my_rows = first < M ? (M - 1 - first) / stride + 1 : 0;
+  // The k-th row of this block sits in buffer k % stages; a buffer's n-th row
+  // completes barrier phase n, so row k waits for parity (k / stages) & 1.
+  auto load_row = [&](int64_t k) {
+    const int s = static_cast<int>(k % stages);
+    bulk_load(ring + s * row_bytes, x + (first + k * stride) * N, row_bytes, &bars[s]);
+  };
 
   if (tid == 0) {
     for (int s = 0; s < stages; ++s) mbar_init(&bars[s], 1);
@@ -214,8 +238,7 @@ __global__ void __launch_bounds__(512, 1)
   }
   __syncthreads();
   if (tid == 0)
-    for (int s = 0; s < stages && s < my_rows; ++s)
-      bulk_load(ring + s * row_bytes, x + (first + s * stride) * N, row_bytes, &bars[s]);
+    for (int64_t k = 0; k < stages && k < my_rows; ++k) load_row(k);
 
   // Column constants, loaded while the first rows stream in.
   float cc[ITERS][VEC], cw[ITERS][VEC], cb[ITERS][VEC];
@@ -239,57 +262,89 @@ __global__ void __launch_bounds__(512, 1)
   }
   const float inv_s = 1.f / row_sum2<false>(make_float2(csum, 0.f), sh).x;
 
-  for (int64_t k = 0; k < my_rows; ++k) {
-    const int s = static_cast<int>(k % stages);
-    const int64_t row = first + k * stride;
-    mbar_wait(&bars[s], static_cast<uint32_t>((k / stages) & 1));
-    const Pack<T, VEC>* xs = reinterpret_cast<const Pack<T, VEC>*>(ring + s * row_bytes);
-    float sx = 0.f;
+  for (int64_t k = 0; k < my_rows; k += 2) {
+    const bool two = k + 1 < my_rows;  // an odd last row goes alone (its partner reads row k again)
+    const int64_t k1 = two ? k + 1 : k;
+    mbar_wait(&bars[k % stages], static_cast<uint32_t>((k / stages) & 1));
+    if (two) mbar_wait(&bars[k1 % stages], static_cast<uint32_t>((k1 / stages) & 1));
+    const Pack<T, VEC>* xa = reinterpret_cast<const Pack<T, VEC>*>(ring + (k % stages) * row_bytes);
+    const Pack<T, VEC>* xb = reinterpret_cast<const Pack<T, VEC>*>(ring + (k1 % stages) * row_bytes);
+    float2 sx = make_float2(0.f, 0.f);
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
-        const Pack<T, VEC> p = xs[j];
-#pragma unroll
-        for (int q = 0; q < VEC; ++q) sx += cc[i][q] * to_f(p.v[q]);
-      }
-    }
-    const float mu = row_sum2<false>(make_float2(sx, 0.f), sh).x * inv_s;
-    // Past that reduction every thread has finished the previous row, so its
-    // buffer can take the row STAGES ahead of it.
-    if (tid == 0 && k >= 1 && k - 1 + stages < my_rows) {
-      const int ps = static_cast<int>((k - 1) % stages);
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      bulk_load(ring + ps * row_bytes, x + (first + (k - 1 + stages) * stride) * N, row_bytes, &bars[ps]);
-    }
-    float s2 = 0.f;
-#pragma unroll
-    for (int i = 0; i < ITERS; ++i) {
-      const int j = tid + i * nthreads;
-      if (j < nvec) {
-        const Pack<T, VEC> p = xs[j];
+        const Pack<T, VEC> pa = xa[j], pb = xb[j];
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
-          const float d = to_f(p.v[q]) - mu;
-          s2 += cc[i][q] * d * d;
+          sx.x += cc[i][q] * to_f(pa.v[q]);
+          sx.y += cc[i][q] * to_f(pb.v[q]);
         }
       }
     }
-    const float r = rsqrtf(row_sum2<false>(make_float2(s2, 0.f), sh).x * inv_s + eps);
-    Pack<T, VEC>* yr = reinterpret_cast<Pack<T, VEC>*>(y + row * N);
+    sx = row_sum2<false>(sx, sh);
+    const float mua = sx.x * inv_s, mub = sx.y * inv_s;
+    // Past that reduction every thread is done with the previous pair, so its
+    // buffers take the rows `stages` ahead of them.
+    if (tid == 0 && k >= 2) {
+      if (bulk_y) bulk_wait_read();  // the previous pair's y rows have left those buffers
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      for (int64_t p = k - 2; p < k; ++p)
+        if (p + stages < my_rows) load_row(p + stages);
+    }
+    float2 s2 = make_float2(0.f, 0.f);
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
-        const Pack<T, VEC> p = xs[j];
-        Pack<T, VEC> o;
+        const Pack<T, VEC> pa = xa[j], pb = xb[j];
 #pragma unroll
-        for (int q = 0; q < VEC; ++q) o.v[q] = from_f<T>((to_f(p.v[q]) - mu) * r * cw[i][q] + cb[i][q]);
-        yr[j] = o;
+        for (int q = 0; q < VEC; ++q) {
+          const float da = to_f(pa.v[q]) - mua, db = to_f(pb.v[q]) - mub;
+          s2.x += cc[i][q] * da * da;
+          s2.y += cc[i][q] * db * db;
+        }
       }
     }
-    if (tid == 0) { mean_out[row] = mu; rstd_out[row] = r; }
+    s2 = row_sum2<false>(s2, sh);
+    const float ra = rsqrtf(s2.x * inv_s + eps), rb = rsqrtf(s2.y * inv_s + eps);
+    Pack<T, VEC>* ya = reinterpret_cast<Pack<T, VEC>*>(y + (first + k * stride) * N);
+    Pack<T, VEC>* yb = reinterpret_cast<Pack<T, VEC>*>(y + (first + k1 * stride) * N);
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+      const int j = tid + i * nthreads;
+      if (j < nvec) {
+        const Pack<T, VEC> pa = xa[j], pb = xb[j];
+        Pack<T, VEC> oa, ob;
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) {
+          oa.v[q] = from_f<T>((to_f(pa.v[q]) - mua) * ra * cw[i][q] + cb[i][q]);
+          ob.v[q] = from_f<T>((to_f(pb.v[q]) - mub) * rb * cw[i][q] + cb[i][q]);
+        }
+        if (bulk_y) {  // y replaces x in the thread's own slots, then leaves by bulk copy
+          const_cast<Pack<T, VEC>*>(xa)[j] = oa;
+          if (two) const_cast<Pack<T, VEC>*>(xb)[j] = ob;
+        } else {
+          ya[j] = oa;
+          if (two) yb[j] = ob;
+        }
+      }
+    }
+    if (bulk_y) {
+      __syncthreads();
+      if (tid == 0) {
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        bulk_store(ya, xa, row_bytes);
+        if (two) bulk_store(yb, xb, row_bytes);
+        bulk_commit();
+      }
+    }
+    if (tid == 0) {
+      mean_out[first + k * stride] = mua; rstd_out[first + k * stride] = ra;
+      if (two) { mean_out[first + k1 * stride] = mub; rstd_out[first + k1 * stride] = rb; }
+    }
   }
+  if (bulk_y && tid == 0) bulk_wait_all();
 #endif
 }
 
@@ -454,13 +509,18 @@ struct FwdLaunch {
 
 // Staged forward: VEC 4 for every dtype (16-byte fp32 constants; 8-byte bf16
 // vectors from shared memory), at most 512 threads (the kernel's launch bounds),
-// up to 8 vectors per thread, 2..kMaxStages row buffers.
+// up to 8 vectors per thread, kStagedMinStages..kMaxStages row buffers.
 constexpr int kStagedVec = 4;
 constexpr int kStagedThreads = 512;
-constexpr int kStagedDefaultStages = 4;
+constexpr int kStagedDefaultStages = 6;  // fewer where 6 rows do not fit
+// A pair's buffers are refilled one pair later, after the next pair's first
+// reduction, so the ring must hold two pairs: with fewer buffers a pair would
+// wait for rows that are only requested after that wait.
+constexpr int kStagedMinStages = 4;
 
 struct StagedConfig {
   int iters = 0, threads = 0, stages = 0;  // threads == 0: unsupported
+  int bulk_y = 0;                          // y leaves through shared memory by bulk copy
 };
 
 static int device_attr(cudaDeviceAttr a) {
@@ -479,7 +539,7 @@ static bool staged_kernel_built() {
   return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
 }
 
-static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages) {
+static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages, int bulk_y) {
   StagedConfig s;
   const int elt = dtype == 0 ? 4 : 2;
   if (!aligned || N <= 0 || N % kStagedVec != 0 || (N * elt) % 16 != 0) return s;
@@ -491,10 +551,12 @@ static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages) {
   if (stages > kMaxStages) stages = kMaxStages;
   const int64_t room = (int64_t)device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin) - 1024;  // static smem
   const int64_t row = (int64_t)N * elt;
+  if (stages < kStagedMinStages) stages = kStagedMinStages;
   if (stages * row > room) stages = (int)(room / row);
-  if (stages < 2) return s;
+  if (stages < kStagedMinStages) return s;
   s.iters = iters;
   s.stages = stages;
+  s.bulk_y = bulk_y;
   s.threads = ((nvec + iters - 1) / iters + 31) / 32 * 32;
   return s;
 }
@@ -517,7 +579,7 @@ struct FwdStagedLaunch {
     const int64_t slots = (int64_t)sm_count * per_sm;
     const int blocks = (int)(M < slots ? M : slots);
     k<<<blocks, cfg.threads, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), w, b, c, mean, rstd, M,
-                                             N, eps, cfg.stages);
+                                             N, eps, cfg.stages, cfg.bulk_y);
     return cudaGetLastError();
   }
 };
@@ -568,10 +630,16 @@ int msg_masked_ln_supported(int dtype, int N, int aligned) {
 }
 
 // Forward variants: 0 auto, 1 registers (a row per warp or block, in registers),
-// 2 staged (sm_90 bulk copies into a shared-memory ring; `stages` buffers, 0 = default).
-// auto is "registers" until the H100 sweep (msg-bench kernel-sweep) says otherwise.
+// 2 staged (sm_90 bulk copies into a shared-memory ring; `stages` buffers, 0 = default),
+// 3 staged with y written back through the ring by bulk copies too.
+// auto takes variant 3 with the default ring for rows of kStagedAutoMinRowBytes
+// and more where it can run: on the H100 it beat registers at every width from
+// 4096 bf16 columns up (msg-bench kernel-sweep --cuda-only, docs/benchmarks.md),
+// while narrower rows fit in registers with several rows in flight per SM.
+constexpr int kStagedAutoMinRowBytes = 8192;
+
 int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages) {
-  const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages);
+  const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages, 0);
   if (cfg.threads <= 0) return 0;
   return msg::dispatch_staged(dtype, cfg,
                               msg::FwdStagedLaunch{cfg, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
@@ -581,11 +649,18 @@ int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages
 cudaError_t msg_masked_ln_fwd(int dtype, int aligned, const void* x, void* y, const float* w, const float* b,
                               const float* c, float* mean, float* rstd, int64_t M, int N, float eps,
                               int sm_count, cudaStream_t stream, int variant, int stages) {
-  if (variant == 2) {
-    const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages);
-    if (cfg.threads <= 0) return cudaErrorInvalidValue;
-    return msg::dispatch_staged(dtype, cfg, msg::FwdStagedLaunch{cfg, x, y, w, b, c, mean, rstd, M, N, eps, sm_count,
-                                                                 stream, false});
+  const int elt = dtype == 0 ? 4 : 2;
+  const bool staged = variant == 2 || variant == 3;
+  if (staged || (variant == 0 && N * elt >= kStagedAutoMinRowBytes)) {
+    const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages, variant != 2);
+    if (cfg.threads > 0) {
+      const cudaError_t err = msg::dispatch_staged(
+          dtype, cfg, msg::FwdStagedLaunch{cfg, x, y, w, b, c, mean, rstd, M, N, eps, sm_count, stream, false});
+      // auto: a build without sm_90 code reports InvalidDeviceFunction before launching anything.
+      if (staged || err != cudaErrorInvalidDeviceFunction) return err;
+    } else if (staged) {
+      return cudaErrorInvalidValue;
+    }
   }
   const msg::Config cfg = msg::choose(dtype, N, aligned != 0);
   if (cfg.threads <= 0) return cudaErrorInvalidValue;

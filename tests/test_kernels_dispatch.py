@@ -94,7 +94,9 @@ def test_cuda_extension_unavailable_without_cuda():
 
 
 @pytest.mark.parametrize("kw, msg", [({"variant": "fast"}, "variant must be one of"),
-                                     ({"stages": -1}, "stages must be >= 0")])
+                                     ({"stages": -1}, r"must be 0 \(default\) or 4..12"),
+                                     ({"stages": 2}, r"must be 0 \(default\) or 4..12"),
+                                     ({"stages": 13}, r"must be 0 \(default\) or 4..12")])
 def test_cuda_forward_launcher_rejects_bad_arguments_before_building(kw, msg):
     from megatron_msg.kernels import cuda_ext
     x = torch.zeros(2, 8)

@@ -104,8 +104,9 @@ def staged_available() -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1000, 4104, 10240, 16384])
 @pytest.mark.parametrize("m", [1, 131, 3001])
-@pytest.mark.parametrize("stages", [0, 2])
-def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages):
+@pytest.mark.parametrize("stages", [0, 5])
+@pytest.mark.parametrize("variant", ["staged", "staged_bulk_y"])
+def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages, variant):
     """The sm_90 staged forward (bulk copies into a shared-memory ring): fewer rows than SMs, rows not
     a multiple of the grid, many rows per persistent block; widths whose vectors do not fill the block."""
     if not staged_available():
@@ -116,7 +117,11 @@ def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages):
     c = make_mask("zeros", n)
     c[n // 2: n * 3 // 4] = 0.3
     x = x64.to(dtype)
-    y, mean, rstd = cuda_ext.fwd(x, w, b, c, EPS, variant="staged", stages=stages)
+    if n * x.element_size() * 4 > torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin:
+        with pytest.raises(RuntimeError, match="room for 4"):  # fp32 16384: 4 rows need 256 KiB
+            cuda_ext.fwd(x, w, b, c, EPS, variant=variant, stages=stages)
+        return
+    y, mean, rstd = cuda_ext.fwd(x, w, b, c, EPS, variant=variant, stages=stages)
     yr = ref(x.double(), w.double(), b.double(), c.double(), EPS)
     assert y.dtype == dtype and y.shape == x.shape
     assert rel_err(y, yr) < TOL[dtype][0]
@@ -128,6 +133,22 @@ def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages):
     assert torch.all(y[:, n * 3 // 4:] == 0)
     y_reg = cuda_ext.fwd(x, w, b, c, EPS, variant="registers")[0]
     assert rel_err(y, y_reg) < TOL[dtype][0]
+
+
+@pytest.mark.parametrize("n, wide", [(1024, False), (4096, True), (10240, True)])
+def test_cuda_forward_auto_picks_staged_for_wide_rows(n, wide):
+    """auto = the bulk-copy staged kernel from 8 KiB rows up on sm_90, the registers kernel below;
+    the kernels are deterministic, so auto's output equals the chosen one's bit for bit."""
+    if "cuda" not in backends():
+        pytest.skip("CUDA extension not built")
+    x = torch.randn(300, n, device=DEV, dtype=torch.bfloat16)
+    w, b, c = torch.randn(n, device=DEV), torch.randn(n, device=DEV), make_mask("ramp", n)
+    chosen = "staged_bulk_y" if wide and staged_available() else "registers"
+    other = "registers" if chosen != "registers" else "staged_bulk_y"
+    y_auto = cuda_ext.fwd(x, w, b, c, EPS)[0]
+    assert torch.equal(y_auto, cuda_ext.fwd(x, w, b, c, EPS, variant=chosen)[0])
+    if staged_available():  # the two kernels round differently: auto really took `chosen`
+        assert not torch.equal(y_auto, cuda_ext.fwd(x, w, b, c, EPS, variant=other)[0])
 
 
 def test_cuda_staged_forward_rejects_what_it_cannot_run():

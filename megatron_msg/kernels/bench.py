@@ -337,7 +337,19 @@ def run_kernels(out_dir: str, widths=WIDTHS, only=None) -> dict:
     return res
 
 
-CUDA_FWD_CANDIDATES = ({"variant": "registers"},) + tuple({"variant": "staged", "stages": s} for s in (2, 3, 4, 6))
+CUDA_FWD_CANDIDATES = ({"variant": "registers"},) + tuple(
+    {"variant": "staged", "stages": s} for s in (4, 6, 8)) + tuple(
+    {"variant": "staged_bulk_y", "stages": s} for s in (4, 6, 8, 10, 11)) + ({"variant": "auto"},)
+
+
+def _forward_references(n, x, w, b, c) -> dict:
+    """Same-input forward baselines timed next to the CUDA candidates: a plain copy of x
+    (the bandwidth ceiling at this size), F.layer_norm, and our Triton forward."""
+    from megatron_msg.kernels import triton_masked_ln as tml
+    wb, bb = w.bfloat16(), b.bfloat16()
+    return {"copy": lambda: x.clone(),
+            "torch_ln": lambda: F.layer_norm(x, (n,), wb, bb, EPS),
+            "triton": lambda: tml.masked_ln_fwd(x, w, b, c, EPS)}
 
 
 def sweep_cuda_fwd(widths=WIDTHS, log=print) -> list[dict]:
@@ -352,6 +364,11 @@ def sweep_cuda_fwd(widths=WIDTHS, log=print) -> list[dict]:
         m, x, w, b, c = _sweep_inputs(n)
         with torch.no_grad():
             y_ref = masked_layer_norm_reference(x[:4096].float(), w, b, c, EPS)
+        for name, fn in _forward_references(n, x, w, b, c).items():
+            ms = device_ms(fn)
+            rec = {"N": n, "pass": "fwd", "impl": name, "ms": round(ms, 4), "GBps": round(2 * m * n * 2 / ms / 1e6)}
+            out.append(rec)
+            log(json.dumps(rec))
         for kw in CUDA_FWD_CANDIDATES:
             rec = {"N": n, "pass": "fwd", "impl": "cuda", **kw}
             try:
@@ -368,10 +385,11 @@ def sweep_cuda_fwd(widths=WIDTHS, log=print) -> list[dict]:
     return out
 
 
-def run_sweep(out_dir: str, widths=WIDTHS) -> dict:
+def run_sweep(out_dir: str, widths=WIDTHS, cuda_only: bool = False) -> dict:
     _require_gpu("kernel-sweep")
     res = _header()
-    res["sweep"] = sweep_triton(widths, log=lambda s: print(s, flush=True))
+    if not cuda_only:
+        res["sweep"] = sweep_triton(widths, log=lambda s: print(s, flush=True))
     res["sweep_cuda_fwd"] = sweep_cuda_fwd(widths, log=lambda s: print(s, flush=True))
     _write_json(Path(out_dir) / "sweep.json", res)
     return res

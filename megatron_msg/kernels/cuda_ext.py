@@ -68,24 +68,32 @@ def available() -> bool:
 
 # Forward kernels of the extension (csrc/masked_layernorm_cuda.cu): "registers" keeps
 # a row per warp or block in registers; "staged" (sm_90+) streams rows into a ring of
-# shared-memory buffers with the bulk-copy engine.  "auto" is "registers" until the
-# H100 sweep (msg-bench kernel-sweep) shows where "staged" wins.
-FWD_VARIANTS = {"auto": 0, "registers": 1, "staged": 2}
+# shared-memory buffers with the bulk-copy engine; "staged_bulk_y" also sends y out of
+# that ring by bulk copy.  "auto" takes staged_bulk_y for rows of 8 KiB and more where
+# it can run (fastest there on the H100, msg-bench kernel-sweep --cuda-only), else registers.
+FWD_VARIANTS = {"auto": 0, "registers": 1, "staged": 2, "staged_bulk_y": 3}
 
 
 def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, eps: float,
         variant: str = "auto", stages: int = 0):
     """Forward launcher -> (y with x's shape, mean [rows], rstd [rows] fp32).
 
-    ``stages``: row buffers of the staged kernel (0 = its default, 4).
+    ``stages``: row buffers of the staged kernels, 4..12 (0 = default, 6; fewer where they do not fit).
     """
     if variant not in FWD_VARIANTS:
         raise ValueError(f"CUDA masked LayerNorm forward variant must be one of {sorted(FWD_VARIANTS)}; "
                          f"got {variant!r}")
-    if stages < 0:
-        raise ValueError(f"stages must be >= 0 (0 = default); got {stages}")
+    if stages != 0 and not 4 <= stages <= 12:
+        raise ValueError(f"stages (row buffers of the staged kernel) must be 0 (default) or 4..12; got {stages}")
     n = x.shape[-1]
-    y, mean, rstd = load().fwd(x.reshape(-1, n), weight, bias, mask, float(eps), FWD_VARIANTS[variant], stages)
+    ext = load()
+    if variant.startswith("staged") and not ext.staged_supported(x.reshape(-1, n), weight, bias, mask, stages):
+        raise RuntimeError(
+            "the staged kernel needs an sm_90+ GPU and an extension built for it, a 16-byte aligned x, 32-byte "
+            "aligned fp32 weight/bias/mask, a row of a multiple of 16 bytes with at most 16384 columns, and "
+            f"room for 4+ rows in shared memory; got N={n}, dtype {x.dtype}, "
+            f"aligned={int(x.data_ptr() % 16 == 0 and all(t.data_ptr() % 32 == 0 for t in (weight, bias, mask)))}")
+    y, mean, rstd = ext.fwd(x.reshape(-1, n), weight, bias, mask, float(eps), FWD_VARIANTS[variant], stages)
     return y.view(x.shape), mean, rstd
 
 
