@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine session for the kernels: build the CUDA extension, then the
 # steps asked for, each under its own timeout.  Usage (on the GPU machine, repo root):
-#   tools/gpu_kernels.sh [quick|tests|sweep|bench|overhead|overhead-compiled]...
+#   tools/gpu_kernels.sh [quick|tests|sweep|sweep-cuda|bench|overhead|overhead-compiled]...
 #   (default: tests bench overhead)
 #   quick: only the launch-variant and model tests of tests/test_kernels_gpu.py
+#   sweep-cuda: only the CUDA forward candidates (msg-bench kernel-sweep --cuda-only), wide widths
 # Writes logs, JSON and markdown under ${OUT:-runs/gpu}.
 set -u
 OUT=${OUT:-runs/gpu}
@@ -28,6 +29,7 @@ for s in $steps; do
     quick) timeout ${T_QUICK:-120} python3 -m pytest -q -x tests/test_kernels_gpu.py -k "variants or model_ramp" 2>&1 | tail -15 | tee "$OUT/quick.log" ;;
     tests) timeout ${T_TESTS:-240} python3 -m pytest -q tests/test_kernels_gpu.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
     sweep) timeout ${T_SWEEP:-300} $bench kernel-sweep --widths "${SWEEP_WIDTHS:-768,1024,4096,10240}" --out "$OUT" 2>&1 | tee "$OUT/sweep.log" ;;
+    sweep-cuda) timeout ${T_SWEEP:-300} $bench kernel-sweep --cuda-only --widths "${SWEEP_WIDTHS:-4096,8192,10240,16384}" --out "$OUT" 2>&1 | tee "$OUT/sweep_cuda.log" ;;
     bench) timeout ${T_BENCH:-300} $bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;
     overhead) timeout ${T_OVER:-300} $bench mask-overhead --out "$OUT" 2>&1 | tee "$OUT/overhead.log" ;;
     overhead-compiled) timeout ${T_OVERC:-300} $bench mask-overhead --compile --windows 3 --out "$OUT" 2>&1 | tee "$OUT/overhead_compiled.log" ;;

@@ -36,7 +36,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/bench", help="directory for sweep.json")
+    p.add_argument("--out", default="runs/bench", help="directory for sweep.json (sweep_cuda.json with --cuda-only)")
     p.add_argument("--widths", default="768,1024,4096,10240", help="comma-separated hidden sizes")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the CUDA forward candidates (with copy, F.layer_norm and Triton beside them)")

@@ -391,7 +391,7 @@ def run_sweep(out_dir: str, widths=WIDTHS, cuda_only: bool = False) -> dict:
     if not cuda_only:
         res["sweep"] = sweep_triton(widths, log=lambda s: print(s, flush=True))
     res["sweep_cuda_fwd"] = sweep_cuda_fwd(widths, log=lambda s: print(s, flush=True))
-    _write_json(Path(out_dir) / "sweep.json", res)
+    _write_json(Path(out_dir) / ("sweep_cuda.json" if cuda_only else "sweep.json"), res)
     return res
 
 
