@@ -204,6 +204,11 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"
     dtype: str = "fp32"
+    # fp16 only: dynamic loss scaling (training/loss_scale.py; Megatron's names).  A step whose
+    # gradients overflow is skipped and halves the scale; loss_scale_window clean steps double it.
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
     compile: bool = False
     tensorboard: bool = True
     plot: bool = True
@@ -446,6 +451,9 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(t.dtype, ("fp32", "bf16", "fp16"), "train.dtype")
+    _check(t.loss_scale_window >= 1, "train.loss_scale_window", f"must be >= 1, got {t.loss_scale_window}")
+    _check(0 < t.min_loss_scale <= t.initial_loss_scale, "train.min_loss_scale",
+           f"must be > 0 and <= train.initial_loss_scale={t.initial_loss_scale}, got {t.min_loss_scale}")
 
     lr = cfg.lr
     _choice(lr.decay, LR_DECAYS, "lr.decay")
@@ -559,8 +567,6 @@ def _validate_parallel(cfg: RunConfig) -> None:
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",
                f"model.seq_len={cfg.model.seq_len} is not divisible by parallel.tp={p.tp}")
     world = p.tp * p.pp * p.dp
-    if world > 1:
-        _check(t.dtype != "fp16", "train.dtype", "fp16 loss scaling is single-process only; use bf16 with parallel runs")
     entries = [("model", cfg.model.shape, p.layout, None)]
     prev_shape = cfg.model.shape
     for s in resolve_stages(cfg):

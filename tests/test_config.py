@@ -59,6 +59,9 @@ def test_non_overlapping_ramp_and_nomask_back_to_back_are_accepted():
     ({"optimizer": {"growth_step_rule": "magic"}}, "optimizer.growth_step_rule"),
     ({"lr": {"warmup_steps": 5000}}, "lr.warmup_steps"),
     ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"train": {"loss_scale_window": 0}}, "train.loss_scale_window"),
+    ({"train": {"min_loss_scale": 2.0 ** 20}}, "train.min_loss_scale"),
+    ({"train": {"min_loss_scale": 0.0}}, "train.min_loss_scale"),
     ({"modle": {}}, "modle"),
     ({"train": {"steps": True}}, "train.steps"),
 ])

@@ -173,7 +173,6 @@ def _edit(raw: dict, path: str, value) -> dict:
     ({"parallel.pp": 2, "growth.stages[1].layers": 3}, "growth.stages[1].layers: 3 is not divisible by parallel.pp=2"),
     ({"parallel.pp": 4}, "model.layers: 2 is not divisible by parallel.pp=4"),
     ({"parallel.dp": 4}, "train.grad_accum: 2 is not divisible by parallel.dp=4"),
-    ({"parallel.tp": 2, "train.dtype": "fp16"}, "train.dtype: fp16 loss scaling is single-process only"),
     ({"parallel.tp": 0}, "parallel.tp: must be >= 1"),
 ])
 def test_wrong_topology_is_a_config_error(edits, message):

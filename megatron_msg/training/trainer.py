@@ -46,6 +46,7 @@ from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BertBatches, GPTBatches, IndexedBertBatches, IndexedGPTBatches,
                                           byte_token_streams)
 from megatron_msg.training.lr import lr_at
+from megatron_msg.training.loss_scale import DynamicLossScaler
 from megatron_msg.training.metrics import MetricsLog
 from megatron_msg.training.plot import plot_loss_curve
 
@@ -129,7 +130,9 @@ class Trainer:
         self.rewinds = [s.at_step for s in self.stages if s.rewind_lr]
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.autocast_dtype = DTYPES[cfg.train.dtype]
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.dtype == "fp16" else None
+        t = cfg.train
+        self.scaler = (DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.min_loss_scale)
+                       if t.dtype == "fp16" else None)
         self.rng = RNGTracker(self.device)
         self.placement = placement_for(self.ps, self.rng, cfg.parallel.sequence_parallel)
         self._stop_requested = False
@@ -155,8 +158,7 @@ class Trainer:
 
     def _wrap_model(self) -> None:
         self.model.train()
-        self.forward_model = torch.compile(self.model) if self.cfg.train.compile else self.model
-        # The training path calls stage_forward, so that is what gets compiled.
+        # The training and evaluation paths call stage_forward, so that is what gets compiled.
         self.stage_forward = (torch.compile(self.model.stage_forward) if self.cfg.train.compile
                               else self.model.stage_forward)
 
@@ -187,6 +189,7 @@ class Trainer:
             "ramp": None if self.ramp is None else dataclasses.asdict(self.ramp),
             # Dropout is reseeded per micro-batch from (seed, step, micro): no generator state.
             "written_by": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
+            "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -220,6 +223,8 @@ class Trainer:
         self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
+        if self.scaler is not None and state.get("loss_scaler"):  # absent: written by a bf16/fp32 run
+            self.scaler.load_state_dict(state["loss_scaler"])
         self.metrics.truncate_from(self.step)
         self._log_console(f"resumed from {path} at step {self.step}, shape {mcfg.shape}")
 
@@ -270,28 +275,22 @@ class Trainer:
         return total
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss, global gradient norm).  Under fp16 a step whose
+        gradients overflowed is skipped (norm inf/nan) and lowers the loss scale."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         accum = cfg.train.grad_accum
-        if self.scaler:  # fp16: single process only (config validation)
-            total = torch.zeros((), device=self.device)
-            for micro in range(accum):
-                self.rng.seed_micro_batch(cfg.train.seed, step, micro)
-                batch = self._to_device(self.train_batches.get(step, micro))
-                with self._autocast():
-                    loss = model_loss(self.forward_model, batch) / accum
-                self.scaler.scale(loss).backward()
-                total += loss.detach()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            total = self._run_micro_batches(lambda m: self.train_batches.get(step, m),
-                                            my_micro_batches(accum, self.ps), 1.0 / accum, False, step)
-            sync_gradients(self.model, self.ps)
-        norm = clip_grad_norm(self.model, cfg.optimizer.grad_clip, self.ps)
+        loss_scale = self.scaler.scale if self.scaler else 1.0
+        total = self._run_micro_batches(lambda m: self.train_batches.get(step, m),
+                                        my_micro_batches(accum, self.ps), loss_scale / accum, False, step)
+        sync_gradients(self.model, self.ps)
         if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+            self.scaler.unscale_(self.model)
+            total = total / loss_scale
+        # The norm is all-reduced over the model-parallel group: every rank sees the same value,
+        # so every rank takes the same skip decision.
+        norm = clip_grad_norm(self.model, cfg.optimizer.grad_clip, self.ps)
+        if self.scaler is None or self.scaler.update(bool(torch.isfinite(norm))):
             self.optimizer.step()
         return total, norm
 
@@ -403,6 +402,8 @@ class Trainer:
                            "mask": None if self.ramp is None else self.ramp.value(step_run),
                            "tokens_per_s": tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)}
                     last_time, last_step = now, self.step
+                    if self.scaler is not None:
+                        rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped_steps)
                     self.metrics.write(rec)
                     result.losses[step_run] = rec["loss"]
                     self._report(rec)
