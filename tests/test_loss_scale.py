@@ -114,16 +114,18 @@ def _train(rank, world, raw, out_dir):
     return res.losses
 
 
-def test_tp2_pp2_fp16_follows_the_single_process_fp16_run(tmp_path):
+@pytest.mark.parametrize("layout", [{"tp": 2, "pp": 2}, {"pp": 2, "dp": 2}])
+def test_parallel_fp16_follows_the_single_process_fp16_run(tmp_path, layout):
     raw = _raw(initial_loss_scale=HUGE, loss_scale_window=3)
-    par = run_distributed(_train, 4, args=({**raw, "parallel": {"tp": 2, "pp": 2}}, tmp_path / "par"))
-    single = Trainer(config_from_dict({**raw, "parallel": {"growth_layout_parts": 2}}), out_dir=tmp_path / "one",
-                     progress=False).run()
+    par = run_distributed(_train, 4, args=({**raw, "parallel": layout}, tmp_path / "par"))
+    # New units placed in the same blocks as the TP run's (tests/test_parallel_training.py).
+    single = Trainer(config_from_dict({**raw, "parallel": {"growth_layout_parts": layout.get("tp", 1)}}),
+                     out_dir=tmp_path / "one", progress=False).run()
     assert all(r == par[0] for r in par)
     a, b = _train_records(tmp_path / "par"), _train_records(tmp_path / "one")
     # The skip decisions and the scale follow the same path ...
     assert [(r["loss_scale"], r["skipped_steps"]) for r in a] == [(r["loss_scale"], r["skipped_steps"]) for r in b]
-    # ... and the losses agree to fp16 rounding (TP all-reduces partial sums that one process
-    # accumulates inside a matmul); a skipped or doubled update would move them by far more.
+    # ... and the losses agree to summation order (measured max 8e-6 relative for TP2xPP2, 2e-7
+    # for PP2xDP2, 2026-11-23); one update skipped or applied differently moves them by ~1e-3.
     for s, v in single.losses.items():
-        assert abs(par[0][s] - v) <= 2e-3 * abs(v), (s, par[0][s], v)
+        assert abs(par[0][s] - v) <= 1e-4 * abs(v), (s, par[0][s], v)
