@@ -32,15 +32,15 @@ if a.cuda:
     for _ in range(4):
         cuda_ext.fwd(x, w, b, c, 1e-5, variant=a.cuda, stages=a.stages)
     torch.cuda.synchronize()
-    raise SystemExit(0)
-for _ in range(4):
-    tml.masked_ln_fwd(x, w, b, c, 1e-5, variant=a.variant, block_m=a.block_m, num_warps=a.warps)
-torch.cuda.synchronize()
-for kern in (tml._masked_ln_fwd_split_kernel, tml._masked_ln_fwd_kernel, tml._masked_ln_fwd_wide_kernel):
-    try:  # Triton internals: the layout of the compile cache differs between versions
-        for dev_cache in kern.device_caches.values():
-            for compiled in dev_cache[0].values():
-                print(kern.fn.__name__, "warps", compiled.metadata.num_warps, "regs", compiled.n_regs,
-                      "spills", compiled.n_spills, "shared", compiled.metadata.shared)
-    except Exception as exc:
-        print(kern.fn.__name__, "no metadata:", repr(exc)[:200])
+else:
+    for _ in range(4):
+        tml.masked_ln_fwd(x, w, b, c, 1e-5, variant=a.variant, block_m=a.block_m, num_warps=a.warps)
+    torch.cuda.synchronize()
+    for kern in (tml._masked_ln_fwd_split_kernel, tml._masked_ln_fwd_kernel, tml._masked_ln_fwd_wide_kernel):
+        try:  # Triton internals: the layout of the compile cache differs between versions
+            for dev_cache in kern.device_caches.values():
+                for compiled in dev_cache[0].values():
+                    print(kern.fn.__name__, "warps", compiled.metadata.num_warps, "regs", compiled.n_regs,
+                          "spills", compiled.n_spills, "shared", compiled.metadata.shared)
+        except Exception as exc:
+            print(kern.fn.__name__, "no metadata:", repr(exc)[:200])
