@@ -43,18 +43,29 @@ bool supported(const at::Tensor& x) {
   return x.is_cuda() && msg_masked_ln_supported(dtype_code(x), x.size(-1), 1);
 }
 
-// Whether fwd(..., variant=2) can run on these tensors.  Asked from Python
-// before the launch so that a refusal is an ordinary Python exception (a C++
-// exception thrown through some torch/pybind11 builds has crashed the process).
-bool staged_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& c,
-                      int64_t stages) {
-  if (!x.is_cuda() || x.dim() != 2) return false;
+// Why the staged forwards (variants 2, 3) cannot run on x (contiguous [M, N]) with
+// this alignment, or "" when they can: the one place that words the refusal.
+std::string staged_refusal_for(const at::Tensor& x, int aligned, int64_t stages) {
+  const int N = x.size(1);
+  if (msg_masked_ln_fwd_staged_supported(dtype_code(x), N, aligned, static_cast<int>(stages))) return "";
+  return c10::str("masked_ln_fwd: the staged kernel needs an sm_90+ GPU and an extension built for it, a 16-byte "
+                  "aligned x, 32-byte aligned fp32 weight/bias/mask, a row of a multiple of 16 bytes with at most "
+                  "16384 columns, and room for 4+ rows in shared memory; got N=", N, ", dtype ", x.scalar_type(),
+                  ", aligned=", aligned);
+}
+
+// staged_refusal_for on the tensors fwd would prepare.  Asked from Python before
+// the launch so that a refusal is an ordinary Python exception (a C++ exception
+// thrown for it through torch 2.11's pybind11 crashed the process on the H100).
+std::string staged_refusal(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& c,
+                           int64_t stages) {
+  if (!x.is_cuda() || x.dim() != 2) return "masked_ln_fwd: x must be a 2-D CUDA tensor";
   const c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous();
   auto wf = f32(w), bf = f32(b), cf = f32(c);
   // y is a fresh allocation (always aligned); the rest as fwd checks them.
   const int aligned = is_aligned({&xc}, 16) && is_aligned({&wf, &bf, &cf}, 32);
-  return msg_masked_ln_fwd_staged_supported(dtype_code(xc), xc.size(1), aligned, static_cast<int>(stages)) != 0;
+  return staged_refusal_for(xc, aligned, stages);
 }
 
 // x: [M, N] contiguous. Returns y, mean, rstd.  variant: 0 auto, 1 registers, 2 staged
@@ -77,11 +88,10 @@ std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at
   // 2-byte I/O.  A view into a larger parameter can start anywhere: then the
   // scalar path runs.
   const int aligned = is_aligned({&x, &y}, 16) && is_aligned({&w, &b, &c}, 32);
-  if (variant >= 2)
-    TORCH_CHECK(msg_masked_ln_fwd_staged_supported(dtype_code(x), N, aligned, static_cast<int>(stages)),
-                "masked_ln_fwd: the staged kernel needs an sm_90+ GPU and an extension built for it, 16-byte "
-                "aligned tensors, a row of a multiple of 16 bytes with at most 16384 columns, and room for 4+ rows "
-                "in shared memory; got N=", N, ", dtype ", x.scalar_type(), ", aligned=", aligned);
+  if (variant >= 2) {
+    const std::string why = staged_refusal_for(x, aligned, stages);
+    TORCH_CHECK(why.empty(), why);
+  }
   auto err = msg_masked_ln_fwd(dtype_code(x), aligned, x.data_ptr(), y.data_ptr(), w.data_ptr<float>(),
                                b.data_ptr<float>(), c.data_ptr<float>(), mean.data_ptr<float>(),
                                rstd.data_ptr<float>(), M, N, static_cast<float>(eps), sm_count(),
@@ -128,7 +138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether the kernels cover x's dtype and width");
   m.def("fwd", &fwd, "masked LayerNorm forward -> (y, mean, rstd)", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("mask"), py::arg("eps"), py::arg("variant") = 0, py::arg("stages") = 0);
-  m.def("staged_supported", &staged_supported, "whether fwd(variant=2) can run on these tensors", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("mask"), py::arg("stages") = 0);
+  m.def("staged_refusal", &staged_refusal, "why fwd(variant=2|3) cannot run on these tensors ('' if it can)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mask"), py::arg("stages") = 0);
   m.def("bwd", &bwd, "masked LayerNorm backward -> (dx, dweight, dbias)");
 }

@@ -87,12 +87,10 @@ def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.T
         raise ValueError(f"stages (row buffers of the staged kernel) must be 0 (default) or 4..12; got {stages}")
     n = x.shape[-1]
     ext = load()
-    if variant.startswith("staged") and not ext.staged_supported(x.reshape(-1, n), weight, bias, mask, stages):
-        raise RuntimeError(
-            "the staged kernel needs an sm_90+ GPU and an extension built for it, a 16-byte aligned x, 32-byte "
-            "aligned fp32 weight/bias/mask, a row of a multiple of 16 bytes with at most 16384 columns, and "
-            f"room for 4+ rows in shared memory; got N={n}, dtype {x.dtype}, "
-            f"aligned={int(x.data_ptr() % 16 == 0 and all(t.data_ptr() % 32 == 0 for t in (weight, bias, mask)))}")
+    if variant.startswith("staged"):
+        why = ext.staged_refusal(x.reshape(-1, n), weight, bias, mask, stages)
+        if why:
+            raise RuntimeError(why)
     y, mean, rstd = ext.fwd(x.reshape(-1, n), weight, bias, mask, float(eps), FWD_VARIANTS[variant], stages)
     return y.view(x.shape), mean, rstd
 
