@@ -229,6 +229,9 @@ class ParallelConfig:
     # TP every rank grows its own block locally (docs/parallel.md, "Growth layout rule").
     # Set it to a TP run's size in a single-process run to reproduce that run exactly.
     growth_layout_parts: int = 0
+    # ZeRO over the data-parallel group (training/zero.py): 0 off; 1 Adam state partitioned;
+    # 2 Adam state and gradients partitioned.  Checkpoints do not depend on it.
+    zero_stage: int = 0
 
     def layout_parts(self, tp: int | None = None) -> int:
         """Blocks for a growth into a layout with ``tp`` (default: this section's tp)."""
@@ -562,6 +565,7 @@ def _validate_parallel(cfg: RunConfig) -> None:
         _check(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
     _check(p.growth_layout_parts >= 0, "parallel.growth_layout_parts", "must be >= 0 (0: the TP size)")
     _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
+    _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage!r}")
     if p.sequence_parallel:
         _check(p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",

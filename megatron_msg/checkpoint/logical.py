@@ -90,12 +90,19 @@ def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names
     """Logical (name-keyed, full-tensor) AdamW state; parameters without state are left out.
 
     ``names``/``shapes`` as in :func:`gather_tensors` (masks among ``names`` are skipped).
+    Each rank's block comes from ``optimizer.block_state``, which under ZeRO
+    (training/zero.py) is itself collective over the DP group: every rank of the run
+    must then call this for the same names.
     """
-    named = optimizer.named_state()
     if ps.topology.world_size == 1:
-        keep = named if names is None else {n: named[n] for n in names if n in named}
-        return {n: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                for n, st in keep.items()}
+        params = [n for n, _ in model.named_parameters()]
+        held = set(params)
+        out = {}
+        for n in (params if names is None else [n for n in names if n in held]):
+            st = optimizer.block_state(n)
+            if st is not None:
+                out[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+        return out
     cfg = model.cfg
     shapes = _selected(shapes or logical_shapes(cfg), names)
     out = {}
@@ -103,7 +110,7 @@ def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names
         if tensor_spec(name).is_mask:  # buffers have no optimizer state
             continue
         owner = owner_stage(name, cfg.layers, ps.pp_size)
-        st = named.get(name) if ps.pp_rank == owner else None
+        st = optimizer.block_state(name) if ps.pp_rank == owner else None
         meta = [None]
         if ps.pp_rank == owner:
             meta = [None if st is None else {"step": int(st["step"]), "max_offset": int(st.get("max_offset", 0)),

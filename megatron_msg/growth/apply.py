@@ -33,13 +33,23 @@ from megatron_msg.model.init import logical_shapes
 from megatron_msg.model.layout import split_layer_name, tensor_spec
 from megatron_msg.parallel.topology import ParallelState
 from megatron_msg.training.optimizer import MSGAdamW
+from megatron_msg.training.zero import ZeroAdamW
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> MSGAdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, zero_stage: int = 0,
+                    ps: ParallelState | None = None) -> MSGAdamW | ZeroAdamW:
+    """AdamW over ``model``'s parameters; with ``zero_stage`` 1 or 2 partitioned over ``ps``'s DP group.
+
+    The ZeRO optimizer makes the parameters views into its flat buffer: build it after
+    the model has moved to its device.
+    """
     named = list(model.named_parameters())
     no_decay = {n for n, _ in named if tensor_spec(n).no_weight_decay}
-    return MSGAdamW(named, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, no_decay=no_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                  no_decay=no_decay)
+    if zero_stage:
+        return ZeroAdamW(named, ps or ParallelState.single(next(model.parameters()).device), zero_stage, **kwargs)
+    return MSGAdamW(named, **kwargs)
 
 
 def spec_for_stage(model_cfg: ModelConfig, stage: ResolvedStage, seed: int, layout_parts: int = 1) -> GrowthSpec:
@@ -54,14 +64,15 @@ def spec_for_stage(model_cfg: ModelConfig, stage: ResolvedStage, seed: int, layo
 @dataclass
 class GrowthResult:
     model: torch.nn.Module
-    optimizer: MSGAdamW | None
+    optimizer: MSGAdamW | ZeroAdamW | None
     ramp: MaskRamp | None
     plan: GrowthPlan
 
 
-def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | None = None,
+def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None = None,
                optim_cfg: OptimizerConfig | None = None, ramp_start: int = 0, phi: int = 1,
-               ps: ParallelState | None = None, placement=None) -> GrowthResult:
+               ps: ParallelState | None = None, placement=None, zero_stage: int = 0,
+               new_ps: ParallelState | None = None) -> GrowthResult:
     """Grow ``model`` (and its optimizer state) to ``spec.new``; returns new objects.
 
     Under MSG the new model starts on its masked path with a ramp from
@@ -69,7 +80,8 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | None = None,
     sharded model every rank of the replica must call this together (``ps``, the
     layout the model is sharded on); ``placement`` is this rank's part of the new
     model (default: the old model's, i.e. the same layout), so a growth event can
-    also move the run to another TP x PP x DP layout.
+    also move the run to another TP x PP x DP layout.  ``zero_stage``/``new_ps``: the
+    new optimizer's ZeRO stage and the layout it is partitioned on (default ``ps``).
     """
     plan = plan_growth(spec)
     device = next(model.parameters()).device
@@ -83,7 +95,7 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | None = None,
         assert optim_cfg is not None
         rule = optim_cfg.growth_step_rule
         check_rule(rule)
-        new_opt = build_optimizer(new_model, optim_cfg)
+        new_opt = build_optimizer(new_model, optim_cfg, zero_stage, new_ps or ps)
     held = set(new_model.state_dict())  # this rank's tensors of the new model
     held_layers = {split_layer_name(n)[0] for n in held}
     loaded: set[str] = set()

@@ -39,7 +39,8 @@ def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
+def sync_gradients(model: torch.nn.Module, ps: ParallelState, data_parallel: bool = True) -> None:
+    """Steps 1-3 above; ``data_parallel=False`` leaves out step 3 (ZeRO-2 reduce-scatters instead)."""
     params = dict(model.named_parameters())
     if ps.pp_size > 1 and TIED in params and params[TIED].grad is not None:
         dist.all_reduce(params[TIED].grad, group=ps.embed_group)
@@ -48,11 +49,11 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
         grads = [params[n].grad for n in partial() if params[n].grad is not None]
         if grads:
             _all_reduce_flat(grads, ps.tp_group)
-    if ps.dp_size > 1:
+    if data_parallel and ps.dp_size > 1:
         _all_reduce_flat([p.grad for p in params.values() if p.grad is not None], ps.dp_group)
 
 
-def _counted_once(name: str, ps: ParallelState) -> bool:
+def counted_once(name: str, ps: ParallelState) -> bool:
     if name == TIED and not ps.is_first_stage:
         return False  # the last stage's copy of the tied embedding
     return ps.tp_rank == 0 or tensor_spec(name).tp_split_dim() is not None
@@ -68,7 +69,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -
     device = named[0][1].grad.device if named else ps.device
     sq = torch.zeros((), device=device, dtype=torch.float32)
     for name, p in named:
-        if _counted_once(name, ps):
+        if counted_once(name, ps):
             sq += p.grad.float().pow(2).sum()
     dist.all_reduce(sq, group=ps.mp_group)
     norm = sq.sqrt()

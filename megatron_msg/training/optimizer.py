@@ -17,6 +17,13 @@ entries, a Python int: no host sync) plus an optional float tensor
 ``step_offset`` (how many steps later each entry was born).  Once the youngest
 entries' bias corrections round to 1.0 in fp32 the offsets no longer change any
 result and are dropped.
+
+Offsets take one value per growth event, so the per-entry bias corrections are
+filled in per distinct value (``offset_values``, found once when the state is
+loaded) from Python-computed constants rather than by an elementwise
+``torch.pow``: the result of an entry then never depends on where it sits in
+the tensor (vectorised and scalar ``pow`` differ in the last bit, and ZeRO
+updates tensors in pieces), and it costs a few selects instead of two pows.
 """
 from __future__ import annotations
 
@@ -28,6 +35,58 @@ import torch
 def _bias_corrections_settled(beta1: float, beta2: float, steps: int) -> bool:
     f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()  # noqa: E731
     return f32(1 - beta1 ** steps) == 1.0 and f32(1 - beta2 ** steps) == 1.0
+
+
+def advance_step(st: dict, betas: tuple[float, float]) -> None:
+    """Count one step in ``st`` and drop its per-entry offsets once they change no result.
+
+    Depends only on the counts, never on tensor values, so every rank holding a piece
+    of one tensor (ZeRO, training/zero.py) takes the same decision.
+    """
+    st["step"] += 1
+    if st["step_offset"] is not None and _bias_corrections_settled(*betas, st["step"] - st["max_offset"]):
+        st["step_offset"], st["max_offset"] = None, 0
+
+
+def offset_values(step_offset: torch.Tensor) -> tuple[float, ...]:
+    """The distinct per-entry offsets (one host sync: call when loading state, not per step)."""
+    return tuple(torch.unique(step_offset).tolist())
+
+
+def per_entry_bias_corrections(step: int, step_offset: torch.Tensor, values: tuple[float, ...],
+                               betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - beta1^t, 1 - beta2^t) per entry, t = step - offset, from one constant per offset value."""
+    bc1, bc2 = torch.empty_like(step_offset), torch.empty_like(step_offset)
+    b1, b2 = betas
+    for value in values:
+        born = step_offset == value
+        bc1.masked_fill_(born, 1 - b1 ** (step - value))
+        bc2.masked_fill_(born, 1 - b2 ** (step - value))
+    return bc1, bc2
+
+
+@torch.no_grad()
+def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+                  step_offset: torch.Tensor | None, lr: float, betas: tuple[float, float], eps: float,
+                  wd: float, values: tuple[float, ...] = ()) -> None:
+    """One AdamW update of ``p`` and its moments, in place; ``step`` already counts this one.
+
+    Purely elementwise, so applying it to matching slices of p, g, m, v and the offsets
+    gives bit for bit the entries of a whole-tensor update (what ZeRO relies on).
+    ``values``: :func:`offset_values` of ``step_offset`` (or of a superset of its entries).
+    """
+    b1, b2 = betas
+    if wd:
+        p.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    if step_offset is None:
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+    else:
+        bc1, bc2 = per_entry_bias_corrections(step, step_offset, values, betas)
+        denom = (v.sqrt() / bc2.sqrt()).add_(eps)
+        p.sub_(lr * (m / bc1) / denom)
 
 
 class MSGAdamW(torch.optim.Optimizer):
@@ -43,6 +102,7 @@ class MSGAdamW(torch.optim.Optimizer):
                               {"params": plain, "weight_decay": 0.0}) if g["params"]]
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.names = {p: n for n, p in named_params}
+        self.by_name = dict(named_params)
 
     def set_lr(self, lr: float) -> None:
         for g in self.param_groups:
@@ -51,7 +111,7 @@ class MSGAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -59,25 +119,9 @@ class MSGAdamW(torch.optim.Optimizer):
                 if not st:
                     st.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
                               step_offset=None, max_offset=0)
-                st["step"] += 1
-                g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                offset = st["step_offset"]
-                if offset is not None and _bias_corrections_settled(b1, b2, st["step"] - st["max_offset"]):
-                    st["step_offset"], st["max_offset"], offset = None, 0, None
-                if offset is None:
-                    t = st["step"]
-                    denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
-                    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                else:
-                    t = st["step"] - offset  # per-entry step counts
-                    bc1 = 1 - torch.pow(b1, t)
-                    bc2 = 1 - torch.pow(b2, t)
-                    denom = (v.sqrt() / bc2.sqrt()).add_(eps)
-                    p.sub_(lr * (m / bc1) / denom)
+                advance_step(st, betas)
+                adamw_update_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], st["step_offset"],
+                              lr, betas, eps, wd, st.get("offset_values", ()))
         return None
 
     # ------------------------------------------------------------------ logical (named) state
@@ -91,8 +135,13 @@ class MSGAdamW(torch.optim.Optimizer):
                 out[name] = dict(st)
         return out
 
+    def block_state(self, name: str) -> dict | None:
+        """This rank's state of parameter ``name`` (None before its first step); see ZeroAdamW."""
+        st = self.state.get(self.by_name[name])
+        return dict(st) if st else None
+
     def load_named_state(self, named: dict[str, dict]) -> None:
-        by_name = {n: p for p, n in self.names.items()}
+        by_name = self.by_name
         unknown = sorted(set(named) - set(by_name))
         if unknown:
             raise KeyError(f"optimizer state for unknown parameters: {unknown[:5]}")
@@ -106,4 +155,5 @@ class MSGAdamW(torch.optim.Optimizer):
             self.state[p] = dict(step=int(st["step"]), exp_avg=st["exp_avg"].to(p.device, p.dtype),
                                  exp_avg_sq=st["exp_avg_sq"].to(p.device, p.dtype),
                                  step_offset=None if off is None else off.to(p.device),
-                                 max_offset=int(st.get("max_offset", 0)))
+                                 max_offset=int(st.get("max_offset", 0)),
+                                 offset_values=() if off is None else offset_values(off))

@@ -149,7 +149,7 @@ class Trainer:
             self._restore(ckpt)
         else:
             self.model = build_model(cfg.model, self.placement, seed=t.seed).to(self.device)
-            self.optimizer = build_optimizer(self.model, cfg.optimizer)
+            self.optimizer = self._build_optimizer(self.model)
             self.step, self.stage_index, self.ramp = 0, 0, None
             self.metrics.truncate_from(0)
         self._wrap_model()
@@ -161,6 +161,13 @@ class Trainer:
         # The training and evaluation paths call stage_forward, so that is what gets compiled.
         self.stage_forward = (torch.compile(self.model.stage_forward) if self.cfg.train.compile
                               else self.model.stage_forward)
+
+    @property
+    def zero_stage(self) -> int:
+        return self.cfg.parallel.zero_stage
+
+    def _build_optimizer(self, model):
+        return build_optimizer(model, self.cfg.optimizer, self.zero_stage, self.ps)
 
     def layout_of(self, stage_index: int) -> tuple[int, int, int]:
         """(tp, pp, dp) after ``stage_index`` growth stages."""
@@ -219,7 +226,7 @@ class Trainer:
         load_model(self.model, ckpt.model)
         self.model.to(self.device)
         self.model.set_masked(state["masked"])
-        self.optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        self.optimizer = self._build_optimizer(self.model)
         self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
@@ -232,9 +239,11 @@ class Trainer:
         """Write a checkpoint (collective; rank 0 writes).  Returns its path on rank 0.
 
         Data-parallel replicas hold the same state, so only replica 0 gathers; rank 0
-        writes each logical tensor as soon as it is gathered and drops it.
+        writes each logical tensor as soon as it is gathered and drops it.  Under ZeRO
+        every replica joins in (each holds part of the Adam state: training/zero.py).
         """
-        tensors = self.logical_tensors() if self.ps.dp_rank == 0 else iter(())
+        gathers = self.ps.dp_rank == 0 or self.zero_stage > 0
+        tensors = self.logical_tensors() if gathers else iter(())
         path = None
         if self.is_main:
             meta = {"shape": str(self.model.cfg.shape), "stage_index": self.stage_index,
@@ -283,13 +292,22 @@ class Trainer:
         loss_scale = self.scaler.scale if self.scaler else 1.0
         total = self._run_micro_batches(lambda m: self.train_batches.get(step, m),
                                         my_micro_batches(accum, self.ps), loss_scale / accum, False, step)
-        sync_gradients(self.model, self.ps)
+        partitioned = self.zero_stage == 2  # gradients reduce-scattered over DP, not all-reduced
+        sync_gradients(self.model, self.ps, data_parallel=not partitioned)
+        if partitioned:
+            self.optimizer.reduce_scatter_gradients()
         if self.scaler:
-            self.scaler.unscale_(self.model)
+            if partitioned:
+                self.optimizer.unscale_(1.0 / loss_scale)
+            else:
+                self.scaler.unscale_(self.model)
             total = total / loss_scale
-        # The norm is all-reduced over the model-parallel group: every rank sees the same value,
-        # so every rank takes the same skip decision.
-        norm = clip_grad_norm(self.model, cfg.optimizer.grad_clip, self.ps)
+        # The norm is all-reduced over the model-parallel group (and under ZeRO-2 the DP group):
+        # every rank sees the same value, so every rank takes the same skip decision.
+        if partitioned:
+            norm = self.optimizer.clip_grad_norm(cfg.optimizer.grad_clip)
+        else:
+            norm = clip_grad_norm(self.model, cfg.optimizer.grad_clip, self.ps)
         if self.scaler is None or self.scaler.update(bool(torch.isfinite(norm))):
             self.optimizer.step()
         return total, norm
@@ -329,7 +347,8 @@ class Trainer:
                               layout_parts=self.cfg.parallel.layout_parts(stage.layout[0]))
         old_ps = self._use_layout(stage.layout)  # gather on the old layout, shard onto the new one
         result = grow_model(self.model, spec, self.optimizer, self.cfg.optimizer,
-                            ramp_start=stage.at_step, phi=stage.phi, ps=old_ps, placement=self.placement)
+                            ramp_start=stage.at_step, phi=stage.phi, ps=old_ps, placement=self.placement,
+                            zero_stage=self.zero_stage, new_ps=self.ps)
         self.model, self.optimizer, self.ramp = result.model, result.optimizer, result.ramp
         self._wrap_model()
         after = self._probe_loss()

@@ -1,0 +1,289 @@
+"""ZeRO stages 1 and 2: AdamW state (stage 2: also the gradients) partitioned over data parallelism.
+
+Layout.  A rank's parameters (its TP x PP block of the model; every rank of one
+DP group holds the same set) are laid end to end, in ``named_parameters``
+order, in one flat buffer, and the parameters become views into it.  The
+buffer is cut into ``dp`` equal chunks (the last one padded); DP rank ``r``
+owns chunk ``r``: it alone keeps the Adam moments of those entries and updates
+them, then the chunks are all-gathered back into the buffer, which writes
+straight into every parameter.  A parameter that straddles a chunk boundary is
+updated in pieces (fragments) on two ranks; the AdamW update is elementwise and
+the per-entry step bookkeeping depends on counts only (optimizer.py), so
+
+* stage 1 (gradients all-reduced as at stage 0) gives bit for bit the
+  parameters and moments of stage 0;
+* stage 2 reduce-scatters the gradients instead, so each rank keeps only its
+  chunk of the step's gradient through loss-scale unscaling, clipping and the
+  update.  The global norm is then summed in another order than at stage 0,
+  which moves the clip coefficient in its last bits (tests/test_zero.py).
+
+What stage 2 does not do (docs/parallel.md, "ZeRO"): gradients are full size
+during the backward passes and reduced once per step after them (as Megatron's
+distributed optimizer), not bucket by bucket during backward as DeepSpeed's
+stage 2; that keeps one reduction per step under gradient accumulation and
+the 1F1B pipeline, at the price of the full gradient's memory while it runs.
+
+Why not DeepSpeed's ZeRO optimizer: it owns the flat fp32 partitions from
+engine construction on, MSG growth changes every tensor's shape (the partition
+would be rebuilt and its state translated at each growth event), and its
+state is not the per-entry-step AdamW the growth rule needs.  Here every
+tensor's logical state (full Adam moments by name) is reassembled on demand,
+tensor by tensor (:meth:`ZeroAdamW.block_state`), so checkpoints, growth and
+resume on another layout or ZeRO stage are unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_msg.parallel.grads import counted_once
+from megatron_msg.parallel.topology import ParallelState
+from megatron_msg.training.optimizer import adamw_update_, advance_step, offset_values
+
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older releases have only those.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """Entries ``[start, end)`` of parameter ``name`` (flattened), owned by DP rank ``owner``.
+
+    ``flat_start`` is the position of ``start`` in the rank's flat buffer.
+    """
+    name: str
+    owner: int
+    start: int
+    end: int
+    flat_start: int
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+def partition(sizes: list[tuple[str, int]], dp: int) -> tuple[int, list[Fragment]]:
+    """(chunk size, fragments) of parameters ``sizes`` (name, numel) laid end to end over ``dp`` ranks.
+
+    Every entry of every parameter lies in exactly one fragment; rank r's fragments
+    cover flat positions ``[r * chunk, (r + 1) * chunk)``.
+    """
+    total = sum(n for _, n in sizes)
+    chunk = max(1, -(-total // dp))
+    fragments, offset = [], 0
+    for name, n in sizes:
+        pos = offset
+        while pos < offset + n:
+            owner = pos // chunk
+            end = min(offset + n, (owner + 1) * chunk)
+            fragments.append(Fragment(name, owner, pos - offset, end - offset, pos))
+            pos = end
+        offset += n
+    return chunk, fragments
+
+
+class ZeroAdamW:
+    """MSGAdamW's update with its state (and at stage 2 the gradients) partitioned over ``ps.dp_group``.
+
+    Offers what the trainer and growth use of an optimizer: ``step``, ``zero_grad``,
+    ``set_lr``, ``param_groups[0]["lr"]``, ``block_state`` (collective over DP) and
+    ``load_named_state``.  Count bookkeeping (``step``, offsets' ``max_offset``) is kept
+    for every tensor on every rank, so only the tensors' values need moving.
+    """
+
+    def __init__(self, named_params, ps: ParallelState, stage: int, lr: float, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, no_decay: set[str] | None = None):
+        if stage not in (1, 2):
+            raise ValueError(f"ZeroAdamW: stage must be 1 or 2, got {stage}")
+        self.named = list(named_params)
+        if not self.named:
+            raise ValueError("ZeroAdamW: no parameters")
+        dtypes = {p.dtype for _, p in self.named}
+        if len(dtypes) > 1:
+            raise ValueError(f"ZeroAdamW: parameters of several dtypes {sorted(map(str, dtypes))}; "
+                             "the flat buffer needs one")
+        self.ps, self.stage = ps, stage
+        self.dp, self.dp_rank = ps.dp_size, ps.dp_rank
+        self.betas, self.eps = betas, eps
+        no_decay = no_decay or set()
+        self.weight_decay = {n: (0.0 if n in no_decay else weight_decay) for n, _ in self.named}
+        self.param_groups = [{"lr": lr}]
+        self.params = dict(self.named)
+        self.chunk, fragments = partition([(n, p.numel()) for n, p in self.named], self.dp)
+        self.fragments: dict[str, list[Fragment]] = {}
+        for f in fragments:
+            self.fragments.setdefault(f.name, []).append(f)
+        self.mine = {f.name: f for f in fragments if f.owner == self.dp_rank}
+        self.flat = self._flatten_parameters()
+        # name -> {step, max_offset, step_offset}, on every rank; step_offset is only a flag here
+        # (True while the tensor has per-entry offsets: advance_step clears it when they settle).
+        self.counts: dict[str, dict] = {}
+        self.moments: dict[str, dict] = {}  # name -> {exp_avg, exp_avg_sq, step_offset} of my fragment
+        self.grad_chunk: torch.Tensor | None = None  # stage 2: my chunk of the step's gradient
+        self.stepped: set[str] = set()  # stage 2: names that had a gradient this step
+
+    def _flatten_parameters(self) -> torch.Tensor:
+        """One buffer holding every parameter; the parameters become views into it."""
+        first = self.named[0][1]
+        flat = torch.zeros(self.chunk * self.dp, dtype=first.dtype, device=first.device)
+        offset = 0
+        with torch.no_grad():
+            for _, p in self.named:
+                n = p.numel()
+                view = flat[offset:offset + n].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += n
+        return flat
+
+    # ------------------------------------------------------------------ step
+
+    def set_lr(self, lr: float) -> None:
+        self.param_groups[0]["lr"] = lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, p in self.named:
+            p.grad = None
+        self.grad_chunk = None
+
+    def _chunk_range(self) -> slice:
+        return slice(self.dp_rank * self.chunk, (self.dp_rank + 1) * self.chunk)
+
+    @torch.no_grad()
+    def reduce_scatter_gradients(self) -> None:
+        """Stage 2: sum the gradients over DP, keep my chunk, free the full gradients."""
+        grads = torch.zeros_like(self.flat)
+        offset, self.stepped = 0, set()
+        for name, p in self.named:
+            n = p.numel()
+            if p.grad is not None:
+                grads[offset:offset + n].copy_(p.grad.reshape(-1))
+                self.stepped.add(name)
+            p.grad = None
+            offset += n
+        self.grad_chunk = torch.empty(self.chunk, dtype=grads.dtype, device=grads.device)
+        if self.dp > 1:
+            _reduce_scatter_flat(self.grad_chunk, grads, group=self.ps.dp_group)
+        else:
+            self.grad_chunk.copy_(grads)
+
+    def _my_gradient(self, name: str) -> torch.Tensor | None:
+        f = self.mine[name]
+        if self.stage == 2:
+            if name not in self.stepped:
+                return None
+            start = f.flat_start - self.dp_rank * self.chunk
+            return self.grad_chunk[start:start + f.numel]
+        g = self.params[name].grad
+        return None if g is None else g.reshape(-1)[f.start:f.end]
+
+    @torch.no_grad()
+    def unscale_(self, inv_scale: float) -> None:
+        """Stage 2: divide my gradient chunk by the loss scale."""
+        self.grad_chunk.mul_(inv_scale)
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Stage 2: the global gradient norm from every rank's chunk; clips my chunk to ``max_norm``."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.flat.device)
+        for name in self.mine:
+            g = self._my_gradient(name)
+            if g is not None and counted_once(name, self.ps):
+                sq += g.float().pow(2).sum()
+        ps = self.ps
+        if ps.dp_size > 1:
+            dist.all_reduce(sq, group=ps.dp_group)
+        if ps.tp_size * ps.pp_size > 1:
+            dist.all_reduce(sq, group=ps.mp_group)
+        norm = sq.sqrt()
+        if max_norm > 0 and max_norm != float("inf"):
+            self.grad_chunk.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(self.grad_chunk.dtype))
+        return norm
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update my fragments, then all-gather every rank's chunk into the parameters."""
+        lr = self.param_groups[0]["lr"]
+        had_gradient = (self.stepped if self.stage == 2 else
+                        {n for n, p in self.named if p.grad is not None})
+        for name in had_gradient:  # counts move on every rank, for every tensor
+            counts = self.counts.setdefault(name, dict(step=0, max_offset=0, step_offset=None))
+            advance_step(counts, self.betas)
+        for name, f in self.mine.items():
+            g = self._my_gradient(name)
+            if g is None:
+                continue
+            m = self.moments.get(name)
+            if m is None:
+                m = self.moments[name] = dict(exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g),
+                                              step_offset=None)
+            counts = self.counts[name]
+            if counts["step_offset"] is None:
+                m["step_offset"] = None  # settled: dropped on every rank at once
+            p = self.params[name].data.view(-1)[f.start:f.end]
+            adamw_update_(p, g, m["exp_avg"], m["exp_avg_sq"], counts["step"], m["step_offset"], lr,
+                          self.betas, self.eps, self.weight_decay[name], m.get("offset_values", ()))
+        if self.dp > 1:
+            mine = self.flat[self._chunk_range()].clone()
+            _all_gather_flat(self.flat, mine, group=self.ps.dp_group)
+
+    # ------------------------------------------------------------------ logical (named) state
+
+    def block_state(self, name: str) -> dict | None:
+        """This rank's whole block of ``name``'s AdamW state (collective over the DP group).
+
+        Every rank of the DP group must call it for the same names in the same order.
+        Returns None (on every rank) for a tensor that has no state yet.
+        """
+        counts = self.counts.get(name)
+        if counts is None:
+            return None
+        p = self.params[name]
+        has_offset = counts["step_offset"] is not None
+        keys = ("exp_avg", "exp_avg_sq") + (("step_offset",) if has_offset else ())
+        mine = self.moments.get(name) if name in self.mine else None
+        out = {"step": counts["step"], "max_offset": counts["max_offset"], "step_offset": None}
+        for key in keys:
+            dtype = torch.float32 if key == "step_offset" else p.dtype
+            full = torch.zeros(p.numel(), dtype=dtype, device=p.device)
+            for f in self.fragments[name]:
+                piece = full[f.start:f.end]
+                if f.owner == self.dp_rank:
+                    piece.copy_(mine[key])
+                if self.dp > 1:
+                    src = self.ps.topology.rank_of(self.ps.tp_rank, self.ps.pp_rank, f.owner)
+                    dist.broadcast(piece, src=src, group=self.ps.dp_group)
+            out[key] = full.view_as(p)
+        return out
+
+    def named_state(self) -> dict[str, dict]:
+        """Every tensor's block state (collective over the DP group)."""
+        return {n: st for n, _ in self.named if (st := self.block_state(n)) is not None}
+
+    def load_named_state(self, named: dict[str, dict]) -> None:
+        """Take my fragments of the blocks in ``named`` (a piece of the state is fine, as in growth)."""
+        unknown = sorted(set(named) - set(self.params))
+        if unknown:
+            raise KeyError(f"optimizer state for unknown parameters: {unknown[:5]}")
+        for name, st in named.items():
+            p = self.params[name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if st[key].shape != p.shape:
+                    raise ValueError(f"optimizer state {name}.{key} has shape {tuple(st[key].shape)}, "
+                                     f"parameter has {tuple(p.shape)}")
+            offset = st.get("step_offset")
+            self.counts[name] = dict(step=int(st["step"]), max_offset=int(st.get("max_offset", 0)),
+                                     step_offset=None if offset is None else True)
+            f = self.mine.get(name)
+            if f is None:
+                continue
+            cut = lambda t, dtype: t.reshape(-1)[f.start:f.end].to(p.device, dtype).clone()  # noqa: E731
+            mine = None if offset is None else cut(offset, torch.float32)
+            self.moments[name] = dict(exp_avg=cut(st["exp_avg"], p.dtype), exp_avg_sq=cut(st["exp_avg_sq"], p.dtype),
+                                      step_offset=mine, offset_values=() if mine is None else offset_values(mine))
+
+    def local_numel(self) -> int:
+        """Entries whose Adam moments this rank keeps (about 1/dp of its parameters)."""
+        return sum(f.numel for f in self.mine.values())
