@@ -146,6 +146,8 @@ def test_zero_2_follows_stage_0(stage_runs):
     assert _max_rel_diff(results[2][0]["losses"], results[0][0]["losses"]) < LOSS_TOLERANCE[dtype], name
     a, b = open_checkpoint(latest_checkpoint(dirs[2])), open_checkpoint(latest_checkpoint(dirs[0]))
     assert a.state["loss_scaler"] == b.state["loss_scaler"]  # fp16: the same steps skipped
+    if dtype == "fp16":  # ... and some were skipped (the scale starts high), or that proves nothing
+        assert 0 < a.state["loss_scaler"]["skipped_steps"] < STEPS // 2  # measured: 9 of 40
     tol = MOMENT_TOLERANCE[dtype]
     for t, st in b.optimizer.items():
         assert a.optimizer[t]["step"] == st["step"], t
@@ -167,16 +169,6 @@ def test_data_parallel_replicas_stay_identical_and_each_keeps_its_share_of_adam_
         total = group[0]["param_numel"]
         shares = [r["state_numel"] for r in group]
         assert sum(shares) == total and max(shares) <= math.ceil(total / len(group)), (name, shares)
-
-
-def test_fp16_zero_runs_skip_steps(stage_runs):
-    # The fp16 layout must actually exercise the skip path (the scale starts at 65536 and
-    # the first steps overflow), or "same skips as stage 0" above proves nothing.
-    name, results, dirs = stage_runs
-    if LAYOUTS[name][1] != "fp16":
-        pytest.skip("fp32 layout")
-    state = open_checkpoint(latest_checkpoint(dirs[2])).state["loss_scaler"]
-    assert 0 < state["skipped_steps"] < STEPS // 2  # measured: 9 of 40
 
 
 def test_zero_2_resume_is_exact_and_continues_at_stage_0(tmp_path):
