@@ -192,3 +192,13 @@ def test_single_process_zero_matches_plain_adamw(tmp_path):
     plain = Trainer(config_from_dict(_raw("gpt")), out_dir=tmp_path / "plain", progress=False).run()
     zero = Trainer(config_from_dict(_raw("gpt", zero_stage=1)), out_dir=tmp_path / "zero", progress=False).run()
     assert zero.losses == plain.losses
+
+
+def test_zero_through_layout_changes_at_growth(tmp_path):
+    # DP4 -> TP2xDP2 -> TP2xPP2 (dp 1): each growth gathers the state from the old layout's DP
+    # partition and partitions it again over the new layout's DP group.
+    from tests.test_topology_change import _raw as layout_raw
+    losses = {stage: run_distributed(_train, 4, args=(layout_raw(dp=4, zero_stage=stage), tmp_path / str(stage),
+                                                      None))[0]["losses"] for stage in (0, 1, 2)}
+    assert losses[1] == losses[0]
+    assert _max_rel_diff(losses[2], losses[0]) < LOSS_TOLERANCE["fp32"]
