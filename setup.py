@@ -76,6 +76,7 @@ setup(
     entry_points={
         "console_scripts": [
             "msg-train=megatron_msg.cli.train:main",
+            "msg-grow=megatron_msg.cli.grow:main",
             "msg-bench=megatron_msg.cli.bench:main",
             "msg-tokenizer=megatron_msg.cli.tokenizer:main",
             "msg-preprocess=megatron_msg.cli.preprocess:main",

@@ -17,6 +17,7 @@ logical layer, never the whole logical state.  The result is bit-identical to
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,56 @@ class GrowthResult:
     plan: GrowthPlan
 
 
+Fetch = Callable[[list[str]], tuple[dict, dict]]
+
+
+def stream_growth(plan: GrowthPlan, old_names: list[str], fetch: Fetch, rule: str | None,
+                  wanted: Callable[[str, int | None], bool] = lambda name, layer: True
+                  ) -> Iterator[tuple[dict, dict]]:
+    """The grown logical state, piece by piece: ``(params and masks, Adam states)`` by new name.
+
+    ``fetch(names)`` returns the old logical tensors and Adam states of ``names`` (a
+    gather over the ranks in a live run, a read from files offline); it is called for
+    every global tensor, one at a time, then for each new layer's source layer, in
+    the same order whatever ``wanted`` says (so collective fetches stay in step).
+    ``wanted(name, None)`` / ``wanted(None, j)``: whether to grow a global tensor /
+    new layer j (a rank grows only what it holds).  ``rule``: the Adam step rule, or
+    None to grow no optimizer state.  Holds at most one old layer at a time.
+    """
+    global_names, layer_names = [], {}
+    for name in old_names:
+        layer, _ = split_layer_name(name)
+        if layer is None:
+            global_names.append(name)
+        else:
+            layer_names.setdefault(layer, []).append(name)
+
+    for name in global_names:  # one global tensor at a time
+        params, states = fetch([name])
+        if wanted(name, None):
+            yield ({name: grow_param(name, params[name], plan)},
+                   {n: grow_tensor_state(n, st, plan, rule) for n, st in states.items()} if rule else {})
+        del params, states
+
+    # New layer by new layer.  The last source is cached, width-grown on first use: copies of
+    # one source are adjacent (interleave placement), so at most one old layer is held at a time.
+    source = None  # [index, old params, old states, width-grown (params, states) or None]
+    for j, ls in enumerate(plan.layers):
+        if source is None or source[0] != ls.src:
+            source = None  # free the previous source before fetching the next
+            params, states = fetch(layer_names[ls.src])
+            source = [ls.src, {split_layer_name(n)[1]: t for n, t in params.items()},
+                      {split_layer_name(n)[1]: st for n, st in states.items()}, None]
+            del params, states
+        if not wanted(None, j):
+            continue
+        if source[3] is None:
+            source[3] = (grow_layer_width(ls.src, source[1], plan),
+                         grow_layer_width_state(ls.src, source[2], plan, rule) if rule else {})
+            source[1] = source[2] = None
+        yield grow_layer(j, source[3][0], plan), grow_layer_state(j, source[3][1], plan)
+
+
 def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None = None,
                optim_cfg: OptimizerConfig | None = None, ramp_start: int = 0, phi: int = 1,
                ps: ParallelState | None = None, placement=None, zero_stage: int = 0,
@@ -99,6 +150,7 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
     held = set(new_model.state_dict())  # this rank's tensors of the new model
     held_layers = {split_layer_name(n)[0] for n in held}
     loaded: set[str] = set()
+    shapes = logical_shapes(model.cfg)
 
     def gather(names: list[str]) -> tuple[dict, dict]:
         """Logical parameters/masks and Adam state of ``names`` (collective over the replica)."""
@@ -106,49 +158,15 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
         states = gather_optimizer(optimizer, model, ps, names=names, shapes=shapes) if new_opt else {}
         return params, states
 
-    def keep(params: dict, states: dict) -> None:
-        """This rank's blocks of a piece of the grown logical state (the rest is dropped)."""
+    def held_here(name: str | None, layer: int | None) -> bool:
+        return name in held if layer is None else layer in held_layers
+
+    # Every rank joins every gather (stream_growth fetches the same names in the same order
+    # on every rank: they are collective); only the pieces this rank holds are grown and kept.
+    for params, states in stream_growth(plan, list(shapes), gather, rule, wanted=held_here):
         loaded.update(load_model(new_model, params, strict=False))
         if new_opt is not None:
             new_opt.load_named_state(shard_optimizer_state(states, new_model))
-
-    # The same names in the same order on every rank of the replica: the gathers are collective.
-    shapes = logical_shapes(model.cfg)
-    global_names, layer_names = [], {}
-    for name in shapes:
-        layer, _ = split_layer_name(name)
-        if layer is None:
-            global_names.append(name)
-        else:
-            layer_names.setdefault(layer, []).append(name)
-
-    for name in global_names:  # one global tensor at a time
-        params, states = gather([name])
-        if name in held:
-            keep({name: grow_param(name, params[name], plan)},
-                 {n: grow_tensor_state(n, st, plan, rule) for n, st in states.items()})
-        del params, states
-
-    # New layer by new layer.  Every rank joins every gather (the source layer lives on one stage,
-    # the new layer may land on another); only the ranks holding layer j grow and keep it.  The
-    # last source is cached, width-grown on first use: copies of one source are adjacent
-    # (interleave placement), so at most one old layer is held at a time.
-    source = None  # [index, gathered params, gathered states, width-grown (params, states) or None]
-    for j, ls in enumerate(plan.layers):
-        if source is None or source[0] != ls.src:
-            source = None  # free the previous source before gathering the next
-            params, states = gather(layer_names[ls.src])
-            source = [ls.src, {split_layer_name(n)[1]: t for n, t in params.items()},
-                      {split_layer_name(n)[1]: st for n, st in states.items()}, None]
-            del params, states
-        if j not in held_layers:
-            continue
-        if source[3] is None:
-            source[3] = (grow_layer_width(ls.src, source[1], plan),
-                         grow_layer_width_state(ls.src, source[2], plan, rule) if new_opt else {})
-            source[1] = source[2] = None
-        keep(grow_layer(j, source[3][0], plan), grow_layer_state(j, source[3][1], plan))
-    del source
     missing = sorted(set(new_model.state_dict()) - loaded)
     if missing:
         raise KeyError(f"growth produced no value for {len(missing)} tensor(s) of the new model, e.g. {missing[:3]}")

@@ -24,12 +24,22 @@ class MetricsLog:
             except ImportError:  # tensorboard is an optional extra
                 self.writer = None
 
-    def truncate_from(self, step: int) -> None:
-        """Drop records at or after ``step`` (a resumed run rewrites them); atomic."""
+    def truncate_from(self, step: int, stages_applied: int = 0) -> None:
+        """Drop records at or after ``step`` (a resumed run rewrites them); atomic.
+
+        Growth records of the first ``stages_applied`` stages stay: a checkpoint grown
+        offline (msg-grow) is at the growth's own step, and the resumed run will not
+        grow (or log) that stage again.
+        """
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) < step]
+
+        def kept(record: dict) -> bool:
+            if record.get("kind") == "growth" and record.get("stage", stages_applied) < stages_applied:
+                return True
+            return record.get("step", -1) < step
+
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)

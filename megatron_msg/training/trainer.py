@@ -232,7 +232,7 @@ class Trainer:
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
         if self.scaler is not None and state.get("loss_scaler"):  # absent: written by a bf16/fp32 run
             self.scaler.load_state_dict(state["loss_scaler"])
-        self.metrics.truncate_from(self.step)
+        self.metrics.truncate_from(self.step, self.stage_index)
         self._log_console(f"resumed from {path} at step {self.step}, shape {mcfg.shape}")
 
     def save(self) -> Path | None:

@@ -1,0 +1,49 @@
+"""msg-grow: apply the next growth stage of a schedule to a checkpoint, offline (growth/offline.py).
+
+    msg-train run.yaml --out-dir runs/small --max-steps 20000   # stop at the growth step
+    msg-grow run.yaml --from runs/small --out-dir runs/grown     # grow the checkpoint, file to file
+    torchrun --nproc-per-node 8 -m megatron_msg.cli.train run.yaml --out-dir runs/grown  # resume, any layout
+
+The grown checkpoint is what the trainer would have built live at that step, so the resumed
+run repeats the uninterrupted one.  Memory: about one logical layer, whatever the model size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_msg.checkpoint.io import CheckpointError
+from megatron_msg.cli.train import resolve_config_path
+from megatron_msg.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="msg-grow", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="the run's YAML config (path or bundled name): its schedule names the stage")
+    ap.add_argument("--from", dest="source", required=True, metavar="DIR",
+                    help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    ap.add_argument("--out-dir", required=True, help="run directory for the grown checkpoint (must hold none)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, as for msg-train (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+    except ConfigError as exc:
+        print(f"msg-grow: config error: {exc}", file=sys.stderr)
+        return 2
+    from megatron_msg.growth.offline import OfflineGrowthError, grow_checkpoint
+    try:
+        result = grow_checkpoint(cfg, args.source, args.out_dir)
+    except (OfflineGrowthError, CheckpointError) as exc:
+        print(f"msg-grow: {exc}", file=sys.stderr)
+        return 2
+    st = result.stage
+    print(f"grew stage {st.index} ({st.operator}) at step {st.at_step} to {st.shape}, "
+          f"{result.parameters:,} parameters; layout from here tp{st.layout[0]} x pp{st.layout[1]} x dp{st.layout[2]}; "
+          f"wrote {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

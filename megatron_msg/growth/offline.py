@@ -1,0 +1,162 @@
+"""Offline growth: apply the next stage of a schedule to a checkpoint, file to file (``msg-grow``).
+
+FLM-101B grew between stages outside the training job (and moved to a new
+cluster layout).  Here that is the same composition as live growth, with files
+instead of ranks at both ends: ``stream_growth`` (growth/apply.py) reads the
+old logical tensors from the checkpoint one global tensor or one source layer
+at a time, grows them with the same operators, and the grown tensors stream
+straight into a new checkpoint (checkpoint/io.py), so memory stays at about one
+logical layer whatever the model size.
+
+The rule that keeps it exact: a checkpoint taken at step ``s`` with ``k`` stages
+applied can be grown offline only by stage ``k`` of the config's schedule, and
+only if that stage grows at step ``s``; the result is what the trainer would
+have built live at that step (same growth RNG, ramp and optimizer state), so
+``msg-train`` resuming it reproduces the uninterrupted run bit for bit, on any
+layout (checkpoints are layout-free).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, latest_checkpoint,
+                                        open_checkpoint, save_checkpoint)
+from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
+from megatron_msg.growth.apply import spec_for_stage, stream_growth
+from megatron_msg.growth.operators import GrowthSpec, plan_growth
+from megatron_msg.growth.optimizer_state import check_rule
+from megatron_msg.growth.ramp import MaskRamp
+from megatron_msg.model.init import logical_shapes
+from megatron_msg.model.layout import tensor_spec
+
+
+class OfflineGrowthError(ValueError):
+    """The checkpoint, the schedule and the output directory do not fit together."""
+
+
+@dataclasses.dataclass
+class OfflineGrowthResult:
+    checkpoint: Path      # the new checkpoint directory
+    stage: ResolvedStage  # the stage applied
+    parameters: int       # parameters of the grown model
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, given it or a run directory (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "state.pt").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise OfflineGrowthError(f"{path}: neither a checkpoint directory (no state.pt) nor a run directory "
+                                 f"with checkpoints")
+    return latest
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def next_stage(cfg: RunConfig, ckpt: Checkpoint) -> tuple[ModelConfig, ResolvedStage]:
+    """(the checkpoint's model config, the schedule's stage that grows it now), or an error naming why not."""
+    state, path = ckpt.state, ckpt.path
+    mcfg = ModelConfig(**state["model_config"])
+    stages, k, step = cfg.resolved_stages(), state["stage_index"], state["step"]
+    if mcfg.arch != cfg.model.arch:
+        raise OfflineGrowthError(f"{path}: checkpoint is a {mcfg.arch} model, config says model.arch={cfg.model.arch}")
+    want = stages[k - 1].shape if k else cfg.model.shape
+    if mcfg.shape != want:
+        raise OfflineGrowthError(f"{path}: checkpoint shape {mcfg.shape} after {k} growth stage(s) does not match "
+                                 f"the config's schedule, which gives {want}")
+    if k >= len(stages):
+        raise OfflineGrowthError(f"{path}: all {len(stages)} growth stage(s) of the config are already applied")
+    stage = stages[k]
+    if stage.at_step > step:
+        raise OfflineGrowthError(
+            f"{path}: checkpoint is at step {step}, growth.stages[{k}] grows at step {stage.at_step}; offline growth "
+            f"applies a stage at its own step only (train to it first: msg-train --max-steps {stage.at_step - step})")
+    if stage.at_step < step:
+        raise OfflineGrowthError(f"{path}: checkpoint is at step {step}, past growth.stages[{k}].at_step="
+                                 f"{stage.at_step}: the config's schedule does not fit this run")
+    return mcfg, stage
+
+
+def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path) -> OfflineGrowthResult:
+    """Apply the config's next growth stage to ``source`` (a checkpoint or run directory);
+    write the grown checkpoint into the run directory ``out_dir`` (which must hold none yet)."""
+    path = find_checkpoint(source)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == _run_dir_of(path).resolve():
+        raise OfflineGrowthError(f"--out-dir {out_dir} is the source run directory: the grown checkpoint has the "
+                                 f"same step and would replace the one it is grown from; choose another directory")
+    existing = out_dir / "checkpoints"
+    if existing.is_dir() and any(existing.iterdir()):
+        raise OfflineGrowthError(f"--out-dir {out_dir} already holds checkpoints; choose an empty directory")
+    try:
+        ckpt = open_checkpoint(path)
+    except CheckpointError as exc:
+        raise OfflineGrowthError(str(exc)) from None
+    mcfg, stage = next_stage(cfg, ckpt)
+    rule = cfg.optimizer.growth_step_rule
+    check_rule(rule)
+    # Exactly the spec Trainer.grow builds (growth RNG keyed by seed, event and tensor name).
+    spec = spec_for_stage(mcfg, stage, seed=cfg.train.seed, layout_parts=cfg.parallel.layout_parts(stage.layout[0]))
+    new_cfg = mcfg.with_shape(stage.shape)
+    state = _grown_state(ckpt.state, cfg, new_cfg, stage, spec)
+    parameters = sum(_numel(shape) for name, shape in logical_shapes(new_cfg).items()
+                     if not tensor_spec(name).is_mask)
+    meta = {"shape": str(new_cfg.shape), "stage_index": state["stage_index"], "parameters": parameters,
+            "grown_offline_from": str(path)}
+    written = save_checkpoint(out_dir, state["step"], state, meta, cfg.train.keep_checkpoints,
+                              _grown_tensors(ckpt, mcfg, spec, rule))
+    _carry_metrics(_run_dir_of(path), out_dir, stage, new_cfg, parameters)
+    return OfflineGrowthResult(written, stage, parameters)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _grown_tensors(ckpt: Checkpoint, mcfg: ModelConfig, spec: GrowthSpec, rule: str):
+    """The grown logical tensors, one at a time, read lazily from ``ckpt``."""
+    def read(names: list[str]) -> tuple[dict, dict]:
+        states = {n: st for n in names if (st := ckpt.optimizer.get(n)) is not None}
+        return {n: ckpt.model[n] for n in names}, states
+
+    plan = plan_growth(spec)
+    for params, states in stream_growth(plan, list(logical_shapes(mcfg)), read, rule):
+        for name, value in params.items():
+            yield LogicalTensor(name, value, states.get(name))
+
+
+def _grown_state(old: dict, cfg: RunConfig, new_cfg: ModelConfig, stage: ResolvedStage, spec: GrowthSpec) -> dict:
+    """The small state of the grown checkpoint: what the trainer holds right after growing live."""
+    ramp = MaskRamp(stage.at_step, stage.phi) if spec.uses_masks else None
+    keep = {k: v for k, v in old.items() if k not in ("format", "tensors")}
+    return {**keep, "stage_index": stage.index + 1, "model_config": dataclasses.asdict(new_cfg),
+            "masked": spec.uses_masks, "ramp": None if ramp is None else dataclasses.asdict(ramp),
+            "config": cfg.to_dict()}
+
+
+def _carry_metrics(src_run: Path, out_dir: Path, stage: ResolvedStage, new_cfg: ModelConfig, parameters: int) -> None:
+    """The source run's metrics before the growth step, plus a growth record (atomic write)."""
+    lines = []
+    src = src_run / "metrics.jsonl"
+    if src.is_file():
+        for line in src.read_text().splitlines():
+            if line.strip() and json.loads(line).get("step", -1) < stage.at_step:
+                lines.append(line)
+    lines.append(json.dumps({"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
+                             "shape": str(new_cfg.shape), "parameters": parameters,
+                             "layout": "tp{} x pp{} x dp{}".format(*stage.layout), "phi": stage.phi,
+                             "rewind_lr": stage.rewind_lr, "offline": True}))
+    path = out_dir / "metrics.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
