@@ -77,6 +77,7 @@ setup(
         "console_scripts": [
             "msg-train=megatron_msg.cli.train:main",
             "msg-grow=megatron_msg.cli.grow:main",
+            "msg-plan=megatron_msg.cli.plan:main",
             "msg-bench=megatron_msg.cli.bench:main",
             "msg-tokenizer=megatron_msg.cli.tokenizer:main",
             "msg-preprocess=megatron_msg.cli.preprocess:main",

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_msg.cli.train import CONFIG_DIR
+from megatron_msg.cli.config_args import CONFIG_DIR
 from megatron_msg.config import ConfigError, Shape, config_from_dict, load_config
 
 

@@ -13,24 +13,19 @@ import argparse
 import sys
 
 from megatron_msg.checkpoint.io import CheckpointError
-from megatron_msg.cli.train import resolve_config_path
-from megatron_msg.config import ConfigError, load_config
+from megatron_msg.cli.config_args import add_config_arguments, load_cli_config
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="msg-grow", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="the run's YAML config (path or bundled name): its schedule names the stage")
+    add_config_arguments(ap, optional=False)  # its schedule names the stage to apply
     ap.add_argument("--from", dest="source", required=True, metavar="DIR",
                     help="a checkpoint directory, or a run directory (its latest checkpoint)")
     ap.add_argument("--out-dir", required=True, help="run directory for the grown checkpoint (must hold none)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, as for msg-train (repeatable)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(resolve_config_path(args.config), args.overrides)
-    except ConfigError as exc:
-        print(f"msg-grow: config error: {exc}", file=sys.stderr)
+    cfg = load_cli_config("msg-grow", args)
+    if cfg is None:
         return 2
     from megatron_msg.growth.offline import OfflineGrowthError, grow_checkpoint
     try:

@@ -12,24 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from megatron_msg.config import ConfigError, load_config
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "demo_tiny_gpt.yaml"
-
-
-def resolve_config_path(name: str | None) -> Path:
-    """A path, or the name of a bundled config (``demo_tiny_gpt``, ``paper/sch1_b``...)."""
-    if name is None:
-        return DEFAULT_CONFIG
-    p = Path(name)
-    if p.exists():
-        return p
-    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    return bundled if bundled.exists() else p
-
+from megatron_msg.cli.config_args import add_config_arguments, load_cli_config
+from megatron_msg.config import ConfigError
 
 def describe_schedule(cfg) -> str:
     lines = [f"{cfg.model.arch} start {cfg.model.shape}, head_dim {cfg.model.head_dim}, {cfg.train.steps} steps"]
@@ -43,9 +28,7 @@ def describe_schedule(cfg) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="msg-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", nargs="?", help="YAML config path or bundled config name (default: the tiny GPT demo)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    add_config_arguments(ap)
     ap.add_argument("--out-dir", help="run directory (default: train.out_dir)")
     ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run directory")
     ap.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
@@ -55,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=argparse.SUPPRESS)  # appended by the deepspeed launcher; LOCAL_RANK wins
     args = ap.parse_args(argv)
 
-    try:
-        cfg = load_config(resolve_config_path(args.config), args.overrides)
-    except ConfigError as exc:
-        print(f"msg-train: config error: {exc}", file=sys.stderr)
+    cfg = load_cli_config("msg-train", args)
+    if cfg is None:
         return 2
     from megatron_msg.parallel.launch import LaunchEnv, init_parallel, shutdown
     from megatron_msg.parallel.topology import TopologyError

@@ -1,0 +1,139 @@
+"""What a growth schedule costs, before running it (``msg-plan``).
+
+Per stage of ``cfg``'s schedule (the start shape, then each growth): its steps, shape,
+layout, parameters, training FLOPs per token and in total, and the largest rank's share
+of the model with the bytes its weights, gradients and Adam moments take.  The total is
+compared with training the final shape for the whole run: the compute MSG saves.
+
+FLOPs per token follow Megatron-LM's count (Narayanan et al., 2021, eq. 3, without
+activation recomputation): ``6 x`` the parameters that take part in matrix products
+(every 2-D weight except embedding lookups, plus the LM head when it is tied to the
+token embedding) ``+ 12 x layers x seq_len x heads x head_dim`` for attention scores
+and their weighted sum.  Masks during a ramp add memory passes, not FLOPs.
+
+Per-rank sizes are exact: each rank's part of the model is built on the meta device
+(no memory) with its TP split and pipeline stage.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megatron_msg.config import ModelConfig, RunConfig
+from megatron_msg.model import build_model
+from megatron_msg.model.placement import Placement
+from megatron_msg.parallel.layers import TensorParallel
+
+BYTES_FP32 = 4
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str                     # "start" or "stage N"
+    first_step: int
+    last_step: int                # exclusive
+    shape: str
+    operator: str | None          # the growth operator that produced this shape
+    layout: tuple[int, int, int]  # (tp, pp, dp)
+    parameters: int
+    flops_per_token: int
+    tokens: int
+    flops: int
+    rank_parameters: int          # the largest rank's share of the parameters
+    rank_bytes: int               # its fp32 weights + gradients + Adam moments (ZeRO-partitioned)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _meta_model(cfg: ModelConfig, placement: Placement | None = None):
+    with torch.device("meta"):
+        return build_model(cfg, placement or Placement(), initialize=False)
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per token (forward + backward), Megatron-LM's count (module docstring)."""
+    model = _meta_model(cfg)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed."))
+    if cfg.tie_embeddings:
+        matmul += cfg.vocab_size * cfg.hidden  # the LM head reuses the token embedding
+    return 6 * matmul + 12 * cfg.layers * cfg.seq_len * cfg.heads * cfg.head_dim
+
+
+def largest_rank_parameters(cfg: ModelConfig, tp: int, pp: int) -> int:
+    """Parameters held by the fullest rank of a TP x PP layout (tied embeddings counted on both ends)."""
+    return max(sum(p.numel() for p in _meta_model(cfg, Placement(tp=TensorParallel(tp, r), stage=s,
+                                                                   stages=pp)).parameters())
+               for s in range(pp) for r in range(tp))
+
+
+def state_bytes(parameters: int, dp: int, zero_stage: int) -> int:
+    """fp32 weights and gradients, plus Adam moments (split over DP under ZeRO) of one rank.
+
+    ZeRO-2 frees the full gradients only after backward (docs/parallel.md), so its peak
+    is stage 1's.  Activations and communication buffers are not included.
+    """
+    moments = 2 * parameters * BYTES_FP32
+    if zero_stage:
+        moments = -(-moments // dp)
+    return 2 * parameters * BYTES_FP32 + moments
+
+
+def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
+    stages = cfg.resolved_stages()
+    starts = [0] + [s.at_step for s in stages]
+    ends = starts[1:] + [t.steps]
+    shapes = [cfg.model] + [cfg.model.with_shape(s.shape) for s in stages]
+    layouts = [cfg.parallel.layout] + [s.layout for s in stages]
+    operators = [None] + [s.operator for s in stages]
+    plans = []
+    for i, (first, last, mcfg, (tp, pp, dp), op) in enumerate(zip(starts, ends, shapes, layouts, operators)):
+        per_token = flops_per_token(mcfg)
+        tokens = (last - first) * tokens_per_step
+        rank_params = largest_rank_parameters(mcfg, tp, pp)
+        plans.append(StagePlan(
+            name="start" if i == 0 else f"stage {i - 1}", first_step=first, last_step=last, shape=str(mcfg.shape),
+            operator=op, layout=(tp, pp, dp), parameters=sum(p.numel() for p in _meta_model(mcfg).parameters()),
+            flops_per_token=per_token, tokens=tokens, flops=per_token * tokens, rank_parameters=rank_params,
+            rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage)))
+    return plans
+
+
+def final_shape_flops(cfg: RunConfig, plans: list[StagePlan]) -> int:
+    """FLOPs of the same steps and tokens spent on the final shape throughout (no growth)."""
+    return plans[-1].flops_per_token * sum(p.tokens for p in plans)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
+    head = ("| stage | steps | shape | operator | layout | parameters | FLOPs/token | tokens | FLOPs "
+            f"| largest rank | its weights+grads+Adam (ZeRO-{cfg.parallel.zero_stage}) |")
+    rows = [head, "|" + "---|" * 11]
+    for p in plans:
+        rows.append(f"| {p.name} | {p.first_step}-{p.last_step} | {p.shape} | {p.operator or '-'} "
+                    f"| tp{p.layout[0]} x pp{p.layout[1]} x dp{p.layout[2]} | {_human(p.parameters)} "
+                    f"| {_human(p.flops_per_token)} | {_human(p.tokens)} | {_human(p.flops)} "
+                    f"| {_human(p.rank_parameters)} | {_gib(p.rank_bytes)} |")
+    total, flat = sum(p.flops for p in plans), final_shape_flops(cfg, plans)
+    rows.append("")
+    if len(plans) == 1:
+        rows.append(f"total {_human(total, 'FLOP')} (no growth stages).")
+    else:
+        rows.append(f"total {_human(total, 'FLOP')}; the final shape for all {cfg.train.steps} steps: "
+                    f"{_human(flat, 'FLOP')}; growth spends {total / flat:.1%} of it ({flat / total:.2f}x less "
+                    f"compute).")
+    rows.append("Memory column: activations and communication buffers are not included.")
+    return "\n".join(rows)

@@ -1,0 +1,84 @@
+"""msg-plan: FLOPs against Megatron-LM's closed form, per-rank sizes against the layout rules."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megatron_msg.cli.plan import main as msg_plan
+from megatron_msg.config import ModelConfig, config_from_dict
+from megatron_msg.growth.plan import (flops_per_token, largest_rank_parameters, plan_schedule, state_bytes,
+                                      final_shape_flops)
+from megatron_msg.model.init import logical_num_parameters, logical_shapes
+from megatron_msg.model.layout import tensor_spec
+
+
+@pytest.mark.parametrize("h,layers,seq,vocab", [(64, 2, 32, 256), (768, 12, 1024, 50257)])
+def test_gpt_flops_per_token_is_megatrons_closed_form(h, layers, seq, vocab):
+    # Narayanan et al. 2021, eq. 3 per token: 72 L h^2 (1 + s/(6h) + V/(12 h L)), for ffn = 4h,
+    # heads x head_dim = h and a tied LM head.
+    cfg = ModelConfig(arch="gpt", hidden=h, ffn=4 * h, heads=h // 64 or 1, layers=layers, head_dim=min(h, 64),
+                      seq_len=seq, vocab_size=vocab, tie_embeddings=True)
+    assert cfg.heads * cfg.head_dim == h
+    assert flops_per_token(cfg) == 72 * layers * h * h + 12 * layers * seq * h + 6 * vocab * h
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_largest_rank_share_follows_the_tp_layout_rule(arch):
+    cfg = ModelConfig(arch=arch, hidden=16, ffn=32, heads=2, layers=2, head_dim=8, seq_len=16, vocab_size=261)
+    assert largest_rank_parameters(cfg, 1, 1) == logical_num_parameters(cfg)
+    # TP2: split tensors halve (vocab blocks of ceil(261/2) rows), the rest is replicated.
+    expected = 0
+    for name, shape in logical_shapes(cfg).items():
+        spec = tensor_spec(name)
+        if spec.is_mask:
+            continue
+        dim, n = spec.tp_split_dim(), math.prod(shape)
+        if dim is None:
+            expected += n
+        elif spec.vocab_dim is not None:
+            expected += n // shape[dim] * math.ceil(shape[dim] / 2)
+        else:
+            expected += n // 2
+    assert largest_rank_parameters(cfg, 2, 1) == expected
+
+
+def test_state_bytes_partition_only_the_moments_under_zero():
+    assert state_bytes(1000, dp=4, zero_stage=0) == 16 * 1000
+    assert state_bytes(1000, dp=4, zero_stage=1) == 8 * 1000 + 2000
+    assert state_bytes(1000, dp=4, zero_stage=2) == state_bytes(1000, dp=4, zero_stage=1)
+
+
+def _raw(stages):
+    return {"model": {"arch": "gpt", "hidden": 16, "ffn": 32, "heads": 2, "layers": 2, "head_dim": 8, "seq_len": 16},
+            "lr": {"warmup_steps": 1},
+            "train": {"steps": 100, "batch_size": 2, "grad_accum": 2},
+            "growth": {"defaults": {"phi": 5}, "stages": stages}}
+
+
+def test_schedule_plan_covers_every_step_and_saves_compute():
+    cfg = config_from_dict(_raw([{"at_step": 40, "hidden": 32}, {"at_step": 70, "layers": 4, "dp": 1}]))
+    plans = plan_schedule(cfg)
+    assert [(p.first_step, p.last_step) for p in plans] == [(0, 40), (40, 70), (70, 100)]
+    assert sum(p.tokens for p in plans) == 100 * 2 * 2 * 16
+    assert plans[-1].parameters == logical_num_parameters(cfg.model.with_shape(cfg.resolved_stages()[-1].shape))
+    assert all(p.flops == p.flops_per_token * p.tokens for p in plans)
+    assert sum(p.flops for p in plans) < final_shape_flops(cfg, plans)
+    flat = config_from_dict(_raw([]))
+    flat_plans = plan_schedule(flat)
+    assert len(flat_plans) == 1 and flat_plans[0].flops == final_shape_flops(flat, flat_plans)
+
+
+def test_msg_plan_cli(tmp_path, capsys):
+    assert msg_plan([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| stage | steps | shape |") and "less compute" in out
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(_raw([{"at_step": 50, "ffn": 64}])))
+    assert msg_plan([str(path), "--json", "--set", "parallel.zero_stage=1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["stages"]] == ["start", "stage 0"]
+    assert data["total_flops"] == sum(s["flops"] for s in data["stages"])
+    assert msg_plan([str(path), "--set", "parallel.zero_stage=5"]) == 2
+    assert "parallel.zero_stage: must be 0, 1 or 2" in capsys.readouterr().err
