@@ -280,9 +280,9 @@ class ZeroAdamW:
             if f is None:
                 continue
             cut = lambda t, dtype: t.reshape(-1)[f.start:f.end].to(p.device, dtype).clone()  # noqa: E731
-            mine = None if offset is None else cut(offset, torch.float32)
+            offsets = None if offset is None else cut(offset, torch.float32)
             self.moments[name] = dict(exp_avg=cut(st["exp_avg"], p.dtype), exp_avg_sq=cut(st["exp_avg_sq"], p.dtype),
-                                      step_offset=mine, offset_values=() if mine is None else offset_values(mine))
+                                      step_offset=offsets, offset_values=() if offsets is None else offset_values(offsets))
 
     def local_numel(self) -> int:
         """Entries whose Adam moments this rank keeps (about 1/dp of its parameters)."""
