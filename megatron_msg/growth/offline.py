@@ -29,8 +29,7 @@ from megatron_msg.growth.apply import spec_for_stage, stream_growth
 from megatron_msg.growth.operators import GrowthSpec, plan_growth
 from megatron_msg.growth.optimizer_state import check_rule
 from megatron_msg.growth.ramp import MaskRamp
-from megatron_msg.model.init import logical_shapes
-from megatron_msg.model.layout import tensor_spec
+from megatron_msg.model.init import logical_num_parameters, logical_shapes
 
 
 class OfflineGrowthError(ValueError):
@@ -106,21 +105,13 @@ def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path) -> 
     spec = spec_for_stage(mcfg, stage, seed=cfg.train.seed, layout_parts=cfg.parallel.layout_parts(stage.layout[0]))
     new_cfg = mcfg.with_shape(stage.shape)
     state = _grown_state(ckpt.state, cfg, new_cfg, stage, spec)
-    parameters = sum(_numel(shape) for name, shape in logical_shapes(new_cfg).items()
-                     if not tensor_spec(name).is_mask)
+    parameters = logical_num_parameters(new_cfg)
     meta = {"shape": str(new_cfg.shape), "stage_index": state["stage_index"], "parameters": parameters,
             "grown_offline_from": str(path)}
     written = save_checkpoint(out_dir, state["step"], state, meta, cfg.train.keep_checkpoints,
                               _grown_tensors(ckpt, mcfg, spec, rule))
     _carry_metrics(_run_dir_of(path), out_dir, stage, new_cfg, parameters)
     return OfflineGrowthResult(written, stage, parameters)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _grown_tensors(ckpt: Checkpoint, mcfg: ModelConfig, spec: GrowthSpec, rule: str):

@@ -22,6 +22,7 @@ import torch
 
 from megatron_msg.config import ModelConfig, RunConfig
 from megatron_msg.model import build_model
+from megatron_msg.model.init import logical_num_parameters
 from megatron_msg.model.placement import Placement
 from megatron_msg.parallel.layers import TensorParallel
 
@@ -96,7 +97,7 @@ def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
         rank_params = largest_rank_parameters(mcfg, tp, pp)
         plans.append(StagePlan(
             name="start" if i == 0 else f"stage {i - 1}", first_step=first, last_step=last, shape=str(mcfg.shape),
-            operator=op, layout=(tp, pp, dp), parameters=sum(p.numel() for p in _meta_model(mcfg).parameters()),
+            operator=op, layout=(tp, pp, dp), parameters=logical_num_parameters(mcfg),
             flops_per_token=per_token, tokens=tokens, flops=per_token * tokens, rank_parameters=rank_params,
             rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage)))
     return plans
