@@ -28,6 +28,8 @@ DEPTH_INITS = ("random", "copy")
 # Adam step-count rule for tensors that mix old and new entries (docs/growth.md).
 STEP_RULES = ("per_entry", "inherit", "reset")
 LR_DECAYS = ("cosine", "linear", "constant")
+# Activation recomputation (parallel/recompute.py).
+RECOMPUTE_MODES = ("none", "full")
 
 
 class ConfigError(ValueError):
@@ -210,6 +212,11 @@ class TrainConfig:
     loss_scale_window: int = 1000
     min_loss_scale: float = 1.0
     compile: bool = False
+    # Activation recomputation (parallel/recompute.py): "full" keeps only each layer's input and
+    # redoes the layer's forward in backward.  recompute_layers: 0 = every layer of a pipeline
+    # stage, N = the first N of each stage.  Memory only: losses are identical either way.
+    recompute: str = "none"
+    recompute_layers: int = 0
     tensorboard: bool = True
     plot: bool = True
 
@@ -454,6 +461,15 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(t.dtype, ("fp32", "bf16", "fp16"), "train.dtype")
+    _choice(t.recompute, RECOMPUTE_MODES, "train.recompute")
+    _check(t.recompute_layers >= 0, "train.recompute_layers",
+           f"must be >= 0 (0: every layer of a stage), got {t.recompute_layers}")
+    _check(t.recompute_layers == 0 or t.recompute == "full", "train.recompute_layers",
+           f"{t.recompute_layers} needs train.recompute=full (it says which layers recompute)")
+    dropout = cfg.model.dropout > 0 or cfg.model.attention_dropout > 0
+    _check(not (t.recompute == "full" and t.compile and dropout), "train.recompute",
+           "full with train.compile=true needs model.dropout = model.attention_dropout = 0: torch.compile "
+           "cannot trace the replay of dropout's generator states that recomputation relies on")
     _check(t.loss_scale_window >= 1, "train.loss_scale_window", f"must be >= 1, got {t.loss_scale_window}")
     _check(0 < t.min_loss_scale <= t.initial_loss_scale, "train.min_loss_scale",
            f"must be > 0 and <= train.initial_loss_scale={t.initial_loss_scale}, got {t.min_loss_scale}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from megatron_msg.parallel.layers import TensorParallel
 from megatron_msg.parallel.random import RNGTracker
+from megatron_msg.parallel.recompute import RecomputePolicy
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Placement:
     stages: int = 1
     # Generator for dropout inside the TP region (attention probabilities); None: the default one.
     rng: RNGTracker | None = field(default=None, compare=False)
+    # Which of this stage's layers recompute their activations in backward (memory, not function).
+    recompute: RecomputePolicy = field(default_factory=RecomputePolicy, compare=False)
 
     @property
     def first(self) -> bool:
@@ -63,7 +66,8 @@ def owner_stage(name: str, layers: int, stages: int) -> int:
     return stages - 1
 
 
-def placement_for(ps, rng: RNGTracker | None = None, sequence_parallel: bool = False) -> Placement:
+def placement_for(ps, rng: RNGTracker | None = None, sequence_parallel: bool = False,
+                  recompute: RecomputePolicy = RecomputePolicy()) -> Placement:
     """The placement of rank ``ps.rank`` in a :class:`~megatron_msg.parallel.topology.ParallelState`."""
     tp = TensorParallel(ps.tp_size, ps.tp_rank, ps.tp_group, sequence_parallel)
-    return Placement(tp=tp, stage=ps.pp_rank, stages=ps.pp_size, rng=rng)
+    return Placement(tp=tp, stage=ps.pp_rank, stages=ps.pp_size, rng=rng, recompute=recompute)

@@ -34,6 +34,7 @@ from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
 from megatron_msg.model.placement import Placement
 from megatron_msg.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_msg.parallel.recompute import recompute
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -220,8 +221,13 @@ class MSGTransformerBase(nn.Module):
 
     def run_layers(self, x: torch.Tensor, c: torch.Tensor | None,
                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, c, attn_mask)
+        policy, rng = self.placement.recompute, self.placement.rng
+        random = self.training and (self.cfg.dropout > 0 or self.cfg.attention_dropout > 0)
+        for position, layer in enumerate(self.layers):
+            if policy.recomputes(position) and torch.is_grad_enabled():
+                x = recompute(layer, x, c, attn_mask, rng=rng, random=random)
+            else:
+                x = layer(x, c, attn_mask)
         return x
 
     def activation_shape(self, batch_size: int, seq_len: int) -> tuple[int, int, int]:

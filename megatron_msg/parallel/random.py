@@ -71,6 +71,25 @@ class RNGTracker:
             self._states[name] = gen.get_state()
             gen.set_state(outer)
 
+    def get_states(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        """A snapshot of every named state (activation recomputation replays from it)."""
+        return dict(self._seeds), dict(self._states)
+
+    def set_states(self, states: tuple[dict[str, int], dict[str, torch.Tensor]]) -> None:
+        seeds, gen_states = states
+        self._seeds, self._states = dict(seeds), dict(gen_states)
+
+    def default_states(self) -> tuple[torch.Tensor, ...]:
+        """The default generators' states: the device's (on CUDA) and the CPU's."""
+        if self.device.type == "cuda":
+            return (self._generator().get_state(), torch.default_generator.get_state())
+        return (torch.default_generator.get_state(),)
+
+    def set_default_states(self, states: tuple[torch.Tensor, ...]) -> None:
+        if self.device.type == "cuda":
+            self._generator().set_state(states[0])
+        torch.default_generator.set_state(states[-1])
+
     def seed_micro_batch(self, seed: int, step: int, micro: int, pp_rank: int = 0, tp_rank: int = 0) -> None:
         """Seed both generators for one micro-batch (see the module docstring)."""
         default = derive_seed(seed, step, micro, "default", pp_rank)

@@ -41,6 +41,7 @@ from megatron_msg.model.init import logical_shapes
 from megatron_msg.model.placement import placement_for
 from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
 from megatron_msg.parallel.random import RNGTracker
+from megatron_msg.parallel.recompute import RecomputePolicy
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
 from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BertBatches, GPTBatches, IndexedBertBatches, IndexedGPTBatches,
@@ -134,7 +135,8 @@ class Trainer:
         self.scaler = (DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window, t.min_loss_scale)
                        if t.dtype == "fp16" else None)
         self.rng = RNGTracker(self.device)
-        self.placement = placement_for(self.ps, self.rng, cfg.parallel.sequence_parallel)
+        self.recompute = RecomputePolicy.from_config(t.recompute, t.recompute_layers)
+        self.placement = placement_for(self.ps, self.rng, cfg.parallel.sequence_parallel, self.recompute)
         self._stop_requested = False
         self._bar = None  # tqdm progress bar while run() is active
 
@@ -179,7 +181,7 @@ class Trainer:
         topo = Topology(*layout)
         if topo != self.ps.topology:
             self.ps = ParallelState.create(topo, self.device)
-            self.placement = placement_for(self.ps, self.rng, self.cfg.parallel.sequence_parallel)
+            self.placement = placement_for(self.ps, self.rng, self.cfg.parallel.sequence_parallel, self.recompute)
         return old
 
     def expected_shape(self, stage_index: int) -> Shape:
