@@ -206,6 +206,10 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"
     dtype: str = "fp32"
+    # Parameters' dtype: fp32 (autocast computes in `dtype` from fp32 weights), or `dtype` itself
+    # (bf16/fp16 weights and activations; fp32 master weights, moments and gradient sums in the
+    # optimizer, Megatron's --bf16: 2 bytes per parameter less on every rank, more under ZeRO).
+    params_dtype: str = "fp32"
     # fp16 only: dynamic loss scaling (training/loss_scale.py; Megatron's names).  A step whose
     # gradients overflow is skipped and halves the scale; loss_scale_window clean steps double it.
     initial_loss_scale: float = 65536.0
@@ -461,6 +465,10 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(t.dtype, ("fp32", "bf16", "fp16"), "train.dtype")
+    _choice(t.params_dtype, ("fp32", "bf16", "fp16"), "train.params_dtype")
+    _check(t.params_dtype in ("fp32", t.dtype), "train.params_dtype",
+           f"{t.params_dtype} needs train.dtype={t.params_dtype} (parameters are kept in fp32 or in the "
+           f"compute dtype), got train.dtype={t.dtype}")
     _choice(t.recompute, RECOMPUTE_MODES, "train.recompute")
     _check(t.recompute_layers >= 0, "train.recompute_layers",
            f"must be >= 0 (0: every layer of a stage), got {t.recompute_layers}")

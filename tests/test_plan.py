@@ -48,6 +48,9 @@ def test_state_bytes_partition_only_the_moments_under_zero():
     assert state_bytes(1000, dp=4, zero_stage=0) == 16 * 1000
     assert state_bytes(1000, dp=4, zero_stage=1) == 8 * 1000 + 2000
     assert state_bytes(1000, dp=4, zero_stage=2) == state_bytes(1000, dp=4, zero_stage=1)
+    # 16-bit parameters: 2-byte weights, fp32 gradients, fp32 master + moments (split under ZeRO)
+    assert state_bytes(1000, dp=4, zero_stage=0, params_bytes=2) == (2 + 4 + 12) * 1000
+    assert state_bytes(1000, dp=4, zero_stage=1, params_bytes=2) == (2 + 4) * 1000 + 3000
 
 
 def _raw(stages):

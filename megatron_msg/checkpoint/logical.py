@@ -80,9 +80,19 @@ def gather_tensors(local: dict[str, torch.Tensor], cfg, ps: ParallelState,
 
 
 def gather_model(model: torch.nn.Module, ps: ParallelState, names=None,
-                 shapes: dict | None = None) -> dict[str, torch.Tensor]:
-    """Logical parameters and masks of a whole or sharded model (only ``names``, if given)."""
-    return gather_tensors(model.state_dict(), model.cfg, ps, names=names, shapes=shapes)
+                 shapes: dict | None = None, optimizer=None) -> dict[str, torch.Tensor]:
+    """Logical parameters and masks of a whole or sharded model (only ``names``, if given).
+
+    With an ``optimizer`` that keeps fp32 master weights (16-bit parameters,
+    training/optimizer.py) the parameters' values are the masters, not their rounded
+    copies; under ZeRO that read is collective over the DP group, like ``gather_optimizer``.
+    """
+    local = model.state_dict()
+    if optimizer is not None and optimizer.keeps_master_weights:
+        held = dict(model.named_parameters())
+        for name in (list(held) if names is None else [n for n in names if n in held]):
+            local[name] = optimizer.master_block(name)
+    return gather_tensors(local, model.cfg, ps, names=names, shapes=shapes)
 
 
 def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names=None,
@@ -130,16 +140,20 @@ def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names
 
 
 @torch.no_grad()
-def load_model(model: torch.nn.Module, logical: Mapping[str, torch.Tensor], strict: bool = True) -> set[str]:
+def load_model(model: torch.nn.Module, logical: Mapping[str, torch.Tensor], strict: bool = True,
+               optimizer=None) -> set[str]:
     """Copy this rank's blocks of a logical state into a (whole or sharded) model.
 
     Reads ``logical`` one tensor at a time (it may be a checkpoint's lazy mapping).
+    An ``optimizer`` with fp32 master weights takes the exact blocks as its masters
+    (the 16-bit parameters get them rounded).
 
     ``strict=False`` loads only the tensors of this model that ``logical`` has
     (a piece of a streamed state) and ignores the rest; returns the names loaded.
     """
     tp = model.placement.tp
     local = model.state_dict(keep_vars=True)
+    params = dict(model.named_parameters())
     missing = sorted(set(local) - set(logical))
     if missing and strict:
         raise KeyError(f"logical state lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
@@ -152,6 +166,8 @@ def load_model(model: torch.nn.Module, logical: Mapping[str, torch.Tensor], stri
             raise ValueError(f"{name}: logical state gives a block of shape {tuple(block.shape)}, "
                              f"the model has {tuple(t.shape)}")
         t.copy_(block)
+        if optimizer is not None and optimizer.keeps_master_weights and name in params:
+            optimizer.load_master(name, block)
         loaded.add(name)
     return loaded
 

@@ -38,16 +38,19 @@ from megatron_msg.training.zero import ZeroAdamW
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, zero_stage: int = 0,
-                    ps: ParallelState | None = None) -> MSGAdamW | ZeroAdamW:
+                    ps: ParallelState | None = None,
+                    params_dtype: torch.dtype = torch.float32) -> MSGAdamW | ZeroAdamW:
     """AdamW over ``model``'s parameters; with ``zero_stage`` 1 or 2 partitioned over ``ps``'s DP group.
 
     The ZeRO optimizer makes the parameters views into its flat buffer: build it after
-    the model has moved to its device.
+    the model has moved to its device.  ``params_dtype`` bf16/fp16 lowers the (fp32)
+    parameters to it and keeps fp32 master weights in the optimizer; values loaded
+    into the model afterwards must reach the masters too (``load_model(..., optimizer)``).
     """
     named = list(model.named_parameters())
     no_decay = {n for n, _ in named if tensor_spec(n).no_weight_decay}
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  no_decay=no_decay)
+                  no_decay=no_decay, params_dtype=params_dtype)
     if zero_stage:
         return ZeroAdamW(named, ps or ParallelState.single(next(model.parameters()).device), zero_stage, **kwargs)
     return MSGAdamW(named, **kwargs)
@@ -123,7 +126,7 @@ def stream_growth(plan: GrowthPlan, old_names: list[str], fetch: Fetch, rule: st
 def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None = None,
                optim_cfg: OptimizerConfig | None = None, ramp_start: int = 0, phi: int = 1,
                ps: ParallelState | None = None, placement=None, zero_stage: int = 0,
-               new_ps: ParallelState | None = None) -> GrowthResult:
+               new_ps: ParallelState | None = None, params_dtype: torch.dtype = torch.float32) -> GrowthResult:
     """Grow ``model`` (and its optimizer state) to ``spec.new``; returns new objects.
 
     Under MSG the new model starts on its masked path with a ramp from
@@ -132,7 +135,9 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
     layout the model is sharded on); ``placement`` is this rank's part of the new
     model (default: the old model's, i.e. the same layout), so a growth event can
     also move the run to another TP x PP x DP layout.  ``zero_stage``/``new_ps``: the
-    new optimizer's ZeRO stage and the layout it is partitioned on (default ``ps``).
+    new optimizer's ZeRO stage and the layout it is partitioned on (default ``ps``);
+    ``params_dtype``: the new parameters' dtype (bf16/fp16: fp32 masters in the new
+    optimizer, grown from the old optimizer's masters, never from rounded parameters).
     """
     plan = plan_growth(spec)
     device = next(model.parameters()).device
@@ -146,7 +151,7 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
         assert optim_cfg is not None
         rule = optim_cfg.growth_step_rule
         check_rule(rule)
-        new_opt = build_optimizer(new_model, optim_cfg, zero_stage, new_ps or ps)
+        new_opt = build_optimizer(new_model, optim_cfg, zero_stage, new_ps or ps, params_dtype)
     held = set(new_model.state_dict())  # this rank's tensors of the new model
     held_layers = {split_layer_name(n)[0] for n in held}
     loaded: set[str] = set()
@@ -154,7 +159,7 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
 
     def gather(names: list[str]) -> tuple[dict, dict]:
         """Logical parameters/masks and Adam state of ``names`` (collective over the replica)."""
-        params = gather_model(model, ps, names=names, shapes=shapes)
+        params = gather_model(model, ps, names=names, shapes=shapes, optimizer=optimizer)
         states = gather_optimizer(optimizer, model, ps, names=names, shapes=shapes) if new_opt else {}
         return params, states
 
@@ -164,7 +169,7 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
     # Every rank joins every gather (stream_growth fetches the same names in the same order
     # on every rank: they are collective); only the pieces this rank holds are grown and kept.
     for params, states in stream_growth(plan, list(shapes), gather, rule, wanted=held_here):
-        loaded.update(load_model(new_model, params, strict=False))
+        loaded.update(load_model(new_model, params, strict=False, optimizer=new_opt))
         if new_opt is not None:
             new_opt.load_named_state(shard_optimizer_state(states, new_model))
     missing = sorted(set(new_model.state_dict()) - loaded)

@@ -2,7 +2,7 @@
 
 Per stage of ``cfg``'s schedule (the start shape, then each growth): its steps, shape,
 layout, parameters, training FLOPs per token and in total, and the largest rank's share
-of the model with the bytes its weights, gradients and Adam moments take.  The total is
+of the model with the bytes its weights, gradients and optimizer state take.  The total is
 compared with training the final shape for the whole run: the compute MSG saves.
 
 FLOPs per token follow Megatron-LM's count (Narayanan et al., 2021, eq. 3, without
@@ -42,7 +42,7 @@ class StagePlan:
     tokens: int
     flops: int
     rank_parameters: int          # the largest rank's share of the parameters
-    rank_bytes: int               # its fp32 weights + gradients + Adam moments (ZeRO-partitioned)
+    rank_bytes: int               # its weights + gradients + optimizer state (ZeRO-partitioned)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,16 +69,20 @@ def largest_rank_parameters(cfg: ModelConfig, tp: int, pp: int) -> int:
                for s in range(pp) for r in range(tp))
 
 
-def state_bytes(parameters: int, dp: int, zero_stage: int) -> int:
-    """fp32 weights and gradients, plus Adam moments (split over DP under ZeRO) of one rank.
+def state_bytes(parameters: int, dp: int, zero_stage: int, params_bytes: int = BYTES_FP32) -> int:
+    """Weights, gradients and optimizer state of one rank holding ``parameters``.
 
-    ZeRO-2 frees the full gradients only after backward (docs/parallel.md), so its peak
-    is stage 1's.  Activations and communication buffers are not included.
+    fp32 parameters (``params_bytes`` 4): fp32 weights and gradients, and two Adam
+    moments.  16-bit parameters (2): 16-bit weights, fp32 gradient sums, and fp32
+    master weights beside the moments (training/optimizer.py).  Under ZeRO the
+    optimizer state (moments, and masters) is split over DP; ZeRO-2 frees the full
+    gradients only after backward (docs/parallel.md), so its peak is stage 1's.
+    Activations and communication buffers are not included.
     """
-    moments = 2 * parameters * BYTES_FP32
+    optimizer = (2 if params_bytes == BYTES_FP32 else 3) * parameters * BYTES_FP32
     if zero_stage:
-        moments = -(-moments // dp)
-    return 2 * parameters * BYTES_FP32 + moments
+        optimizer = -(-optimizer // dp)
+    return parameters * (params_bytes + BYTES_FP32) + optimizer
 
 
 def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
@@ -90,6 +94,7 @@ def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
     shapes = [cfg.model] + [cfg.model.with_shape(s.shape) for s in stages]
     layouts = [cfg.parallel.layout] + [s.layout for s in stages]
     operators = [None] + [s.operator for s in stages]
+    params_bytes = 2 if t.params_dtype in ("bf16", "fp16") else BYTES_FP32
     plans = []
     for i, (first, last, mcfg, (tp, pp, dp), op) in enumerate(zip(starts, ends, shapes, layouts, operators)):
         per_token = flops_per_token(mcfg)
@@ -99,7 +104,7 @@ def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
             name="start" if i == 0 else f"stage {i - 1}", first_step=first, last_step=last, shape=str(mcfg.shape),
             operator=op, layout=(tp, pp, dp), parameters=logical_num_parameters(mcfg),
             flops_per_token=per_token, tokens=tokens, flops=per_token * tokens, rank_parameters=rank_params,
-            rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage)))
+            rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage, params_bytes)))
     return plans
 
 
@@ -121,7 +126,8 @@ def _gib(n: int) -> str:
 
 def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
     head = ("| stage | steps | shape | operator | layout | parameters | FLOPs/token | tokens | FLOPs "
-            f"| largest rank | its weights+grads+Adam (ZeRO-{cfg.parallel.zero_stage}) |")
+            f"| largest rank | its weights+grads+Adam ({cfg.train.params_dtype} params, "
+            f"ZeRO-{cfg.parallel.zero_stage}) |")
     rows = [head, "|" + "---|" * 11]
     for p in plans:
         rows.append(f"| {p.name} | {p.first_step}-{p.last_step} | {p.shape} | {p.operator or '-'} "

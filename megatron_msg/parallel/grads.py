@@ -14,6 +14,12 @@ After the pipeline's backward passes:
 4. the global norm counts every logical entry once: TP-split tensors on every
    TP rank, replicated tensors on TP rank 0 only, the tied embedding on the
    first stage only; the squares are summed over the model-parallel group.
+
+Parameters kept in bf16/fp16 (``train.params_dtype``, training/optimizer.py)
+accumulate their gradients in fp32 instead, like Megatron's ``main_grad``:
+a hook adds each micro-batch's low-precision gradient into ``p.main_grad`` and
+frees ``p.grad``, so sums over micro-batches and replicas, the norm and the
+update all see fp32.  ``grad_of`` is the gradient either way.
 """
 from __future__ import annotations
 
@@ -25,6 +31,34 @@ from megatron_msg.model.layout import tensor_spec
 from megatron_msg.parallel.topology import ParallelState
 
 TIED = "embed.tok.weight"
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient the step uses: the fp32 accumulator of a low-precision parameter, else ``.grad``."""
+    return p.main_grad if hasattr(p, "main_grad") else p.grad
+
+
+def _accumulate_in_fp32(p: torch.Tensor) -> None:
+    if p.main_grad is None:
+        p.main_grad = p.grad.float()
+    else:
+        p.main_grad.add_(p.grad)
+    p.grad = None
+
+
+def accumulate_gradients_in_fp32(params) -> None:
+    """Give each parameter an fp32 ``main_grad`` that its gradients accumulate into (see above)."""
+    for p in params:
+        if not hasattr(p, "main_grad"):
+            p.main_grad = None
+            p.register_post_accumulate_grad_hook(_accumulate_in_fp32)
+
+
+def clear_gradients(params) -> None:
+    for p in params:
+        p.grad = None
+        if hasattr(p, "main_grad"):
+            p.main_grad = None
 
 
 def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
@@ -41,16 +75,16 @@ def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
 @torch.no_grad()
 def sync_gradients(model: torch.nn.Module, ps: ParallelState, data_parallel: bool = True) -> None:
     """Steps 1-3 above; ``data_parallel=False`` leaves out step 3 (ZeRO-2 reduce-scatters instead)."""
-    params = dict(model.named_parameters())
-    if ps.pp_size > 1 and TIED in params and params[TIED].grad is not None:
-        dist.all_reduce(params[TIED].grad, group=ps.embed_group)
+    grads = {n: g for n, p in model.named_parameters() if (g := grad_of(p)) is not None}
+    if ps.pp_size > 1 and TIED in grads:
+        dist.all_reduce(grads[TIED], group=ps.embed_group)
     partial = getattr(model, "sequence_parallel_grad_names", None)
     if ps.tp_size > 1 and partial is not None:
-        grads = [params[n].grad for n in partial() if params[n].grad is not None]
-        if grads:
-            _all_reduce_flat(grads, ps.tp_group)
+        sliced = [grads[n] for n in partial() if n in grads]
+        if sliced:
+            _all_reduce_flat(sliced, ps.tp_group)
     if data_parallel and ps.dp_size > 1:
-        _all_reduce_flat([p.grad for p in params.values() if p.grad is not None], ps.dp_group)
+        _all_reduce_flat(list(grads.values()), ps.dp_group)
 
 
 def counted_once(name: str, ps: ParallelState) -> bool:
@@ -62,19 +96,23 @@ def counted_once(name: str, ps: ParallelState) -> bool:
 @torch.no_grad()
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -> torch.Tensor:
     """Clip to ``max_norm`` (0 or inf: only measure); returns the global gradient norm."""
-    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    named = [(n, g) for n, p in model.named_parameters() if (g := grad_of(p)) is not None]
+    grads = [g for _, g in named]
     if ps.topology.tp * ps.topology.pp == 1:
-        limit = max_norm if max_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_([p for _, p in named], limit)
-    device = named[0][1].grad.device if named else ps.device
+        # What torch.nn.utils.clip_grad_norm_ computes, on gradients that may not live in .grad.
+        norm = torch.nn.utils.get_total_norm(grads)
+        if max_norm > 0 and max_norm != float("inf") and grads:
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+    device = grads[0].device if grads else ps.device
     sq = torch.zeros((), device=device, dtype=torch.float32)
-    for name, p in named:
+    for name, g in named:
         if counted_once(name, ps):
-            sq += p.grad.float().pow(2).sum()
+            sq += g.float().pow(2).sum()
     dist.all_reduce(sq, group=ps.mp_group)
     norm = sq.sqrt()
     if max_norm > 0 and max_norm != float("inf"):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for _, p in named:
-            p.grad.mul_(coef.to(p.grad.dtype))
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
     return norm

@@ -37,7 +37,8 @@ def my_micro_batches(grad_accum: int, ps: ParallelState) -> range:
 def forward_backward(stage_forward: Callable[[torch.Tensor | None, dict], torch.Tensor], ps: ParallelState, get_batch: Callable[[int], dict], micro_ids: range,
                      scale: float, act_shape: tuple[int, ...], forward_only: bool = False,
                      before_micro: Callable[[int], None] | None = None,
-                     autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+                     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     act_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Run ``micro_ids`` through this rank's pipeline; return the replica's summed scaled loss.
 
     ``stage_forward`` is the stage model's ``stage_forward`` (or a compiled version of it).
@@ -45,6 +46,8 @@ def forward_backward(stage_forward: Callable[[torch.Tensor | None, dict], torch.
     the attention mask, the last one the labels); ``before_micro(micro)`` runs before
     each forward (RNG seeding).  The returned loss is known on every stage of the
     pipeline (broadcast from the last), not yet summed over data-parallel replicas.
+    ``act_dtype``: the residual stream's dtype, sent between stages (the parameters'
+    dtype: fp32 under autocast from fp32 weights, bf16/fp16 with 16-bit parameters).
     """
     autocast = autocast or contextlib.nullcontext
 
@@ -58,7 +61,7 @@ def forward_backward(stage_forward: Callable[[torch.Tensor | None, dict], torch.
 
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with ctx:
-        losses = run_pipeline(stage_fn, len(micro_ids), pipe_comm(ps), act_shape, torch.float32,
+        losses = run_pipeline(stage_fn, len(micro_ids), pipe_comm(ps), act_shape, act_dtype,
                               ps.device, forward_only=forward_only)
     total = torch.stack(losses).float().sum() if losses else torch.zeros((), device=ps.device)
     if ps.pp_size > 1:

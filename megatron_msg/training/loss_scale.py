@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_msg.parallel.grads import grad_of
+
 
 @dataclass
 class DynamicLossScaler:
@@ -39,8 +41,8 @@ class DynamicLossScaler:
         """Divide every gradient by the scale (after the gradient synchronisation)."""
         inv = 1.0 / self.scale
         for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(inv)
+            if (g := grad_of(p)) is not None:
+                g.mul_(inv)
 
     def update(self, grads_finite: bool) -> bool:
         """Record one step's outcome; returns whether the optimizer should apply it."""

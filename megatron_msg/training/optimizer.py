@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from megatron_msg.parallel.grads import accumulate_gradients_in_fp32, clear_gradients, grad_of
+
 
 def _bias_corrections_settled(beta1: float, beta2: float, steps: int) -> bool:
     f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()  # noqa: E731
@@ -89,11 +91,26 @@ def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
         p.sub_(lr * (m / bc1) / denom)
 
 
+def take_master_weights(named_params, params_dtype: torch.dtype) -> None:
+    """Check that ``named_params`` are fp32 (the master values) before they are lowered to ``params_dtype``."""
+    for name, p in named_params:
+        if p.dtype != torch.float32:
+            raise ValueError(f"master weights are taken from fp32 parameters; {name} is {p.dtype} "
+                             "(build the optimizer on the freshly built model)")
+    if params_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"params_dtype must be float32, bfloat16 or float16, got {params_dtype}")
+
+
 class MSGAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay) over named parameters with per-entry step support."""
+    """AdamW (decoupled weight decay) over named parameters with per-entry step support.
+
+    ``params_dtype`` bf16/fp16: the parameters are lowered to it and the optimizer keeps
+    their fp32 master weights (module docstring).
+    """
 
     def __init__(self, named_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, no_decay: set[str] | None = None):
+                 weight_decay: float = 0.0, no_decay: set[str] | None = None,
+                 params_dtype: torch.dtype = torch.float32):
         named_params = list(named_params)
         no_decay = no_decay or set()
         decay = [p for n, p in named_params if n not in no_decay]
@@ -103,6 +120,21 @@ class MSGAdamW(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.names = {p: n for n, p in named_params}
         self.by_name = dict(named_params)
+        self.masters: dict[torch.Tensor, torch.Tensor] = {}
+        if params_dtype != torch.float32:
+            take_master_weights(named_params, params_dtype)
+            with torch.no_grad():
+                for _, p in named_params:
+                    self.masters[p] = p.detach().clone()
+                    p.data = p.data.to(params_dtype)
+            accumulate_gradients_in_fp32(p for _, p in named_params)
+
+    @property
+    def keeps_master_weights(self) -> bool:
+        return bool(self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        clear_gradients(self.by_name.values())
 
     def set_lr(self, lr: float) -> None:
         for g in self.param_groups:
@@ -113,15 +145,19 @@ class MSGAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                g = grad_of(p)
+                if g is None:
                     continue
+                target = self.masters.get(p, p)  # the fp32 master, if the parameter has one
                 st = self.state[p]
                 if not st:
-                    st.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                    st.update(step=0, exp_avg=torch.zeros_like(target), exp_avg_sq=torch.zeros_like(target),
                               step_offset=None, max_offset=0)
                 advance_step(st, betas)
-                adamw_update_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], st["step_offset"],
+                adamw_update_(target, g, st["exp_avg"], st["exp_avg_sq"], st["step"], st["step_offset"],
                               lr, betas, eps, wd, st.get("offset_values", ()))
+                if target is not p:
+                    p.copy_(target)
         return None
 
     # ------------------------------------------------------------------ logical (named) state
@@ -140,6 +176,15 @@ class MSGAdamW(torch.optim.Optimizer):
         st = self.state.get(self.by_name[name])
         return dict(st) if st else None
 
+    def master_block(self, name: str) -> torch.Tensor | None:
+        """This rank's fp32 master of parameter ``name`` (None without master weights)."""
+        return self.masters.get(self.by_name[name])
+
+    @torch.no_grad()
+    def load_master(self, name: str, block: torch.Tensor) -> None:
+        """Set the master of ``name`` to this rank's block of its logical value."""
+        self.masters[self.by_name[name]].copy_(block)
+
     def load_named_state(self, named: dict[str, dict]) -> None:
         by_name = self.by_name
         unknown = sorted(set(named) - set(by_name))
@@ -152,8 +197,9 @@ class MSGAdamW(torch.optim.Optimizer):
                     raise ValueError(f"optimizer state {name}.{key} has shape {tuple(st[key].shape)}, "
                                      f"parameter has {tuple(p.shape)}")
             off = st.get("step_offset")
-            self.state[p] = dict(step=int(st["step"]), exp_avg=st["exp_avg"].to(p.device, p.dtype),
-                                 exp_avg_sq=st["exp_avg_sq"].to(p.device, p.dtype),
+            dtype = self.masters.get(p, p).dtype  # the moments live in the master's precision
+            self.state[p] = dict(step=int(st["step"]), exp_avg=st["exp_avg"].to(p.device, dtype),
+                                 exp_avg_sq=st["exp_avg_sq"].to(p.device, dtype),
                                  step_offset=None if off is None else off.to(p.device),
                                  max_offset=int(st.get("max_offset", 0)),
                                  offset_values=() if off is None else offset_values(off))

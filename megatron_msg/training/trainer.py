@@ -168,8 +168,12 @@ class Trainer:
     def zero_stage(self) -> int:
         return self.cfg.parallel.zero_stage
 
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.train.params_dtype] or torch.float32
+
     def _build_optimizer(self, model):
-        return build_optimizer(model, self.cfg.optimizer, self.zero_stage, self.ps)
+        return build_optimizer(model, self.cfg.optimizer, self.zero_stage, self.ps, self.params_dtype)
 
     def layout_of(self, stage_index: int) -> tuple[int, int, int]:
         """(tp, pp, dp) after ``stage_index`` growth stages."""
@@ -210,7 +214,7 @@ class Trainer:
         """
         shapes = logical_shapes(self.model.cfg)
         for name in shapes:
-            value = gather_model(self.model, self.ps, names=[name], shapes=shapes)[name]
+            value = gather_model(self.model, self.ps, names=[name], shapes=shapes, optimizer=self.optimizer)[name]
             opt = gather_optimizer(self.optimizer, self.model, self.ps, names=[name], shapes=shapes)
             yield LogicalTensor(name, value, opt.get(name))
 
@@ -223,12 +227,12 @@ class Trainer:
         if mcfg.shape != want:
             raise CheckpointError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
                                   f"stage(s) does not match the config's schedule, which gives {want}")
-        self.model = build_model(mcfg, self.placement, initialize=False)
-        # Tensor by tensor, each rank cuts its blocks: any layout can resume any checkpoint.
-        load_model(self.model, ckpt.model)
-        self.model.to(self.device)
+        self.model = build_model(mcfg, self.placement, initialize=False).to(self.device)
         self.model.set_masked(state["masked"])
+        # Built before the load, so fp32 master weights (train.params_dtype) get the exact values.
         self.optimizer = self._build_optimizer(self.model)
+        # Tensor by tensor, each rank cuts its blocks: any layout can resume any checkpoint.
+        load_model(self.model, ckpt.model, optimizer=self.optimizer)
         self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
@@ -279,7 +283,7 @@ class Trainer:
         total = forward_backward(
             self.stage_forward, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
             self.model.activation_shape(self.cfg.train.batch_size, self.cfg.model.seq_len),
-            forward_only=forward_only, autocast=self._autocast,
+            forward_only=forward_only, autocast=self._autocast, act_dtype=self.params_dtype,
             before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
         if ps.dp_size > 1:
             dist.all_reduce(total, group=ps.dp_group)
@@ -350,7 +354,7 @@ class Trainer:
         old_ps = self._use_layout(stage.layout)  # gather on the old layout, shard onto the new one
         result = grow_model(self.model, spec, self.optimizer, self.cfg.optimizer,
                             ramp_start=stage.at_step, phi=stage.phi, ps=old_ps, placement=self.placement,
-                            zero_stage=self.zero_stage, new_ps=self.ps)
+                            zero_stage=self.zero_stage, new_ps=self.ps, params_dtype=self.params_dtype)
         self.model, self.optimizer, self.ramp = result.model, result.optimizer, result.ramp
         self._wrap_model()
         after = self._probe_loss()

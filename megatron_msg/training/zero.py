@@ -23,6 +23,14 @@ distributed optimizer), not bucket by bucket during backward as DeepSpeed's
 stage 2; that keeps one reduction per step under gradient accumulation and
 the 1F1B pipeline, at the price of the full gradient's memory while it runs.
 
+Low-precision parameters (``params_dtype`` bf16/fp16): the flat buffer (so the
+parameters) is 16-bit and each rank keeps the fp32 master weights of its chunk
+only, beside the chunk's moments: 2 bytes per parameter on every rank plus 12
+per parameter over the DP group (Megatron's distributed optimizer), instead of
+4 + 4 x 2 / dp.  The update runs on the master chunk, which is rounded into the
+buffer's chunk before the (now 16-bit) all-gather; gradients are fp32
+(parallel/grads.py) and reduce-scattered in fp32.
+
 Why not DeepSpeed's ZeRO optimizer: it owns the flat fp32 partitions from
 engine construction on, MSG growth changes every tensor's shape (the partition
 would be rebuilt and its state translated at each growth event), and its
@@ -38,9 +46,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_msg.parallel.grads import counted_once
+from megatron_msg.parallel.grads import accumulate_gradients_in_fp32, clear_gradients, counted_once, grad_of
 from megatron_msg.parallel.topology import ParallelState
-from megatron_msg.training.optimizer import adamw_update_, advance_step, offset_values
+from megatron_msg.training.optimizer import adamw_update_, advance_step, offset_values, take_master_weights
 
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older releases have only those.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -88,13 +96,14 @@ class ZeroAdamW:
     """MSGAdamW's update with its state (and at stage 2 the gradients) partitioned over ``ps.dp_group``.
 
     Offers what the trainer and growth use of an optimizer: ``step``, ``zero_grad``,
-    ``set_lr``, ``param_groups[0]["lr"]``, ``block_state`` (collective over DP) and
-    ``load_named_state``.  Count bookkeeping (``step``, offsets' ``max_offset``) is kept
+    ``set_lr``, ``param_groups[0]["lr"]``, ``block_state`` and ``master_block`` (collective
+    over DP), ``load_master`` and ``load_named_state``.  Count bookkeeping (``step``, offsets' ``max_offset``) is kept
     for every tensor on every rank, so only the tensors' values need moving.
     """
 
     def __init__(self, named_params, ps: ParallelState, stage: int, lr: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, no_decay: set[str] | None = None):
+                 eps: float = 1e-8, weight_decay: float = 0.0, no_decay: set[str] | None = None,
+                 params_dtype: torch.dtype = torch.float32):
         if stage not in (1, 2):
             raise ValueError(f"ZeroAdamW: stage must be 1 or 2, got {stage}")
         self.named = list(named_params)
@@ -117,6 +126,15 @@ class ZeroAdamW:
             self.fragments.setdefault(f.name, []).append(f)
         self.mine = {f.name: f for f in fragments if f.owner == self.dp_rank}
         self.flat = self._flatten_parameters()
+        # Low-precision parameters: my chunk's fp32 master, then the buffer drops to 16 bits.
+        self.master: torch.Tensor | None = None
+        self.state_dtype = self.flat.dtype  # of the moments (and the master)
+        if params_dtype != torch.float32:
+            take_master_weights(self.named, params_dtype)
+            self.master = self.flat[self._chunk_range()].clone()
+            self.flat = self.flat.to(params_dtype)
+            self._view_parameters(self.flat)
+            accumulate_gradients_in_fp32(self.params.values())
         # name -> {step, max_offset, step_offset}, on every rank; step_offset is only a flag here
         # (True while the tensor has per-entry offsets: advance_step clears it when they settle).
         self.counts: dict[str, dict] = {}
@@ -132,11 +150,26 @@ class ZeroAdamW:
         with torch.no_grad():
             for _, p in self.named:
                 n = p.numel()
-                view = flat[offset:offset + n].view_as(p)
-                view.copy_(p)
-                p.data = view
+                flat[offset:offset + n].copy_(p.reshape(-1))
                 offset += n
+        self._view_parameters(flat)
         return flat
+
+    def _view_parameters(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for _, p in self.named:
+            n = p.numel()
+            p.data = flat[offset:offset + n].view_as(p)
+            offset += n
+
+    @property
+    def keeps_master_weights(self) -> bool:
+        return self.master is not None
+
+    def _my_slice(self, f: Fragment) -> slice:
+        """Where fragment ``f`` (one of mine) sits in my chunk."""
+        start = f.flat_start - self.dp_rank * self.chunk
+        return slice(start, start + f.numel)
 
     # ------------------------------------------------------------------ step
 
@@ -144,8 +177,7 @@ class ZeroAdamW:
         self.param_groups[0]["lr"] = lr
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for _, p in self.named:
-            p.grad = None
+        clear_gradients(self.params.values())
         self.grad_chunk = None
 
     def _chunk_range(self) -> slice:
@@ -154,14 +186,14 @@ class ZeroAdamW:
     @torch.no_grad()
     def reduce_scatter_gradients(self) -> None:
         """Stage 2: sum the gradients over DP, keep my chunk, free the full gradients."""
-        grads = torch.zeros_like(self.flat)
+        grads = torch.zeros(self.flat.numel(), dtype=self.state_dtype, device=self.flat.device)
         offset, self.stepped = 0, set()
         for name, p in self.named:
             n = p.numel()
-            if p.grad is not None:
-                grads[offset:offset + n].copy_(p.grad.reshape(-1))
+            if (g := grad_of(p)) is not None:
+                grads[offset:offset + n].copy_(g.reshape(-1))
                 self.stepped.add(name)
-            p.grad = None
+            clear_gradients([p])
             offset += n
         self.grad_chunk = torch.empty(self.chunk, dtype=grads.dtype, device=grads.device)
         if self.dp > 1:
@@ -174,9 +206,8 @@ class ZeroAdamW:
         if self.stage == 2:
             if name not in self.stepped:
                 return None
-            start = f.flat_start - self.dp_rank * self.chunk
-            return self.grad_chunk[start:start + f.numel]
-        g = self.params[name].grad
+            return self.grad_chunk[self._my_slice(f)]
+        g = grad_of(self.params[name])
         return None if g is None else g.reshape(-1)[f.start:f.end]
 
     @torch.no_grad()
@@ -207,7 +238,7 @@ class ZeroAdamW:
         """Update my fragments, then all-gather every rank's chunk into the parameters."""
         lr = self.param_groups[0]["lr"]
         had_gradient = (self.stepped if self.stage == 2 else
-                        {n for n, p in self.named if p.grad is not None})
+                        {n for n, p in self.named if grad_of(p) is not None})
         for name in had_gradient:  # counts move on every rank, for every tensor
             counts = self.counts.setdefault(name, dict(step=0, max_offset=0, step_offset=None))
             advance_step(counts, self.betas)
@@ -222,9 +253,12 @@ class ZeroAdamW:
             counts = self.counts[name]
             if counts["step_offset"] is None:
                 m["step_offset"] = None  # settled: dropped on every rank at once
-            p = self.params[name].data.view(-1)[f.start:f.end]
+            p = (self.params[name].data.view(-1)[f.start:f.end] if self.master is None
+                 else self.master[self._my_slice(f)])
             adamw_update_(p, g, m["exp_avg"], m["exp_avg_sq"], counts["step"], m["step_offset"], lr,
                           self.betas, self.eps, self.weight_decay[name], m.get("offset_values", ()))
+        if self.master is not None:
+            self.flat[self._chunk_range()].copy_(self.master)  # round the updated master into the buffer
         if self.dp > 1:
             mine = self.flat[self._chunk_range()].clone()
             _all_gather_flat(self.flat, mine, group=self.ps.dp_group)
@@ -240,23 +274,40 @@ class ZeroAdamW:
         counts = self.counts.get(name)
         if counts is None:
             return None
-        p = self.params[name]
         has_offset = counts["step_offset"] is not None
         keys = ("exp_avg", "exp_avg_sq") + (("step_offset",) if has_offset else ())
         mine = self.moments.get(name) if name in self.mine else None
         out = {"step": counts["step"], "max_offset": counts["max_offset"], "step_offset": None}
         for key in keys:
-            dtype = torch.float32 if key == "step_offset" else p.dtype
-            full = torch.zeros(p.numel(), dtype=dtype, device=p.device)
-            for f in self.fragments[name]:
-                piece = full[f.start:f.end]
-                if f.owner == self.dp_rank:
-                    piece.copy_(mine[key])
-                if self.dp > 1:
-                    src = self.ps.topology.rank_of(self.ps.tp_rank, self.ps.pp_rank, f.owner)
-                    dist.broadcast(piece, src=src, group=self.ps.dp_group)
-            out[key] = full.view_as(p)
+            dtype = torch.float32 if key == "step_offset" else self.state_dtype
+            out[key] = self._assemble(name, dtype, lambda f: mine[key])
         return out
+
+    def _assemble(self, name: str, dtype: torch.dtype, my_piece) -> torch.Tensor:
+        """Parameter ``name``'s whole block from every owner's fragment (``my_piece(f)`` for mine)."""
+        p = self.params[name]
+        full = torch.zeros(p.numel(), dtype=dtype, device=p.device)
+        for f in self.fragments[name]:
+            piece = full[f.start:f.end]
+            if f.owner == self.dp_rank:
+                piece.copy_(my_piece(f))
+            if self.dp > 1:
+                src = self.ps.topology.rank_of(self.ps.tp_rank, self.ps.pp_rank, f.owner)
+                dist.broadcast(piece, src=src, group=self.ps.dp_group)
+        return full.view_as(p)
+
+    def master_block(self, name: str) -> torch.Tensor | None:
+        """This rank's whole fp32 master block of ``name`` (collective over DP; None without masters)."""
+        if self.master is None:
+            return None
+        return self._assemble(name, self.state_dtype, lambda f: self.master[self._my_slice(f)])
+
+    @torch.no_grad()
+    def load_master(self, name: str, block: torch.Tensor) -> None:
+        """Take my fragment of this rank's block of ``name``'s logical value as its master."""
+        f = self.mine.get(name)
+        if f is not None:
+            self.master[self._my_slice(f)].copy_(block.reshape(-1)[f.start:f.end])
 
     def named_state(self) -> dict[str, dict]:
         """Every tensor's block state (collective over the DP group)."""
@@ -281,7 +332,8 @@ class ZeroAdamW:
                 continue
             cut = lambda t, dtype: t.reshape(-1)[f.start:f.end].to(p.device, dtype).clone()  # noqa: E731
             offsets = None if offset is None else cut(offset, torch.float32)
-            self.moments[name] = dict(exp_avg=cut(st["exp_avg"], p.dtype), exp_avg_sq=cut(st["exp_avg_sq"], p.dtype),
+            self.moments[name] = dict(exp_avg=cut(st["exp_avg"], self.state_dtype),
+                                      exp_avg_sq=cut(st["exp_avg_sq"], self.state_dtype),
                                       step_offset=offsets, offset_values=() if offsets is None else offset_values(offsets))
 
     def local_numel(self) -> int:
