@@ -36,7 +36,7 @@ def _with(raw: dict, recompute: str, layers: int = 0) -> dict:
 def _digest(model) -> str:
     h = hashlib.sha256()
     for _, p in model.named_parameters():
-        h.update(p.detach().contiguous().numpy().tobytes())
+        h.update(p.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -92,6 +92,17 @@ def test_single_process_training_is_identical_with_recomputation(arch, tmp_path)
     assert len(ref[0]) == STEPS
     assert _run_single(_with(_raw(arch), "full"), tmp_path / "full") == ref
     assert _run_single(_with(_raw(arch), "full", layers=1), tmp_path / "first") == ref
+
+
+def test_recomputation_with_16_bit_parameters_is_identical(tmp_path):
+    # fp32 gradient accumulation hooks fire during the recomputed backward as during a plain one.
+    def raw(mode):
+        r = _with(_raw("gpt", "bf16"), mode)
+        r["train"]["params_dtype"] = "bf16"
+        return r
+    ref = _run_single(raw("none"), tmp_path / "none")
+    assert len(ref[0]) == STEPS
+    assert _run_single(raw("full"), tmp_path / "full") == ref
 
 
 def _train(rank, world, raw, out_dir):
