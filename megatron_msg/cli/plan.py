@@ -5,8 +5,9 @@
     msg-plan run.yaml --json                  # machine-readable
 
 Per stage: steps, shape, layout, parameters, FLOPs per token and in total, the largest
-rank's share and the bytes of its weights, gradients and Adam moments; and the compute
-growth saves against training the final shape throughout.
+rank's share and the bytes of its weights, gradients and Adam moments, an estimate of the
+first pipeline stage's activations; and the compute growth saves against training the final
+shape throughout.
 """
 from __future__ import annotations
 

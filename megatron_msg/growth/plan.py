@@ -13,6 +13,17 @@ and their weighted sum.  Masks during a ramp add memory passes, not FLOPs.
 
 Per-rank sizes are exact: each rank's part of the model is built on the meta device
 (no memory) with its TP split and pipeline stage.
+
+Activations are an estimate (:func:`activation_bytes`): Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models", section 4) count
+what a layer keeps for backward, per micro-batch, in 16-bit: ``34 s b h`` bytes,
+plus ``5 a s^2 b`` for the attention matrices, which the fused attention kernels
+``scaled_dot_product_attention`` picks on GPUs never store (left out here).  Split by
+tensor: ``10 s b h`` on the residual-stream side (LayerNorm inputs, the two
+projections' inputs, dropout masks) and ``8 s b inner + 4 s b ffn`` inside the TP
+region (Q, K, V, attention output; fc1's output and the activation's), so heads x
+head_dim and the FFN width enter separately.  The first pipeline stage is the
+fullest under 1F1B: it keeps ``min(pp, micro-batches)`` micro-batches in flight.
 """
 from __future__ import annotations
 
@@ -43,6 +54,7 @@ class StagePlan:
     flops: int
     rank_parameters: int          # the largest rank's share of the parameters
     rank_bytes: int               # its weights + gradients + optimizer state (ZeRO-partitioned)
+    activation_bytes: int         # estimated activations kept for backward on the first stage
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +97,37 @@ def state_bytes(parameters: int, dp: int, zero_stage: int, params_bytes: int = B
     return parameters * (params_bytes + BYTES_FP32) + optimizer
 
 
+def layer_activation_bytes(cfg: ModelConfig, micro_batch: int, tp: int, sequence_parallel: bool,
+                           act_bytes: int = 2) -> int:
+    """Bytes one layer keeps for backward for one micro-batch (module docstring).
+
+    ``act_bytes``: the activations' element size (2 for bf16/fp16 compute, 4 for fp32);
+    Korthikanti's counts are for 2, and scale with it (dropout masks included).
+    """
+    sb = cfg.seq_len * micro_batch
+    stream = 10 * sb * cfg.hidden  # replicated on every TP rank unless SP splits it
+    region = 8 * sb * cfg.heads * cfg.head_dim + 4 * sb * cfg.ffn
+    return (stream // (tp if sequence_parallel else 1) + region // tp) * act_bytes // 2
+
+
+def activation_bytes(cfg: ModelConfig, micro_batch: int, micro_batches: int, tp: int, pp: int,
+                     sequence_parallel: bool, recompute: str = "none", recompute_layers: int = 0,
+                     act_bytes: int = 2) -> int:
+    """Activations the first pipeline stage keeps at its 1F1B peak (an estimate: module docstring).
+
+    ``micro_batches``: per DP replica and step.  A recomputed layer keeps only its input
+    (``2 s b h`` in 16-bit, split by SP), and one layer's whole activations are live
+    while it is recomputed in backward.
+    """
+    per_layer = layer_activation_bytes(cfg, micro_batch, tp, sequence_parallel, act_bytes)
+    layer_input = cfg.seq_len * micro_batch * cfg.hidden // (tp if sequence_parallel else 1) * act_bytes
+    stage_layers = cfg.layers // pp
+    recomputed = 0 if recompute == "none" else (stage_layers if recompute_layers == 0
+                                                 else min(recompute_layers, stage_layers))
+    per_micro = recomputed * layer_input + (stage_layers - recomputed) * per_layer
+    return min(pp, micro_batches) * per_micro + (per_layer if recomputed else 0)
+
+
 def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
@@ -95,6 +138,7 @@ def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
     layouts = [cfg.parallel.layout] + [s.layout for s in stages]
     operators = [None] + [s.operator for s in stages]
     params_bytes = 2 if t.params_dtype in ("bf16", "fp16") else BYTES_FP32
+    act_bytes = 2 if t.dtype in ("bf16", "fp16") else BYTES_FP32
     plans = []
     for i, (first, last, mcfg, (tp, pp, dp), op) in enumerate(zip(starts, ends, shapes, layouts, operators)):
         per_token = flops_per_token(mcfg)
@@ -104,7 +148,10 @@ def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
             name="start" if i == 0 else f"stage {i - 1}", first_step=first, last_step=last, shape=str(mcfg.shape),
             operator=op, layout=(tp, pp, dp), parameters=logical_num_parameters(mcfg),
             flops_per_token=per_token, tokens=tokens, flops=per_token * tokens, rank_parameters=rank_params,
-            rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage, params_bytes)))
+            rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage, params_bytes),
+            activation_bytes=activation_bytes(mcfg, t.batch_size, t.grad_accum // dp, tp, pp,
+                                              cfg.parallel.sequence_parallel, t.recompute,
+                                              t.recompute_layers, act_bytes)))
     return plans
 
 
@@ -127,13 +174,14 @@ def _gib(n: int) -> str:
 def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
     head = ("| stage | steps | shape | operator | layout | parameters | FLOPs/token | tokens | FLOPs "
             f"| largest rank | its weights+grads+Adam ({cfg.train.params_dtype} params, "
-            f"ZeRO-{cfg.parallel.zero_stage}) |")
-    rows = [head, "|" + "---|" * 11]
+            f"ZeRO-{cfg.parallel.zero_stage}) | first stage's activations, est. (recompute "
+            f"{cfg.train.recompute}) |")
+    rows = [head, "|" + "---|" * 12]
     for p in plans:
         rows.append(f"| {p.name} | {p.first_step}-{p.last_step} | {p.shape} | {p.operator or '-'} "
                     f"| tp{p.layout[0]} x pp{p.layout[1]} x dp{p.layout[2]} | {_human(p.parameters)} "
                     f"| {_human(p.flops_per_token)} | {_human(p.tokens)} | {_human(p.flops)} "
-                    f"| {_human(p.rank_parameters)} | {_gib(p.rank_bytes)} |")
+                    f"| {_human(p.rank_parameters)} | {_gib(p.rank_bytes)} | {_gib(p.activation_bytes)} |")
     total, flat = sum(p.flops for p in plans), final_shape_flops(cfg, plans)
     rows.append("")
     if len(plans) == 1:
@@ -142,5 +190,7 @@ def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
         rows.append(f"total {_human(total, 'FLOP')}; the final shape for all {cfg.train.steps} steps: "
                     f"{_human(flat, 'FLOP')}; growth spends {total / flat:.1%} of it ({flat / total:.2f}x less "
                     f"compute).")
-    rows.append("Memory column: activations and communication buffers are not included.")
+    rows.append("Memory columns: activations are Korthikanti et al.'s count (fused attention, no s^2 terms) "
+                "for train.batch_size per micro-batch; logits, workspace and communication buffers are "
+                "not included.")
     return "\n".join(rows)
