@@ -41,9 +41,13 @@ def _run(raw, out_dir, max_steps=None):
     return Trainer(config_from_dict(raw), out_dir=out_dir, progress=False).run(max_steps=max_steps)
 
 
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_grown_checkpoint_resumes_into_the_live_run(arch, tmp_path):
+@pytest.mark.parametrize("arch,params_dtype", [("gpt", "fp32"), ("bert", "fp32"), ("gpt", "bf16")])
+def test_grown_checkpoint_resumes_into_the_live_run(arch, params_dtype, tmp_path):
+    # bf16 parameters: live growth grows the optimizer's fp32 masters, offline growth the
+    # checkpoint's (the same values), so the two still agree bit for bit.
     raw = _raw(arch)
+    if params_dtype != "fp32":
+        raw["train"].update(dtype=params_dtype, params_dtype=params_dtype)
     live = _run(raw, tmp_path / "live")
     stopped = _run(raw, tmp_path / "small", max_steps=10)  # checkpoint at step 10, before growing
     assert stopped.final_step == 10 and stopped.shape == config_from_dict(raw).model.shape
