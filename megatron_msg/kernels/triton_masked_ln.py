@@ -41,8 +41,6 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_msg.kernels.backend import MAX_FUSED_N  # noqa: F401  (re-exported)
-
 
 @triton.jit
 def _load_rows(X, rows64, stride, cols, m2, DELTA, H, N, HAS_DELTA: tl.constexpr):
