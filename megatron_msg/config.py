@@ -216,6 +216,10 @@ class TrainConfig:
     loss_scale_window: int = 1000
     min_loss_scale: float = 1.0
     compile: bool = False
+    # Steps whose global gradient norm is inf/nan (without fp16 loss scaling, which skips those by
+    # design) are skipped, up to this many over the run; the next one stops training with
+    # TrainingDivergedError before anything is saved, so the last checkpoint stays a sound one.
+    skip_nonfinite_steps: int = 0
     # Activation recomputation (parallel/recompute.py): "full" keeps only each layer's input and
     # redoes the layer's forward in backward.  recompute_layers: 0 = every layer of a pipeline
     # stage, N = the first N of each stage.  Memory only: losses are identical either way.
@@ -465,6 +469,7 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
     _choice(t.dtype, ("fp32", "bf16", "fp16"), "train.dtype")
+    _check(t.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", f"must be >= 0, got {t.skip_nonfinite_steps}")
     _choice(t.params_dtype, ("fp32", "bf16", "fp16"), "train.params_dtype")
     _check(t.params_dtype in ("fp32", t.dtype), "train.params_dtype",
            f"{t.params_dtype} needs train.dtype={t.params_dtype} (parameters are kept in fp32 or in the "

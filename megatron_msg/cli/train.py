@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TopologyError, RuntimeError) as exc:
         print(f"msg-train: rank {env.rank}: {exc}", file=sys.stderr)
         return 2
-    from megatron_msg.training.trainer import Trainer
+    from megatron_msg.training.trainer import Trainer, TrainingDivergedError
     try:
         try:
             trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:  # found while opening the data (e.g. a tokenizer that does not match it)
             print(f"msg-train: config error: {exc}", file=sys.stderr)
             return 2
-        result = trainer.run(max_steps=args.max_steps)
+        try:
+            result = trainer.run(max_steps=args.max_steps)
+        except TrainingDivergedError as exc:
+            if main_rank:
+                print(f"msg-train: training diverged: {exc}", file=sys.stderr)
+            return 3
     finally:
         shutdown()
     if main_rank:

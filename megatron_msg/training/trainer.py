@@ -54,6 +54,10 @@ from megatron_msg.training.plot import plot_loss_curve
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class TrainingDivergedError(RuntimeError):
+    """A step's gradients were inf/nan more often than ``train.skip_nonfinite_steps`` allows."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +157,7 @@ class Trainer:
             self.model = build_model(cfg.model, self.placement, seed=t.seed).to(self.device)
             self.optimizer = self._build_optimizer(self.model)
             self.step, self.stage_index, self.ramp = 0, 0, None
+            self.nonfinite_skipped = 0
             self.metrics.truncate_from(0)
         self._wrap_model()
 
@@ -203,6 +208,7 @@ class Trainer:
             # Dropout is reseeded per micro-batch from (seed, step, micro): no generator state.
             "written_by": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
             "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "nonfinite_skipped": self.nonfinite_skipped,
             "config": self.cfg.to_dict(),
         }
 
@@ -235,6 +241,7 @@ class Trainer:
         load_model(self.model, ckpt.model, optimizer=self.optimizer)
         self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
         if self.scaler is not None and state.get("loss_scaler"):  # absent: written by a bf16/fp32 run
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -314,9 +321,31 @@ class Trainer:
             norm = self.optimizer.clip_grad_norm(cfg.optimizer.grad_clip)
         else:
             norm = clip_grad_norm(self.model, cfg.optimizer.grad_clip, self.ps)
-        if self.scaler is None or self.scaler.update(bool(torch.isfinite(norm))):
+        # One host sync per step: whether to apply it.  The norm is global (identical on every
+        # rank), so every rank decides alike, and a non-finite step never reaches the weights.
+        finite = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            apply = self.scaler.update(finite)
+        else:
+            apply = finite or self._skip_nonfinite(step, total, norm)
+        if apply:
             self.optimizer.step()
         return total, norm
+
+    def _skip_nonfinite(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Count a skipped non-finite step, or raise once the config's allowance is spent."""
+        allowed = self.cfg.train.skip_nonfinite_steps
+        if self.nonfinite_skipped >= allowed:
+            last = latest_checkpoint(self.out_dir)
+            raise TrainingDivergedError(
+                f"step {step}: the gradient norm is {norm.item()} (loss {loss.item():.4g}) and "
+                f"{self.nonfinite_skipped} of train.skip_nonfinite_steps={allowed} non-finite steps were "
+                f"already skipped; nothing was saved for this step, the last checkpoint is "
+                f"{last if last is not None else 'none'} (lower the LR, or raise train.skip_nonfinite_steps)")
+        self.nonfinite_skipped += 1
+        self._log_console(f"step {step}: gradient norm {norm.item()}, update skipped "
+                          f"({self.nonfinite_skipped} of {allowed} allowed)")
+        return False
 
     def _eval_ids(self, n: int) -> tuple[range, int]:
         """(this replica's share of n eval batches, number of replicas sharing them).
@@ -429,6 +458,8 @@ class Trainer:
                     last_time, last_step = now, self.step
                     if self.scaler is not None:
                         rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped_steps)
+                    elif self.nonfinite_skipped:
+                        rec.update(skipped_steps=self.nonfinite_skipped)
                     self.metrics.write(rec)
                     result.losses[step_run] = rec["loss"]
                     self._report(rec)
