@@ -78,6 +78,7 @@ setup(
             "msg-train=megatron_msg.cli.train:main",
             "msg-grow=megatron_msg.cli.grow:main",
             "msg-plan=megatron_msg.cli.plan:main",
+            "msg-compare=megatron_msg.cli.compare:main",
             "msg-bench=megatron_msg.cli.bench:main",
             "msg-tokenizer=megatron_msg.cli.tokenizer:main",
             "msg-preprocess=megatron_msg.cli.preprocess:main",

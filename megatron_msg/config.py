@@ -403,9 +403,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(raw: dict) -> RunConfig:
+def config_from_dict(raw: dict, check: bool = True) -> RunConfig:
+    """A RunConfig from nested dicts; ``check=False`` skips validation (e.g. a finished run's
+    recorded config, whose data files may have moved since)."""
     cfg = _build(RunConfig, raw, "")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

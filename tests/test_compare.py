@@ -1,0 +1,77 @@
+"""msg-compare: runs side by side by training FLOPs (training/compare.py)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from megatron_msg.cli.compare import main as msg_compare
+from megatron_msg.config import config_from_dict
+from megatron_msg.growth.plan import plan_schedule
+from megatron_msg.training.compare import flops_to_reach, load_run
+from megatron_msg.training.trainer import Trainer
+from tests.test_zero import _raw
+
+
+def test_flops_to_reach_interpolates_between_evaluations():
+    curve = [(10.0, 5.0), (20.0, 3.0), (40.0, 1.0)]
+    assert flops_to_reach(curve, 4.0) == 15.0
+    assert flops_to_reach(curve, 3.0) == 20.0
+    assert flops_to_reach(curve, 2.0) == 30.0
+    assert flops_to_reach(curve, 6.0) == 10.0   # reached at the first evaluation
+    assert flops_to_reach(curve, 0.5) is None    # never reached
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A grown run (four events) and the full-size final shape for the same steps."""
+    root = tmp_path_factory.mktemp("compare")
+    grown = _raw("gpt")
+    grown["train"]["eval_interval"] = 4
+    full = copy.deepcopy(grown)
+    full["growth"]["stages"] = []
+    full["model"].update(hidden=24, ffn=48, heads=4, layers=4)
+    for name, raw in (("full", full), ("msg", grown)):
+        Trainer(config_from_dict(raw), out_dir=root / name, progress=False).run()
+    return root, config_from_dict(full), config_from_dict(grown)
+
+
+def test_run_flops_follow_the_schedule(two_runs):
+    root, full_cfg, grown_cfg = two_runs
+    for name, cfg in (("full", full_cfg), ("msg", grown_cfg)):
+        run = load_run(root / name)
+        plans = plan_schedule(cfg)
+        assert run.flops_after(cfg.train.steps - 1) == sum(p.flops for p in plans)
+        first = plans[0]
+        assert run.flops_after(0) == first.flops // (first.last_step - first.first_step)
+    grown = load_run(root / "msg")
+    assert [g["step"] for g in grown.growths] == [8, 16, 24, 30]
+
+
+def test_msg_compare_reports_flops_to_the_same_loss(two_runs, capsys):
+    root, _, _ = two_runs
+    plot = root / "compare.png"
+    assert msg_compare([str(root / "full"), str(root / "msg"), "--json", "--plot", str(plot)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    full, msg = out["runs"]
+    assert out["reference"] == "full" and full["speedup"] == 1.0
+    assert out["target_loss"] == max(full["best_valid_loss"], msg["best_valid_loss"])
+    assert msg["flops"] < full["flops"] and msg["growth_events"] == 4
+    assert msg["speedup"] == pytest.approx(full["flops_to_target"] / msg["flops_to_target"])
+    assert plot.stat().st_size > 10_000
+    assert msg_compare([str(root / "full"), str(root / "msg"), "--target", "0.01"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| run | growth events |") and "FLOPs to loss 0.0100" in table
+    assert table.count("| - | - |") == 2  # neither run reached it
+
+
+def test_msg_compare_names_what_it_cannot_use(two_runs, tmp_path, capsys):
+    root, _, _ = two_runs
+    assert msg_compare([str(tmp_path)]) == 2
+    assert "no metrics.jsonl (not a msg-train run directory)" in capsys.readouterr().err
+    assert msg_compare([str(root / "full"), "--reference", "3"]) == 2
+    assert "reference 3 is not one of the 1 runs" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 1.0}\n')
+    assert msg_compare([str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
