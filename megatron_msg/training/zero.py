@@ -125,16 +125,15 @@ class ZeroAdamW:
         for f in fragments:
             self.fragments.setdefault(f.name, []).append(f)
         self.mine = {f.name: f for f in fragments if f.owner == self.dp_rank}
-        self.flat = self._flatten_parameters()
-        # Low-precision parameters: my chunk's fp32 master, then the buffer drops to 16 bits.
+        # Low-precision parameters: my chunk's fp32 master is cut from the (fp32) parameters
+        # before they become views into the 16-bit buffer (no fp32 copy of the whole buffer).
+        self.state_dtype = dtypes.pop()  # of the moments (and the master)
         self.master: torch.Tensor | None = None
-        self.state_dtype = self.flat.dtype  # of the moments (and the master)
         if params_dtype != torch.float32:
             take_master_weights(self.named, params_dtype)
-            self.master = self.flat[self._chunk_range()].clone()
-            self.flat = self.flat.to(params_dtype)
-            self._view_parameters(self.flat)
+            self.master = self._my_chunk_of_parameters()
             accumulate_gradients_in_fp32(self.params.values())
+        self.flat = self._flatten_parameters(params_dtype if self.master is not None else self.state_dtype)
         # name -> {step, max_offset, step_offset}, on every rank; step_offset is only a flag here
         # (True while the tensor has per-entry offsets: advance_step clears it when they settle).
         self.counts: dict[str, dict] = {}
@@ -142,25 +141,28 @@ class ZeroAdamW:
         self.grad_chunk: torch.Tensor | None = None  # stage 2: my chunk of the step's gradient
         self.stepped: set[str] = set()  # stage 2: names that had a gradient this step
 
-    def _flatten_parameters(self) -> torch.Tensor:
-        """One buffer holding every parameter; the parameters become views into it."""
+    def _flatten_parameters(self, dtype: torch.dtype) -> torch.Tensor:
+        """One ``dtype`` buffer holding every parameter; the parameters become views into it."""
         first = self.named[0][1]
-        flat = torch.zeros(self.chunk * self.dp, dtype=first.dtype, device=first.device)
+        flat = torch.zeros(self.chunk * self.dp, dtype=dtype, device=first.device)
         offset = 0
         with torch.no_grad():
             for _, p in self.named:
                 n = p.numel()
-                flat[offset:offset + n].copy_(p.reshape(-1))
+                view = flat[offset:offset + n].view_as(p)
+                view.copy_(p)
+                p.data = view
                 offset += n
-        self._view_parameters(flat)
         return flat
 
-    def _view_parameters(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for _, p in self.named:
-            n = p.numel()
-            p.data = flat[offset:offset + n].view_as(p)
-            offset += n
+    @torch.no_grad()
+    def _my_chunk_of_parameters(self) -> torch.Tensor:
+        """My chunk of the flat layout, copied from the parameters as they are now."""
+        first = self.named[0][1]
+        chunk = torch.zeros(self.chunk, dtype=first.dtype, device=first.device)
+        for name, f in self.mine.items():
+            chunk[self._my_slice(f)].copy_(self.params[name].reshape(-1)[f.start:f.end])
+        return chunk
 
     @property
     def keeps_master_weights(self) -> bool:
