@@ -18,6 +18,7 @@ from pathlib import Path
 from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
 from megatron_msg.config import RunConfig, config_from_dict
 from megatron_msg.growth.plan import StagePlan, plan_schedule
+from megatron_msg.training.plot import save_figure
 
 
 class CompareError(ValueError):
@@ -155,12 +156,4 @@ def plot_comparison(runs: list[RunCurves], target: float, path: str | Path) -> P
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss")
     ax.set_title("validation loss per training FLOP (dotted: growth events)")
-    ax.legend(loc="upper right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, ax, path)

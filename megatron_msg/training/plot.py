@@ -27,6 +27,12 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or "training loss with growth stages")
+    return save_figure(fig, ax, path)
+
+
+def save_figure(fig, ax, path: str | Path) -> Path:
+    """Legend, grid and layout, then write ``path`` atomically (temporary file, rename) and close."""
+    import matplotlib.pyplot as plt
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
