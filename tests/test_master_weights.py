@@ -22,7 +22,8 @@ from megatron_msg.growth.apply import build_optimizer
 from megatron_msg.parallel.launch import LaunchEnv, init_parallel
 from megatron_msg.training.trainer import Trainer
 from tests.dist_harness import run_distributed
-from tests.helpers import fresh, make_batch, outputs
+from megatron_msg.model import build_model
+from tests.helpers import fresh, make_batch, outputs, tiny_cfg
 from tests.test_zero import STEPS, _raw
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,8 +119,30 @@ def test_params_dtype_config_errors():
         config_from_dict({"train": {"params_dtype": "bf16"}})
     with pytest.raises(ConfigError, match=r"train.params_dtype: 'fp8' is not one of fp32, bf16, fp16"):
         config_from_dict({"train": {"params_dtype": "fp8", "dtype": "bf16"}})
-    with pytest.raises(ValueError, match=r"master weights are taken from fp32 parameters; .* is torch.bfloat16"):
-        build_optimizer(fresh("gpt").to(torch.bfloat16), OptimizerConfig(), params_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"taken from fp32 \(or torch.bfloat16\) parameters; .* is torch.float16"):
+        build_optimizer(fresh("gpt").to(torch.float16), OptimizerConfig(), params_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"16-bit params_dtype needs initialize=False"):
+        build_model(tiny_cfg("gpt"), params_dtype=torch.bfloat16)
+
+
+def test_a_model_built_in_16_bits_allocates_no_fp32_parameter(monkeypatch):
+    # Resume and growth build the model straight in the parameters' dtype on its device (the
+    # values are loaded afterwards): no fp32 copy of a parameter is ever allocated.
+    created = []
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        created.append((t.dtype, t.device.type))
+        return t
+    monkeypatch.setattr(torch, "empty", spy)
+    model = build_model(tiny_cfg("gpt"), initialize=False, params_dtype=torch.bfloat16)
+    monkeypatch.undo()
+    n_params, n_masks = len(list(model.parameters())), len(model.mask_buffers())
+    allocated = [c for c in created if c[1] != "meta"]  # the modules themselves are built on meta
+    assert set(allocated) == {(torch.float32, "cpu"), (torch.bfloat16, "cpu")}
+    assert allocated.count((torch.bfloat16, "cpu")) == n_params
+    assert allocated.count((torch.float32, "cpu")) == n_masks  # masks stay fp32
 
 
 # --------------------------------------------------------------------------- ZeRO

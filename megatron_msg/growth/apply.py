@@ -142,8 +142,9 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
     plan = plan_growth(spec)
     device = next(model.parameters()).device
     ps = ps or ParallelState.single(device)
-    new_model = build_model(model.cfg.with_shape(spec.new), placement or model.placement, initialize=False)
-    new_model.to(device)
+    # Allocated once, on the device and in the parameters' dtype: the values are streamed in below.
+    new_model = build_model(model.cfg.with_shape(spec.new), placement or model.placement, initialize=False,
+                            device=device, params_dtype=params_dtype)
     new_model.train(model.training)
     new_model.set_masked(spec.uses_masks)
     new_opt, rule = None, None

@@ -92,13 +92,18 @@ def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
 
 
 def take_master_weights(named_params, params_dtype: torch.dtype) -> None:
-    """Check that ``named_params`` are fp32 (the master values) before they are lowered to ``params_dtype``."""
-    for name, p in named_params:
-        if p.dtype != torch.float32:
-            raise ValueError(f"master weights are taken from fp32 parameters; {name} is {p.dtype} "
-                             "(build the optimizer on the freshly built model)")
+    """Check the parameters the fp32 masters are taken from.
+
+    fp32 parameters (a freshly initialised model) give exact masters; parameters already
+    in ``params_dtype`` (a model built in 16 bits to be loaded, model/__init__.py) give
+    placeholders that the load then overwrites (``load_model(..., optimizer=)``).
+    """
     if params_dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype must be float32, bfloat16 or float16, got {params_dtype}")
+    for name, p in named_params:
+        if p.dtype not in (torch.float32, params_dtype):
+            raise ValueError(f"master weights are taken from fp32 (or {params_dtype}) parameters; "
+                             f"{name} is {p.dtype}")
 
 
 class MSGAdamW(torch.optim.Optimizer):
@@ -125,7 +130,7 @@ class MSGAdamW(torch.optim.Optimizer):
             take_master_weights(named_params, params_dtype)
             with torch.no_grad():
                 for _, p in named_params:
-                    self.masters[p] = p.detach().clone()
+                    self.masters[p] = p.detach().to(torch.float32, copy=True)
                     p.data = p.data.to(params_dtype)
             accumulate_gradients_in_fp32(p for _, p in named_params)
 

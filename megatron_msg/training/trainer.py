@@ -154,7 +154,7 @@ class Trainer:
             self._use_layout(self.layout_of(ckpt.state["stage_index"]))  # the layout the run had reached
             self._restore(ckpt)
         else:
-            self.model = build_model(cfg.model, self.placement, seed=t.seed).to(self.device)
+            self.model = build_model(cfg.model, self.placement, seed=t.seed, device=self.device)
             self.optimizer = self._build_optimizer(self.model)
             self.step, self.stage_index, self.ramp = 0, 0, None
             self.nonfinite_skipped = 0
@@ -233,7 +233,8 @@ class Trainer:
         if mcfg.shape != want:
             raise CheckpointError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
                                   f"stage(s) does not match the config's schedule, which gives {want}")
-        self.model = build_model(mcfg, self.placement, initialize=False).to(self.device)
+        self.model = build_model(mcfg, self.placement, initialize=False, device=self.device,
+                                 params_dtype=self.params_dtype)
         self.model.set_masked(state["masked"])
         # Built before the load, so fp32 master weights (train.params_dtype) get the exact values.
         self.optimizer = self._build_optimizer(self.model)

@@ -127,7 +127,8 @@ class ZeroAdamW:
         self.mine = {f.name: f for f in fragments if f.owner == self.dp_rank}
         # Low-precision parameters: my chunk's fp32 master is cut from the (fp32) parameters
         # before they become views into the 16-bit buffer (no fp32 copy of the whole buffer).
-        self.state_dtype = dtypes.pop()  # of the moments (and the master)
+        # of the moments (and the master): fp32 with 16-bit parameters, else the parameters'
+        self.state_dtype = torch.float32 if params_dtype != torch.float32 else dtypes.pop()
         self.master: torch.Tensor | None = None
         if params_dtype != torch.float32:
             take_master_weights(self.named, params_dtype)
@@ -157,9 +158,9 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def _my_chunk_of_parameters(self) -> torch.Tensor:
-        """My chunk of the flat layout, copied from the parameters as they are now."""
+        """My chunk of the flat layout, copied (in fp32) from the parameters as they are now."""
         first = self.named[0][1]
-        chunk = torch.zeros(self.chunk, dtype=first.dtype, device=first.device)
+        chunk = torch.zeros(self.chunk, dtype=self.state_dtype, device=first.device)
         for name, f in self.mine.items():
             chunk[self._my_slice(f)].copy_(self.params[name].reshape(-1)[f.start:f.end])
         return chunk
