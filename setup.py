@@ -64,7 +64,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        # transformers: the tests load msg-export's output into GPT2LMHeadModel / BertForPreTraining.
+        "test": ["pytest", "hypothesis", "transformers"],
+        # msg-export writes model.safetensors with it (pytorch_model.bin without).
+        "hf": ["safetensors"],
         "viz": ["matplotlib", "tensorboard"],
         "data": ["sentencepiece"],
         "kernels": ["triton"],
@@ -79,6 +82,7 @@ setup(
             "msg-grow=megatron_msg.cli.grow:main",
             "msg-plan=megatron_msg.cli.plan:main",
             "msg-compare=megatron_msg.cli.compare:main",
+            "msg-export=megatron_msg.cli.export:main",
             "msg-bench=megatron_msg.cli.bench:main",
             "msg-tokenizer=megatron_msg.cli.tokenizer:main",
             "msg-preprocess=megatron_msg.cli.preprocess:main",
