@@ -116,13 +116,21 @@ def _train(rank, world, raw, out_dir):
 @pytest.mark.parametrize("arch,dtype,parallel", [
     ("gpt", "fp32", {"tp": 2, "pp": 2, "sequence_parallel": True}),
     ("bert", "fp16", {"tp": 2, "sequence_parallel": True}),
-], ids=["tp2xpp2-sp-gpt", "tp2-sp-bert-fp16"])
+    ("gpt", "bf16", {"pp": 2, "dp": 2, "zero_stage": 2}),
+], ids=["tp2xpp2-sp-gpt", "tp2-sp-bert-fp16", "pp2xdp2-zero2-gpt-bf16-params"])
 def test_parallel_training_is_identical_with_recomputation(arch, dtype, parallel, tmp_path):
     # The recomputed forward reissues the layer's TP collectives in backward and, under SP,
     # draws the residual dropout from the tracker (per-rank tokens): all must replay exactly.
-    world = parallel["tp"] * parallel.get("pp", 1)
-    ref = run_distributed(_train, world, args=(_with(_raw(arch, dtype, **parallel), "none"), tmp_path / "a"))
-    got = run_distributed(_train, world, args=(_with(_raw(arch, dtype, **parallel), "full"), tmp_path / "b"))
+    # The last case adds 16-bit parameters (fp32 gradient hooks) and ZeRO-2 under the pipeline.
+    world = parallel.get("tp", 1) * parallel.get("pp", 1) * parallel.get("dp", 1)
+
+    def raw(mode):
+        r = _with(_raw(arch, dtype, **parallel), mode)
+        if dtype == "bf16":
+            r["train"]["params_dtype"] = "bf16"
+        return r
+    ref = run_distributed(_train, world, args=(raw("none"), tmp_path / "a"))
+    got = run_distributed(_train, world, args=(raw("full"), tmp_path / "b"))
     assert len(ref[0][0]) == STEPS
     assert got == ref
 
