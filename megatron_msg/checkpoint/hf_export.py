@@ -124,7 +124,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: torch.dtyp
 
     config, weights = (_gpt2 if cfg.arch == "gpt" else _bert)(cfg, tensor)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    weights = {k: v.contiguous() for k, v in weights.items()}
+    # One contiguous copy each: transposes are views, Q/K/V slice one tensor and the tied
+    # embedding appears twice, and safetensors refuses tensors that share storage.
+    weights = {k: v.clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -134,9 +136,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: torch.dtyp
     except ImportError:
         torch.save(weights, tmp / "pytorch_model.bin")
     else:
-        # Tied tensors are stored once each here (safetensors refuses shared storage).
-        save_file({k: v.clone() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if out_dir.exists():
         out_dir.rmdir()  # empty (checked above)
     os.replace(tmp, out_dir)
