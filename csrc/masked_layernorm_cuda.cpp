@@ -9,7 +9,7 @@ int msg_masked_ln_supported(int dtype, int N, int aligned);
 int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages);
 cudaError_t msg_masked_ln_fwd(int dtype, int aligned, const void* x, void* y, const float* w, const float* b,
                               const float* c, float* mean, float* rstd, int64_t M, int N, float eps,
-                              int sm_count, cudaStream_t stream, int variant, int stages);
+                              int sm_count, cudaStream_t stream, int variant, int stages, int hold, int pdl);
 cudaError_t msg_masked_ln_bwd(int dtype, int aligned, const void* x, const void* dy, void* dx, const float* w,
                               const float* c, const float* mean, const float* rstd, float* dw_part,
                               float* db_part, int64_t M, int N, int sm_count, cudaStream_t stream, int* owners,
@@ -22,7 +22,9 @@ int dtype_code(const at::Tensor& t) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
     case at::kBFloat16: return 2;
-    default: TORCH_CHECK(false, "masked_layer_norm_cuda: unsupported dtype ", t.scalar_type());
+    // No dtype in the message: a message streaming the ScalarType crashed the
+    // process under torch 2.11 on the H100 (see staged_check).
+    default: TORCH_CHECK(false, "masked_layer_norm_cuda: unsupported dtype (fp32, fp16 or bf16 only)");
   }
   return -1;
 }
@@ -43,35 +45,33 @@ bool supported(const at::Tensor& x) {
   return x.is_cuda() && msg_masked_ln_supported(dtype_code(x), x.size(-1), 1);
 }
 
-// Why the staged forwards (variants 2, 3) cannot run on x (contiguous [M, N]) with
-// this alignment, or "" when they can: the one place that words the refusal.
-std::string staged_refusal_for(const at::Tensor& x, int aligned, int64_t stages) {
-  const int N = x.size(1);
-  if (msg_masked_ln_fwd_staged_supported(dtype_code(x), N, aligned, static_cast<int>(stages))) return "";
-  return c10::str("masked_ln_fwd: the staged kernel needs an sm_90+ GPU and an extension built for it, a 16-byte "
-                  "aligned x, 32-byte aligned fp32 weight/bias/mask, a row of a multiple of 16 bytes with at most "
-                  "16384 columns, and room for 4+ rows in shared memory; got N=", N, ", dtype ", x.scalar_type(),
-                  ", aligned=", aligned);
+// Whether the staged forwards (variants 2, 3) can run on x (contiguous [M, N])
+// with this alignment.
+bool staged_supported_for(const at::Tensor& x, int aligned, int64_t stages) {
+  return msg_masked_ln_fwd_staged_supported(dtype_code(x), x.size(1), aligned, static_cast<int>(stages)) != 0;
 }
 
-// staged_refusal_for on the tensors fwd would prepare.  Asked from Python before
-// the launch so that a refusal is an ordinary Python exception (a C++ exception
-// thrown for it through torch 2.11's pybind11 crashed the process on the H100).
-std::string staged_refusal(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& c,
-                           int64_t stages) {
-  if (!x.is_cuda() || x.dim() != 2) return "masked_ln_fwd: x must be a 2-D CUDA tensor";
+// (supported, aligned) for the tensors fwd would prepare, asked from Python before
+// the launch; cuda_ext.fwd words the refusal.  The message built here (a c10::str
+// streaming x.scalar_type()), returned as a string or thrown by TORCH_CHECK,
+// crashed the process under torch 2.11 on the H100 every time; plain values do not.
+std::pair<bool, bool> staged_check(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                   const at::Tensor& c, int64_t stages) {
+  if (!x.is_cuda() || x.dim() != 2) return {false, false};
   const c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous();
   auto wf = f32(w), bf = f32(b), cf = f32(c);
   // y is a fresh allocation (always aligned); the rest as fwd checks them.
   const int aligned = is_aligned({&xc}, 16) && is_aligned({&wf, &bf, &cf}, 32);
-  return staged_refusal_for(xc, aligned, stages);
+  return {staged_supported_for(xc, aligned, stages), aligned != 0};
 }
 
 // x: [M, N] contiguous. Returns y, mean, rstd.  variant: 0 auto, 1 registers, 2 staged
-// (see masked_layernorm_cuda.cu); stages: ring depth of the staged kernel, 0 = default.
+// (see masked_layernorm_cuda.cu); stages: ring depth of the staged kernel, 0 = default;
+// hold: the staged kernel keeps x in registers (-1 = its default, 0 no, 1 yes);
+// pdl: launch the staged kernel with programmatic dependent launch.
 std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, const at::Tensor& c_,
-                            double eps, int64_t variant, int64_t stages) {
+                            double eps, int64_t variant, int64_t stages, int64_t hold, bool pdl) {
   TORCH_CHECK(x_.is_cuda() && x_.dim() == 2, "x must be a 2-D CUDA tensor");
   TORCH_CHECK(variant >= 0 && variant <= 3,
               "masked_ln_fwd: variant must be 0 (auto), 1 (registers), 2 (staged) or 3 (staged, bulk y)");
@@ -88,14 +88,14 @@ std::vector<at::Tensor> fwd(const at::Tensor& x_, const at::Tensor& w_, const at
   // 2-byte I/O.  A view into a larger parameter can start anywhere: then the
   // scalar path runs.
   const int aligned = is_aligned({&x, &y}, 16) && is_aligned({&w, &b, &c}, 32);
-  if (variant >= 2) {
-    const std::string why = staged_refusal_for(x, aligned, stages);
-    TORCH_CHECK(why.empty(), why);
-  }
+  if (variant >= 2)
+    TORCH_CHECK(staged_supported_for(x, aligned, stages),
+                "masked_ln_fwd: the staged kernel cannot run on these tensors (cuda_ext.fwd says why)");
   auto err = msg_masked_ln_fwd(dtype_code(x), aligned, x.data_ptr(), y.data_ptr(), w.data_ptr<float>(),
                                b.data_ptr<float>(), c.data_ptr<float>(), mean.data_ptr<float>(),
                                rstd.data_ptr<float>(), M, N, static_cast<float>(eps), sm_count(),
-                               at::cuda::getCurrentCUDAStream(), static_cast<int>(variant), static_cast<int>(stages));
+                               at::cuda::getCurrentCUDAStream(), static_cast<int>(variant), static_cast<int>(stages),
+                               static_cast<int>(hold), pdl ? 1 : 0);
   TORCH_CHECK(err == cudaSuccess, "masked_ln_fwd launch failed: ", cudaGetErrorString(err));
   return {y, mean, rstd};
 }
@@ -137,8 +137,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Masked LayerNorm (MSG) CUDA kernels";
   m.def("supported", &supported, "whether the kernels cover x's dtype and width");
   m.def("fwd", &fwd, "masked LayerNorm forward -> (y, mean, rstd)", py::arg("x"), py::arg("weight"),
-        py::arg("bias"), py::arg("mask"), py::arg("eps"), py::arg("variant") = 0, py::arg("stages") = 0);
-  m.def("staged_refusal", &staged_refusal, "why fwd(variant=2|3) cannot run on these tensors ('' if it can)",
+        py::arg("bias"), py::arg("mask"), py::arg("eps"), py::arg("variant") = 0, py::arg("stages") = 0,
+        py::arg("hold") = -1, py::arg("pdl") = true);
+  m.def("staged_check", &staged_check, "(can fwd(variant=2|3) run on these tensors, are they aligned)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mask"), py::arg("stages") = 0);
   m.def("bwd", &bwd, "masked LayerNorm backward -> (dx, dweight, dbias)");
 }

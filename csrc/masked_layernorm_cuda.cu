@@ -210,7 +210,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // float2 block reduction, so a pair costs the block barriers one row used to,
 // and two rows' independent work hides each other's latency (one 512-thread
 // block per SM has little else to switch to).
-template <typename T, int VEC, int ITERS>
+//
+// HOLD: the first HOLD of a thread's ITERS vectors of x stay in registers after
+// the first pass instead of being read from shared memory three times (all of
+// them spill at 16384 columns; see the kernel sweep in docs/benchmarks.md).
+template <typename T, int VEC, int ITERS, int HOLD>
 __global__ void __launch_bounds__(512, 1)
     masked_ln_fwd_staged_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                 const float* __restrict__ b, const float* __restrict__ c,
@@ -237,6 +241,12 @@ __global__ void __launch_bounds__(512, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  // Launched with programmatic dependent launch (pdl), the block got here while
+  // the previous kernel on the stream may still run: nothing in global memory is
+  // read or written before it has finished.  Without pdl both are no-ops.  The
+  // next kernel's blocks may then be scheduled as ours exit.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (tid == 0)
     for (int64_t k = 0; k < stages && k < my_rows; ++k) load_row(k);
 
@@ -270,11 +280,13 @@ __global__ void __launch_bounds__(512, 1)
     const Pack<T, VEC>* xa = reinterpret_cast<const Pack<T, VEC>*>(ring + (k % stages) * row_bytes);
     const Pack<T, VEC>* xb = reinterpret_cast<const Pack<T, VEC>*>(ring + (k1 % stages) * row_bytes);
     float2 sx = make_float2(0.f, 0.f);
+    Pack<T, VEC> ha[HOLD > 0 ? HOLD : 1], hb[HOLD > 0 ? HOLD : 1];  // x held in registers
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
         const Pack<T, VEC> pa = xa[j], pb = xb[j];
+        if (i < HOLD) { ha[i < HOLD ? i : 0] = pa; hb[i < HOLD ? i : 0] = pb; }
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
           sx.x += cc[i][q] * to_f(pa.v[q]);
@@ -297,7 +309,7 @@ __global__ void __launch_bounds__(512, 1)
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
-        const Pack<T, VEC> pa = xa[j], pb = xb[j];
+        const Pack<T, VEC> pa = i < HOLD ? ha[i < HOLD ? i : 0] : xa[j], pb = i < HOLD ? hb[i < HOLD ? i : 0] : xb[j];
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
           const float da = to_f(pa.v[q]) - mua, db = to_f(pb.v[q]) - mub;
@@ -314,7 +326,7 @@ __global__ void __launch_bounds__(512, 1)
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
-        const Pack<T, VEC> pa = xa[j], pb = xb[j];
+        const Pack<T, VEC> pa = i < HOLD ? ha[i < HOLD ? i : 0] : xa[j], pb = i < HOLD ? hb[i < HOLD ? i : 0] : xb[j];
         Pack<T, VEC> oa, ob;
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
@@ -521,6 +533,8 @@ constexpr int kStagedMinStages = 4;
 struct StagedConfig {
   int iters = 0, threads = 0, stages = 0;  // threads == 0: unsupported
   int bulk_y = 0;                          // y leaves through shared memory by bulk copy
+  int hold = 0;                            // x kept in registers between the passes
+  int pdl = 0;                             // launched with programmatic dependent launch
 };
 
 static int device_attr(cudaDeviceAttr a) {
@@ -529,17 +543,17 @@ static int device_attr(cudaDeviceAttr a) {
   return v;
 }
 
-template <typename T, int I>
+template <typename T, int I, int H>
 static bool staged_kernel_built() {
   // The kernel body exists only when compiled for sm_90+; a build for an older
   // virtual arch (e.g. TORCH_CUDA_ARCH_LIST=8.0 JIT-compiled from PTX on an H100)
   // has an empty body, which must never be launched.
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, masked_ln_fwd_staged_kernel<T, kStagedVec, I>) != cudaSuccess) return false;
+  if (cudaFuncGetAttributes(&attr, masked_ln_fwd_staged_kernel<T, kStagedVec, I, H>) != cudaSuccess) return false;
   return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
 }
 
-static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages, int bulk_y) {
+static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages, int bulk_y, int hold) {
   StagedConfig s;
   const int elt = dtype == 0 ? 4 : 2;
   if (!aligned || N <= 0 || N % kStagedVec != 0 || (N * elt) % 16 != 0) return s;
@@ -557,6 +571,8 @@ static StagedConfig choose_staged(int dtype, int N, bool aligned, int stages, in
   s.iters = iters;
   s.stages = stages;
   s.bulk_y = bulk_y;
+  // Default (-1): hold x up to 4 vectors per thread (8192 bf16 columns); more spill.
+  s.hold = hold < 0 ? iters <= 4 : hold != 0;
   s.threads = ((nvec + iters - 1) / iters + 31) / 32 * 32;
   return s;
 }
@@ -565,9 +581,12 @@ struct FwdStagedLaunch {
   const StagedConfig& cfg; const void* x; void* y; const float *w, *b, *c; float *mean, *rstd;
   int64_t M; int N; float eps; int sm_count; cudaStream_t stream; bool query;
   template <typename T, int I> cudaError_t run() {
-    if (!staged_kernel_built<T, I>()) return cudaErrorInvalidDeviceFunction;
+    return cfg.hold ? launch<T, I, I>() : launch<T, I, 0>();
+  }
+  template <typename T, int I, int H> cudaError_t launch() {
+    if (!staged_kernel_built<T, I, H>()) return cudaErrorInvalidDeviceFunction;
     if (query) return cudaSuccess;
-    auto k = masked_ln_fwd_staged_kernel<T, kStagedVec, I>;
+    auto k = masked_ln_fwd_staged_kernel<T, kStagedVec, I, H>;
     const int smem = cfg.stages * N * (int)sizeof(T);
     cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
@@ -578,9 +597,18 @@ struct FwdStagedLaunch {
     if (per_sm > 2) per_sm = 2;
     const int64_t slots = (int64_t)sm_count * per_sm;
     const int blocks = (int)(M < slots ? M : slots);
-    k<<<blocks, cfg.threads, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), w, b, c, mean, rstd, M,
-                                             N, eps, cfg.stages, cfg.bulk_y);
-    return cudaGetLastError();
+    cudaLaunchConfig_t lc = {};
+    lc.gridDim = dim3(blocks);
+    lc.blockDim = dim3(cfg.threads);
+    lc.dynamicSmemBytes = smem;
+    lc.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    lc.attrs = attr;
+    lc.numAttrs = cfg.pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&lc, k, static_cast<const T*>(x), static_cast<T*>(y), w, b, c, mean, rstd, M, N, eps,
+                              cfg.stages, cfg.bulk_y);
   }
 };
 
@@ -632,6 +660,8 @@ int msg_masked_ln_supported(int dtype, int N, int aligned) {
 // Forward variants: 0 auto, 1 registers (a row per warp or block, in registers),
 // 2 staged (sm_90 bulk copies into a shared-memory ring; `stages` buffers, 0 = default),
 // 3 staged with y written back through the ring by bulk copies too.
+// hold: the staged kernels keep x in registers (-1 default, 0 no, 1 yes);
+// pdl: launch the staged kernels with programmatic dependent launch.
 // auto takes variant 3 with the default ring for rows of kStagedAutoMinRowBytes
 // and more where it can run: on the H100 it beat registers at every width from
 // 4096 bf16 columns up (msg-bench kernel-sweep --cuda-only, docs/benchmarks.md),
@@ -639,7 +669,7 @@ int msg_masked_ln_supported(int dtype, int N, int aligned) {
 constexpr int kStagedAutoMinRowBytes = 8192;
 
 int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages) {
-  const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages, 0);
+  const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages, 0, 0);
   if (cfg.threads <= 0) return 0;
   return msg::dispatch_staged(dtype, cfg,
                               msg::FwdStagedLaunch{cfg, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
@@ -648,11 +678,12 @@ int msg_masked_ln_fwd_staged_supported(int dtype, int N, int aligned, int stages
 
 cudaError_t msg_masked_ln_fwd(int dtype, int aligned, const void* x, void* y, const float* w, const float* b,
                               const float* c, float* mean, float* rstd, int64_t M, int N, float eps,
-                              int sm_count, cudaStream_t stream, int variant, int stages) {
+                              int sm_count, cudaStream_t stream, int variant, int stages, int hold, int pdl) {
   const int elt = dtype == 0 ? 4 : 2;
   const bool staged = variant == 2 || variant == 3;
   if (staged || (variant == 0 && N * elt >= kStagedAutoMinRowBytes)) {
-    const msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages, variant != 2);
+    msg::StagedConfig cfg = msg::choose_staged(dtype, N, aligned != 0, stages, variant != 2, hold);
+    cfg.pdl = pdl;
     if (cfg.threads > 0) {
       const cudaError_t err = msg::dispatch_staged(
           dtype, cfg, msg::FwdStagedLaunch{cfg, x, y, w, b, c, mean, rstd, M, N, eps, sm_count, stream, false});

@@ -105,8 +105,8 @@ def staged_available() -> bool:
 @pytest.mark.parametrize("n", [1000, 4104, 10240, 16384])
 @pytest.mark.parametrize("m", [1, 131, 3001])
 @pytest.mark.parametrize("stages", [0, 5])
-@pytest.mark.parametrize("variant", ["staged", "staged_bulk_y"])
-def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages, variant):
+@pytest.mark.parametrize("variant,hold", [("staged", False), ("staged_bulk_y", False), ("staged_bulk_y", True)])
+def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages, variant, hold):
     """The sm_90 staged forward (bulk copies into a shared-memory ring): fewer rows than SMs, rows not
     a multiple of the grid, many rows per persistent block; widths whose vectors do not fill the block."""
     if not staged_available():
@@ -118,10 +118,10 @@ def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages, variant):
     c[n // 2: n * 3 // 4] = 0.3
     x = x64.to(dtype)
     if n * x.element_size() * 4 > torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin:
-        with pytest.raises(RuntimeError, match="room for 4"):  # fp32 16384: 4 rows need 256 KiB
-            cuda_ext.fwd(x, w, b, c, EPS, variant=variant, stages=stages)
+        with pytest.raises(RuntimeError, match="room for 4"):  # e.g. fp32 16384: 4 rows need 256 KiB
+            cuda_ext.fwd(x, w, b, c, EPS, variant=variant, stages=stages, hold=hold)
         return
-    y, mean, rstd = cuda_ext.fwd(x, w, b, c, EPS, variant=variant, stages=stages)
+    y, mean, rstd = cuda_ext.fwd(x, w, b, c, EPS, variant=variant, stages=stages, hold=hold)
     yr = ref(x.double(), w.double(), b.double(), c.double(), EPS)
     assert y.dtype == dtype and y.shape == x.shape
     assert rel_err(y, yr) < TOL[dtype][0]
@@ -133,6 +133,35 @@ def test_cuda_staged_forward_matches_fp64(dtype, n, m, stages, variant):
     assert torch.all(y[:, n * 3 // 4:] == 0)
     y_reg = cuda_ext.fwd(x, w, b, c, EPS, variant="registers")[0]
     assert rel_err(y, y_reg) < TOL[dtype][0]
+
+
+@pytest.mark.parametrize("n", [4096, 10240])
+def test_cuda_staged_forward_with_pdl_waits_for_the_previous_kernel(n):
+    """Programmatic dependent launch: each call starts while the previous one may still run, so
+    a chain whose every input is the previous call's output is right only if the kernel reads
+    nothing before griddepcontrol.wait."""
+    if not staged_available():
+        pytest.skip("needs the CUDA extension on an sm_90+ GPU")
+    torch.manual_seed(n)
+    w, b = torch.rand(n, device=DEV) + 0.5, torch.randn(n, device=DEV)
+    c = make_mask("ramp", n)
+    x = torch.randn(4096, n, device=DEV, dtype=torch.bfloat16)
+    want = x
+    for _ in range(4):
+        want = cuda_ext.fwd(want, w, b, c, EPS, variant="staged_bulk_y", pdl=False)[0]
+    for _ in range(3):  # the chain in a CUDA graph too (how msg-bench times it)
+        got = x
+        for _ in range(4):
+            got = cuda_ext.fwd(got, w, b, c, EPS, variant="staged_bulk_y", pdl=True)[0]
+        assert torch.equal(got, want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = x
+        for _ in range(4):
+            got = cuda_ext.fwd(got, w, b, c, EPS, variant="staged_bulk_y", pdl=True)[0]
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("n, wide", [(1024, False), (4096, True), (10240, True)])

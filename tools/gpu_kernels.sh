@@ -27,7 +27,9 @@ bench="python3 -m megatron_msg.cli.bench"
 for s in $steps; do
   case $s in
     quick) timeout ${T_QUICK:-120} python3 -m pytest -q -x tests/test_kernels_gpu.py -k "variants or model_ramp" 2>&1 | tail -15 | tee "$OUT/quick.log" ;;
-    tests) timeout ${T_TESTS:-240} python3 -m pytest -q tests/test_kernels_gpu.py tests/test_gpu_training.py 2>&1 | tail -25 | tee "$OUT/tests.log" ;;
+    # The whole log comes back (a crash's own frames are at the top of faulthandler's dump).
+    tests) timeout ${T_TESTS:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_gpu_training.py > "$OUT/tests.log" 2>&1
+           grep -A12 "Fatal Python error" "$OUT/tests.log" | head -40; tail -25 "$OUT/tests.log" ;;
     sweep) timeout ${T_SWEEP:-300} $bench kernel-sweep --widths "${SWEEP_WIDTHS:-768,1024,4096,10240}" --out "$OUT" 2>&1 | tee "$OUT/sweep.log" ;;
     sweep-cuda) timeout ${T_SWEEP:-300} $bench kernel-sweep --cuda-only --widths "${SWEEP_WIDTHS:-4096,8192,10240,16384}" --out "$OUT" 2>&1 | tee "$OUT/sweep_cuda.log" ;;
     bench) timeout ${T_BENCH:-300} $bench kernels --out "$OUT" 2>&1 | tee "$OUT/bench.log" ;;

@@ -338,8 +338,9 @@ def run_kernels(out_dir: str, widths=WIDTHS, only=None) -> dict:
 
 
 CUDA_FWD_CANDIDATES = ({"variant": "registers"},) + tuple(
-    {"variant": "staged", "stages": s} for s in (4, 6, 8)) + tuple(
-    {"variant": "staged_bulk_y", "stages": s} for s in (4, 6, 8, 10, 11)) + ({"variant": "auto"},)
+    {"variant": "staged", "stages": s, "hold": False} for s in (4, 6)) + tuple(
+    {"variant": "staged_bulk_y", "stages": s, "hold": h, "pdl": p}
+    for s in (6, 8) for h in (False, True) for p in (False, True)) + ({"variant": "auto"},)
 
 
 def _forward_references(n, x, w, b, c) -> dict:

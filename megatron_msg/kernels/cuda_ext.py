@@ -75,10 +75,14 @@ FWD_VARIANTS = {"auto": 0, "registers": 1, "staged": 2, "staged_bulk_y": 3}
 
 
 def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor, eps: float,
-        variant: str = "auto", stages: int = 0):
+        variant: str = "auto", stages: int = 0, hold: bool | None = None, pdl: bool = True):
     """Forward launcher -> (y with x's shape, mean [rows], rstd [rows] fp32).
 
     ``stages``: row buffers of the staged kernels, 4..12 (0 = default, 6; fewer where they do not fit).
+    ``hold``: whether the staged kernels keep x in registers between their passes (None: yes up
+    to 8192 bf16 columns, where it pays; wider rows spill).  ``pdl``: launch the staged kernels
+    with programmatic dependent launch, so that their blocks are scheduled while the previous
+    kernel on the stream finishes (they read and write nothing before it has).
     """
     if variant not in FWD_VARIANTS:
         raise ValueError(f"CUDA masked LayerNorm forward variant must be one of {sorted(FWD_VARIANTS)}; "
@@ -88,10 +92,15 @@ def fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.T
     n = x.shape[-1]
     ext = load()
     if variant.startswith("staged"):
-        why = ext.staged_refusal(x.reshape(-1, n), weight, bias, mask, stages)
-        if why:
-            raise RuntimeError(why)
-    y, mean, rstd = ext.fwd(x.reshape(-1, n), weight, bias, mask, float(eps), FWD_VARIANTS[variant], stages)
+        supported, aligned = ext.staged_check(x.reshape(-1, n), weight, bias, mask, stages)
+        if not supported:
+            raise RuntimeError(
+                "masked_ln_fwd: the staged kernel needs an sm_90+ GPU and an extension built for it, a 16-byte "
+                "aligned x, 32-byte aligned fp32 weight/bias/mask, a row of a multiple of 16 bytes with at most "
+                f"16384 columns, and room for 4+ rows in shared memory; got N={n}, dtype {x.dtype}, "
+                f"aligned={int(aligned)}")
+    y, mean, rstd = ext.fwd(x.reshape(-1, n), weight, bias, mask, float(eps), FWD_VARIANTS[variant], stages,
+                            -1 if hold is None else int(bool(hold)), pdl)
     return y.view(x.shape), mean, rstd
 
 
