@@ -19,6 +19,7 @@ import yaml
 
 ARCHS = ("gpt", "bert")
 ACTIVATIONS = ("gelu", "relu", "silu")
+POSITION_EMBEDDINGS = ("learned", "rope")
 # Growth operators (DESIGN.md "Baselines are first-class operators").
 OPERATORS = ("msg", "nomask", "net2net", "stack")
 # New-weight initialisation for width growth.
@@ -71,6 +72,10 @@ class ModelConfig:
     attention_dropout: float = 0.0
     eps: float = 1e-5
     activation: str = "gelu"
+    # "learned": a [seq_len, hidden] table added to the token embedding (GPT-2, BERT);
+    # "rope": rotary embeddings on each head's queries and keys (model/rotary.py), no table.
+    position_embedding: str = "learned"
+    rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
     type_vocab_size: int = 2  # BERT token types
@@ -446,6 +451,11 @@ def validate(cfg: RunConfig) -> None:
     m = cfg.model
     _choice(m.arch, ARCHS, "model.arch")
     _choice(m.activation, ACTIVATIONS, "model.activation")
+    _choice(m.position_embedding, POSITION_EMBEDDINGS, "model.position_embedding")
+    if m.position_embedding == "rope":
+        _check(m.head_dim % 2 == 0, "model.head_dim",
+               f"rotary embeddings rotate pairs of a head's features: needs an even head_dim, got {m.head_dim}")
+        _check(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
     for name in ("hidden", "ffn", "heads", "layers", "head_dim", "vocab_size", "seq_len", "type_vocab_size"):
         _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
     for name in ("dropout", "attention_dropout"):

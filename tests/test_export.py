@@ -16,9 +16,10 @@ from tests.test_zero import _raw
 transformers = pytest.importorskip("transformers")  # in the test extra; skip only outside it
 
 
-def _trained(arch: str, out_dir, max_steps: int | None = None):
+def _trained(arch: str, out_dir, max_steps: int | None = None, **model):
     """A short run through two growth events, past their ramps (phi 6: last ramp ends at 22)."""
     raw = _raw(arch)
+    raw["model"].update(model)
     raw["growth"]["stages"] = raw["growth"]["stages"][:2]
     raw["train"]["steps"] = 24
     Trainer(config_from_dict(raw), out_dir=out_dir, progress=False).run(max_steps=max_steps)
@@ -28,16 +29,31 @@ def _trained(arch: str, out_dir, max_steps: int | None = None):
     return model.eval()
 
 
-def test_gpt_export_equals_our_model(tmp_path):
-    ours = _trained("gpt", tmp_path / "run")
+def _export_and_compare_gpt(tmp_path, hf_class: str, **model):
+    ours = _trained("gpt", tmp_path / "run", **model)
     assert ours.cfg.layers == 4  # grown
     assert msg_export([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    hf = getattr(transformers, hf_class).from_pretrained(tmp_path / "hf").eval()
     batch = make_batch("gpt", ours.cfg)
     with torch.no_grad():
         expected = ours(batch["tokens"])
         got = hf(batch["tokens"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt_export_equals_our_model(tmp_path):
+    _export_and_compare_gpt(tmp_path, "GPT2LMHeadModel")
+
+
+def test_gpt_with_rotary_positions_exports_as_gpt_neox(tmp_path):
+    _export_and_compare_gpt(tmp_path, "GPTNeoXForCausalLM", position_embedding="rope", rope_theta=500.0)
+
+
+def test_bert_with_rotary_positions_is_refused(tmp_path, capsys):
+    _trained("bert", tmp_path / "run", position_embedding="rope")
+    assert msg_export([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) != 0
+    assert "RoFormer" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_bert_export_equals_our_model(tmp_path):

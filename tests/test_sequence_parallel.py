@@ -26,9 +26,9 @@ from tests.helpers import make_batch, tiny_cfg
 from tests.test_parallel_model import BATCH, MICRO, SEQ, SHAPE, VOCAB, _mid_ramp
 
 
-def _run(rank, world, arch, tp, pp, dp):
+def _run(rank, world, arch, tp, pp, dp, model_kw=None):
     ps = ParallelState.create(Topology(tp, pp, dp), "cpu")
-    cfg = tiny_cfg(arch, SHAPE, vocab_size=VOCAB, seq_len=SEQ, dropout=0.0)
+    cfg = tiny_cfg(arch, SHAPE, vocab_size=VOCAB, seq_len=SEQ, dropout=0.0, **(model_kw or {}))
     batches = [make_batch(arch, cfg, batch=BATCH, seed=100 + m) for m in range(MICRO)]
     ref = build_model(cfg, seed=3)
     rng = RNGTracker()

@@ -1,4 +1,4 @@
-"""Export a checkpoint's model to the Hugging Face layout (``msg-export``): GPT-2 or BERT.
+"""Export a checkpoint's model to the Hugging Face layout (``msg-export``): GPT-2, GPT-NeoX or BERT.
 
 Our GPT is GPT-2's architecture (pre-LN, learned positions, tied LM head) and
 our BERT is BERT's (post-LN, token types, pooler, MLM transform with a tied
@@ -6,7 +6,11 @@ decoder, NSP), so once every MSG mask is 1 (the ramps are over) the logical
 tensors map one to one onto ``GPT2LMHeadModel`` / ``BertForPreTraining``:
 GPT-2's ``Conv1D`` layers store ``[in, out]`` (our Linear weights transposed);
 BERT keeps Q, K and V as three Linears (our packed QKV rows are [3, heads,
-head_dim], so the thirds).  Refused, with the reason: a checkpoint mid-ramp
+head_dim], so the thirds).  A GPT with rotary positions is GPT-NeoX's architecture
+with sequential residuals (``use_parallel_residual: false``, rotary on every feature,
+rotate-half pairs as model/rotary.py): ``GPTNeoXForCausalLM``, whose fused QKV rows are
+[heads, 3, head_dim].  BERT with rotary positions has no Hugging Face counterpart
+(RoFormer rotates interleaved pairs) and is refused.  Refused too, with the reason: a checkpoint mid-ramp
 (masks below 1 change the function, and Hugging Face has no masks), and a model
 whose ``heads x head_dim`` differs from ``hidden`` (both libraries derive the
 head size from the hidden size).
@@ -45,6 +49,9 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _check_exportable(ckpt: Checkpoint, cfg: ModelConfig) -> None:
+    if cfg.arch == "bert" and cfg.position_embedding == "rope":
+        raise ExportError(f"{ckpt.path}: BERT with rotary positions has no Hugging Face counterpart "
+                          "(RoFormer rotates interleaved feature pairs, ours rotate halves)")
     if cfg.heads * cfg.head_dim != cfg.hidden:
         raise ExportError(f"{ckpt.path}: heads x head_dim = {cfg.heads} x {cfg.head_dim} != hidden {cfg.hidden}; "
                           "Hugging Face GPT-2 and BERT take the head size as hidden / heads")
@@ -74,6 +81,34 @@ def _gpt2(cfg: ModelConfig, t) -> tuple[dict, dict]:
                      ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
             out[theirs + b + ".weight"] = t(ours + a + ".weight").t()  # Conv1D: [in, out]
             out[theirs + b + ".bias"] = t(ours + a + ".bias")
+    return config, out
+
+
+def _gpt_neox(cfg: ModelConfig, t) -> tuple[dict, dict]:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0}
+    config = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+              "intermediate_size": cfg.ffn, "hidden_act": cfg.activation, "max_position_embeddings": cfg.seq_len,
+              "layer_norm_eps": cfg.eps, "initializer_range": cfg.init_std, "use_parallel_residual": False,
+              "attention_bias": True, "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
+              "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+              # transformers >= 5 reads rope_parameters; earlier releases rotary_pct / rotary_emb_base.
+              "rope_parameters": rope, "rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta}
+    out = {"gpt_neox.embed_in.weight": t("embed.tok.weight"),
+           "gpt_neox.final_layer_norm.weight": t("final_ln.weight"),
+           "gpt_neox.final_layer_norm.bias": t("final_ln.bias"),
+           "embed_out.weight": t("embed.tok.weight" if cfg.tie_embeddings else "lm_head.weight")}
+    hd, heads = cfg.head_dim, cfg.heads
+    for i in range(cfg.layers):
+        ours, theirs = f"layers.{i}.", f"gpt_neox.layers.{i}."
+        # Our packed rows [3, heads, head_dim] -> NeoX's [heads, 3, head_dim].
+        qkv_w, qkv_b = t(ours + "attn.qkv.weight"), t(ours + "attn.qkv.bias")
+        out[theirs + "attention.query_key_value.weight"] = \
+            qkv_w.view(3, heads, hd, -1).transpose(0, 1).reshape(3 * heads * hd, -1)
+        out[theirs + "attention.query_key_value.bias"] = qkv_b.view(3, heads, hd).transpose(0, 1).reshape(-1)
+        for a, b in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm"), ("attn.proj", "attention.dense"),
+                     ("mlp.fc1", "mlp.dense_h_to_4h"), ("mlp.fc2", "mlp.dense_4h_to_h")):
+            out[theirs + b + ".weight"], out[theirs + b + ".bias"] = t(ours + a + ".weight"), t(ours + a + ".bias")
     return config, out
 
 
@@ -122,7 +157,10 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: torch.dtyp
     def tensor(name: str) -> torch.Tensor:
         return ckpt.model[name].to(dtype)
 
-    config, weights = (_gpt2 if cfg.arch == "gpt" else _bert)(cfg, tensor)
+    if cfg.arch == "gpt":
+        config, weights = (_gpt_neox if cfg.position_embedding == "rope" else _gpt2)(cfg, tensor)
+    else:
+        config, weights = _bert(cfg, tensor)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     # One contiguous copy each: transposes are views, Q/K/V slice one tensor and the tied
     # embedding appears twice, and safetensors refuses tensors that share storage.

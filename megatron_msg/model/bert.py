@@ -47,7 +47,8 @@ class BertEmbedding(nn.Module):
         super().__init__()
         self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, tp)
         if full:  # the last stage's copy of the tied embedding needs tokens only
-            self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
+            if cfg.position_embedding == "learned":  # rotary positions live in attention
+                self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
             self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
             self.ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
 
@@ -95,8 +96,10 @@ class BERT(MSGTransformerBase):
         # Under SP the token lookup comes back as this rank's sequence slice; add its
         # positions and token types.
         mine = self.placement.tp.sequence_slice(t)
-        x = (self.embed.tok(tokens) + self.embed.pos(torch.arange(mine.start, mine.stop, device=tokens.device))
-             + self.embed.token_type(token_types[:, mine]))
+        x = self.embed.tok(tokens)
+        if self.cfg.position_embedding == "learned":  # rotary positions act in attention instead
+            x = x + self.embed.pos(torch.arange(mine.start, mine.stop, device=tokens.device))
+        x = x + self.embed.token_type(token_types[:, mine])
         return self.drop(self.embed.ln(x, c))
 
     def heads(self, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""GPT: pre-LN, causal, learned positions, LM head tied to the token embedding.
+"""GPT: pre-LN, causal, learned (or rotary) positions, LM head tied to the token embedding.
 
 MSG masks (DESIGN.md): the embedding output, every LayerNorm, every sublayer
 output and the final LayerNorm carry the hidden mask; each layer carries its
@@ -30,7 +30,8 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, positions: bool = True):
         super().__init__()
         self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, tp)
-        if positions:  # the last stage's copy of a tied embedding needs tokens only
+        # The last stage's copy of a tied embedding needs tokens only; rotary positions live in attention.
+        if positions and cfg.position_embedding == "learned":
             self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
 
 
@@ -51,10 +52,11 @@ class GPT(MSGTransformerBase):
         t = tokens.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence length {t} exceeds model.seq_len={self.cfg.seq_len}")
-        # Under SP the token lookup comes back as this rank's sequence slice; add its positions.
-        mine = self.placement.tp.sequence_slice(t)
-        pos = torch.arange(mine.start, mine.stop, device=tokens.device)
-        x = self.embed.tok(tokens) + self.embed.pos(pos)
+        x = self.embed.tok(tokens)
+        if self.cfg.position_embedding == "learned":
+            # Under SP the token lookup comes back as this rank's sequence slice; add its positions.
+            mine = self.placement.tp.sequence_slice(t)
+            x = x + self.embed.pos(torch.arange(mine.start, mine.stop, device=tokens.device))
         if c is not None:
             x = x * c.to(x.dtype)
         return self.drop(x)

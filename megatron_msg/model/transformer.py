@@ -33,6 +33,7 @@ from megatron_msg import kernels
 from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
 from megatron_msg.model.placement import Placement
+from megatron_msg.model.rotary import apply_rotary, rotary_angles
 from megatron_msg.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_msg.parallel.recompute import recompute
 
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         self.proj = RowParallelLinear(inner, cfg.hidden, tp)
         self.attention_dropout = cfg.attention_dropout
         self.rng = placement.rng
+        self.rope_theta = cfg.rope_theta if cfg.position_embedding == "rope" else None
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None,
                 attn_mask: torch.Tensor | None = None, out_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,6 +92,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         b, t = qkv.shape[:2]  # the full sequence: under SP x is a slice, qkv gathered it
         q, k, v = qkv.view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rope_theta is not None:
+            cos, sin = rotary_angles(t, self.head_dim, self.rope_theta, device=q.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.attention_dropout if self.training else 0.0
         # Dropout on a rank's own heads draws from the TP-region generator (parallel/random.py).
         region = self.rng.fork() if p > 0 and self.rng is not None else contextlib.nullcontext()
