@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 
@@ -75,3 +76,15 @@ def test_msg_compare_names_what_it_cannot_use(two_runs, tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 0, "loss": 1.0}\n')
     assert msg_compare([str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line,message", [('{"kind": "train", "step": 0, "loss"\n', "metrics.jsonl:2: malformed JSON"),
+                                          ("3\n", "metrics.jsonl:2: not a metrics record")])
+def test_msg_compare_names_the_bad_metrics_line(two_runs, tmp_path, capsys, line, message):
+    root, _, _ = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "full", run)
+    first = (run / "metrics.jsonl").read_text().splitlines(keepends=True)[0]
+    (run / "metrics.jsonl").write_text(first + line)
+    assert msg_compare([str(run)]) == 2
+    assert message in capsys.readouterr().err

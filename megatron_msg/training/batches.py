@@ -7,12 +7,13 @@ The byte-level tokenizer here is the dependency-free default used by the demo
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from megatron_msg.jsonl import iter_jsonl
 
 EOD, CLS, SEP, MASK, PAD = 256, 257, 258, 259, 260
 BYTE_VOCAB = 261
@@ -25,17 +26,10 @@ def read_jsonl_texts(path: Path, text_key: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"data.path: corpus file {str(path)!r} does not exist")
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(doc, dict) or text_key not in doc:
-                raise ValueError(f"{path}:{lineno}: no {text_key!r} field (set data.text_key)")
-            texts.append(str(doc[text_key]))
+    for lineno, doc in iter_jsonl(path):
+        if not isinstance(doc, dict) or text_key not in doc:
+            raise ValueError(f"{path}:{lineno}: no {text_key!r} field (set data.text_key)")
+        texts.append(str(doc[text_key]))
     if not texts:
         raise ValueError(f"{path}: no documents")
     return texts

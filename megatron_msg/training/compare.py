@@ -11,13 +11,13 @@ against a reference run (``reference_flops / run_flops``).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
 from megatron_msg.config import RunConfig, config_from_dict
 from megatron_msg.growth.plan import StagePlan, plan_schedule
+from megatron_msg.jsonl import iter_jsonl
 from megatron_msg.training.plot import save_figure
 
 
@@ -59,13 +59,9 @@ def load_run(path: str | Path, name: str | None = None) -> RunCurves:
         raise CompareError(f"{path}: no checkpoint, so no record of the run's config and schedule")
     cfg = config_from_dict(open_checkpoint(ckpt).state["config"], check=False)
     run = RunCurves(name or path.name, path, cfg, plan_schedule(cfg))
-    for line_no, line in enumerate(metrics.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CompareError(f"{metrics}:{line_no}: not JSON ({exc.msg})") from None
+    for line_no, rec in iter_jsonl(metrics, CompareError):
+        if not isinstance(rec, dict):
+            raise CompareError(f"{metrics}:{line_no}: not a metrics record (a JSON object)")
         kind = rec.get("kind")
         if kind == "train":
             run.train.append((rec["step"], rec["loss"]))
