@@ -211,10 +211,10 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // and two rows' independent work hides each other's latency (one 512-thread
 // block per SM has little else to switch to).
 //
-// HOLD: the first HOLD of a thread's ITERS vectors of x stay in registers after
-// the first pass instead of being read from shared memory three times (all of
-// them spill at 16384 columns; see the kernel sweep in docs/benchmarks.md).
-template <typename T, int VEC, int ITERS, int HOLD>
+// HOLD: a thread's ITERS vectors of x stay in registers after the first pass
+// instead of being read from shared memory three times (they spill from 10240
+// columns up; see the kernel sweep in docs/benchmarks.md).
+template <typename T, int VEC, int ITERS, bool HOLD>
 __global__ void __launch_bounds__(512, 1)
     masked_ln_fwd_staged_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ w,
                                 const float* __restrict__ b, const float* __restrict__ c,
@@ -280,13 +280,13 @@ __global__ void __launch_bounds__(512, 1)
     const Pack<T, VEC>* xa = reinterpret_cast<const Pack<T, VEC>*>(ring + (k % stages) * row_bytes);
     const Pack<T, VEC>* xb = reinterpret_cast<const Pack<T, VEC>*>(ring + (k1 % stages) * row_bytes);
     float2 sx = make_float2(0.f, 0.f);
-    Pack<T, VEC> ha[HOLD > 0 ? HOLD : 1], hb[HOLD > 0 ? HOLD : 1];  // x held in registers
+    Pack<T, VEC> ha[HOLD ? ITERS : 1], hb[HOLD ? ITERS : 1];  // x held in registers
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
         const Pack<T, VEC> pa = xa[j], pb = xb[j];
-        if (i < HOLD) { ha[i < HOLD ? i : 0] = pa; hb[i < HOLD ? i : 0] = pb; }
+        if (HOLD) { ha[HOLD ? i : 0] = pa; hb[HOLD ? i : 0] = pb; }
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
           sx.x += cc[i][q] * to_f(pa.v[q]);
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(512, 1)
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
-        const Pack<T, VEC> pa = i < HOLD ? ha[i < HOLD ? i : 0] : xa[j], pb = i < HOLD ? hb[i < HOLD ? i : 0] : xb[j];
+        const Pack<T, VEC> pa = HOLD ? ha[HOLD ? i : 0] : xa[j], pb = HOLD ? hb[HOLD ? i : 0] : xb[j];
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
           const float da = to_f(pa.v[q]) - mua, db = to_f(pb.v[q]) - mub;
@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(512, 1)
     for (int i = 0; i < ITERS; ++i) {
       const int j = tid + i * nthreads;
       if (j < nvec) {
-        const Pack<T, VEC> pa = i < HOLD ? ha[i < HOLD ? i : 0] : xa[j], pb = i < HOLD ? hb[i < HOLD ? i : 0] : xb[j];
+        const Pack<T, VEC> pa = HOLD ? ha[HOLD ? i : 0] : xa[j], pb = HOLD ? hb[HOLD ? i : 0] : xb[j];
         Pack<T, VEC> oa, ob;
 #pragma unroll
         for (int q = 0; q < VEC; ++q) {
@@ -533,7 +533,7 @@ constexpr int kStagedMinStages = 4;
 struct StagedConfig {
   int iters = 0, threads = 0, stages = 0;  // threads == 0: unsupported
   int bulk_y = 0;                          // y leaves through shared memory by bulk copy
-  int hold = 0;                            // x kept in registers between the passes
+  bool hold = false;                       // x kept in registers between the passes
   int pdl = 0;                             // launched with programmatic dependent launch
 };
 
@@ -543,7 +543,7 @@ static int device_attr(cudaDeviceAttr a) {
   return v;
 }
 
-template <typename T, int I, int H>
+template <typename T, int I, bool H>
 static bool staged_kernel_built() {
   // The kernel body exists only when compiled for sm_90+; a build for an older
   // virtual arch (e.g. TORCH_CUDA_ARCH_LIST=8.0 JIT-compiled from PTX on an H100)
@@ -581,9 +581,9 @@ struct FwdStagedLaunch {
   const StagedConfig& cfg; const void* x; void* y; const float *w, *b, *c; float *mean, *rstd;
   int64_t M; int N; float eps; int sm_count; cudaStream_t stream; bool query;
   template <typename T, int I> cudaError_t run() {
-    return cfg.hold ? launch<T, I, I>() : launch<T, I, 0>();
+    return cfg.hold ? launch<T, I, true>() : launch<T, I, false>();
   }
-  template <typename T, int I, int H> cudaError_t launch() {
+  template <typename T, int I, bool H> cudaError_t launch() {
     if (!staged_kernel_built<T, I, H>()) return cudaErrorInvalidDeviceFunction;
     if (query) return cudaSuccess;
     auto k = masked_ln_fwd_staged_kernel<T, kStagedVec, I, H>;
