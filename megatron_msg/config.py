@@ -120,12 +120,19 @@ class DataConfig:
     # build_bert_datasets, best preprocessed with --split-sentences).
     format: str = "jsonl"
     path: str = "bundled"
+    # indexed only: several corpora blended by weight, Megatron's flat form
+    # [0.7, data/web_text_document, 0.3, data/books_text_document] (or prefixes alone: equal
+    # weights).  Replaces ``path``.
+    paths: list[str | float] | None = None
     text_key: str = "text"
-    # byte | sentencepiece (indexed only; needs tokenizer_model).  The tokenizer fixes the
-    # vocabulary (model.vocab_size must hold it) and the special ids; it must be the one the
-    # data was preprocessed with.
+    # byte | sentencepiece | huggingface | gpt2 (all but byte: indexed only).  The tokenizer
+    # fixes the vocabulary (model.vocab_size must hold it) and the special ids; it must be the
+    # one the data was preprocessed with.  Files are the user's: nothing is downloaded.
     tokenizer: str = "byte"
-    tokenizer_model: str | None = None  # sentencepiece .model file
+    # sentencepiece: the .model file; huggingface: a tokenizers ``tokenizer.json`` (BPE,
+    # WordPiece or Unigram); gpt2: GPT-2's ``vocab.json`` (with ``merges_file``).
+    tokenizer_model: str | None = None
+    merges_file: str | None = None  # gpt2: GPT-2's merges.txt
     valid_fraction: float = 0.05  # jsonl: share of documents held out for validation
     splits: str = "969,30,1"  # indexed: train,valid,test weights
     seed: int = 1234
@@ -156,6 +163,15 @@ class GrowthStage:
     tp: int | None = None
     pp: int | None = None
     dp: int | None = None
+    # Training settings from this stage on (FLM-101B changes them at every growth); omitted:
+    # the previous stage's.  Setting lr, min_lr or warmup_steps starts a new LR segment here
+    # (a rewind: warm-up from 0 to the stage's peak, then decay to its min_lr by the run's
+    # decay end; training/lr.py).  batch_size (micro-batch) x grad_accum is the global batch.
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
 
 
 @dataclass
@@ -189,12 +205,23 @@ class ResolvedStage:
     phi: int
     depth_placement: str
     depth_init: str
-    rewind_lr: bool
+    rewind_lr: bool  # an LR segment starts here (rewind_lr, or a stage lr/min_lr/warmup_steps)
     layout: tuple[int, int, int] = (1, 1, 1)  # (tp, pp, dp) from this stage on
+    # Training settings from this stage on, inherited when the stage leaves them out.
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 0  # of the LR segment this stage starts (when rewind_lr)
+    batch_size: int = 16
+    grad_accum: int = 1
 
     @property
     def uses_masks(self) -> bool:
         return self.operator == "msg"
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: micro-batch size x micro-batches (over all replicas)."""
+        return self.batch_size * self.grad_accum
 
 
 @dataclass
@@ -293,7 +320,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], path)
+        for option in inner:  # e.g. ``str | float``: the first type the value really is
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in inner)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is list:
@@ -361,7 +395,11 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text != "" else ""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader) if text != "" else ""
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise ConfigError(f"--set {key.strip()}: the value {text!r} is not valid YAML "
+                          f"({' '.join(str(exc).split())})") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):
@@ -388,23 +426,93 @@ def apply_override(raw: dict, assignment: str) -> None:
                 node = seq[idx]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file: a path (relative to ``relative_to``'s folder first, when given), else the
+    name of a bundled config (``demo_tiny_gpt``, ``paper/sch1_b``; ``.yaml`` optional)."""
+    p = Path(name)
+    candidates = [relative_to.parent / p] if relative_to is not None and not p.is_absolute() else []
+    candidates.append(p)
+    for c in candidates:
+        if c.is_file():
+            return c
+    bundled = BUNDLED_CONFIGS / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+    return bundled if bundled.is_file() else candidates[0]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping with the same key twice (YAML would keep the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                              f"(first on line {seen[key] + 1})")
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key; lists and values replace."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a config file, with its ``base:`` (the configs it extends) merged in.
+
+    ``base`` names another config, or a list of them merged in order (each a path relative
+    to this file, or a bundled name); this file's sections are merged over them, so a recipe
+    says only what differs from a paper schedule: ``base: [paper/bert_base_sch1, cluster.yaml]``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    if "base" not in raw:
+        return raw
+    bases = raw.pop("base")
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{p}: base: expected the name or path of a config, or a list of them, got {bases!r}")
+    chain = (*_chain, p.resolve())
+    merged: dict = {}
+    for base in bases:
+        base_path = resolve_config_path(base, relative_to=p)
+        if not base_path.is_file():
+            raise ConfigError(f"{p}: base: no config {base!r} (neither a file next to {p.name} nor a bundled config)")
+        if base_path.resolve() in chain:
+            raise ConfigError(f"{p}: base: {base!r} extends itself "
+                              f"({' -> '.join(c.name for c in chain)} -> {base_path.name})")
+        merged = _merge(merged, read_config_file(base_path, chain))
+    return _merge(merged, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = True) -> RunConfig:
     """Load, override and validate a run configuration.  ``path=None`` gives the defaults."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    raw = read_config_file(path) if path is not None else {}
     for assignment in overrides or []:
         apply_override(raw, assignment)
     cfg = _build(RunConfig, raw, "")
-    validate(cfg)
+    validate(cfg, check_files)
     return cfg
 
 
@@ -433,21 +541,34 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
     d = cfg.growth.defaults
     prev = cfg.model.shape
     layout = cfg.parallel.layout
+    # The training settings every stage inherits until one changes them.
+    settings = {"lr": cfg.optimizer.lr, "min_lr": cfg.optimizer.min_lr, "batch_size": cfg.train.batch_size,
+                "grad_accum": cfg.train.grad_accum}
     out = []
     for i, s in enumerate(cfg.growth.stages):
         layout = tuple(getattr(s, n) if getattr(s, n) is not None else v for n, v in zip(("tp", "pp", "dp"), layout))
         shape = Shape(*(getattr(s, n) if getattr(s, n) is not None else getattr(prev, n)
                         for n in SHAPE_DIMS))
         pick = lambda name: getattr(s, name) if getattr(s, name) is not None else getattr(d, name)  # noqa: E731
+        settings.update({n: getattr(s, n) for n in settings if getattr(s, n) is not None})
+        new_segment = any(getattr(s, n) is not None for n in LR_STAGE_FIELDS)
+        warmup = s.warmup_steps if s.warmup_steps is not None else cfg.lr.rewind_warmup_steps
         out.append(ResolvedStage(index=i, at_step=s.at_step, shape=shape, operator=pick("operator"),
                                  init=pick("init"), init_std=pick("init_std"), phi=pick("phi"),
                                  depth_placement=pick("depth_placement"), depth_init=pick("depth_init"),
-                                 rewind_lr=pick("rewind_lr"), layout=layout))
+                                 rewind_lr=bool(pick("rewind_lr")) or new_segment, layout=layout,
+                                 warmup_steps=warmup, **settings))
         prev = shape
     return out
 
 
-def validate(cfg: RunConfig) -> None:
+# Stage fields that start a new LR segment (growth.stages[i].lr ...).
+LR_STAGE_FIELDS = ("lr", "min_lr", "warmup_steps")
+
+
+def validate(cfg: RunConfig, check_files: bool = True) -> None:
+    """Raise ConfigError naming the first bad field.  ``check_files=False`` skips what needs the
+    data and tokenizer files (msg-plan, and bundled recipes whose data a user has yet to make)."""
     m = cfg.model
     _choice(m.arch, ARCHS, "model.arch")
     _choice(m.activation, ACTIVATIONS, "model.activation")
@@ -506,8 +627,12 @@ def validate(cfg: RunConfig) -> None:
     if lr.decay_steps is not None:
         _check(lr.decay_steps > lr.warmup_steps, "lr.decay_steps", "must exceed lr.warmup_steps")
     _check(lr.rewind_warmup_steps >= 0, "lr.rewind_warmup_steps", "must be >= 0")
+    first_rewind = next((s.at_step for s in resolve_stages(cfg) if s.rewind_lr), None)
+    if first_rewind is not None:
+        _check(lr.warmup_steps < first_rewind, "lr.warmup_steps",
+               f"{lr.warmup_steps} does not end before the first LR rewind at step {first_rewind}")
 
-    _validate_data(cfg)
+    _validate_data(cfg, check_files)
 
     d = cfg.growth.defaults
     _validate_options(d.operator, d.init, d.init_std, d.phi, d.depth_placement, d.depth_init,
@@ -533,6 +658,7 @@ def validate(cfg: RunConfig) -> None:
             _check(new >= old, f"{path}.{dim}", f"{new} shrinks the previous {dim}={old} (growth only grows)")
         grown = st.shape.grows_from(prev_shape)
         _check(bool(grown), path, f"shape {st.shape} does not grow any dimension of {prev_shape}")
+        _validate_stage_settings(cfg, st, prev)
         if st.operator == "stack":
             _check(grown == ["layers"], f"{path}.operator",
                    f"'stack' (G_stack) grows depth only, but this stage grows {', '.join(grown)}")
@@ -542,12 +668,16 @@ def validate(cfg: RunConfig) -> None:
     _validate_parallel(cfg)
 
 
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "huggingface", "gpt2")
+# What data.tokenizer_model is for each tokenizer that takes one (byte takes none).
+TOKENIZER_FILES = {"sentencepiece": "its .model file (msg-tokenizer train writes one)",
+                   "huggingface": "a tokenizers tokenizer.json (msg-tokenizer train --library hf writes one)",
+                   "gpt2": "GPT-2's vocab.json (with data.merges_file: merges.txt)"}
 BERT_SPECIAL_TOKENS = ("cls", "sep", "mask", "pad")
 
 
-def _validate_data(cfg: RunConfig) -> None:
-    """Data source and tokenizer; opens the tokenizer (cheap) and stats the data files."""
+def _validate_data(cfg: RunConfig, check_files: bool = True) -> None:
+    """Data source and tokenizer; with ``check_files`` opens the tokenizer (cheap) and stats the data files."""
     dc, m = cfg.data, cfg.model
     _check(0.0 < dc.valid_fraction < 1.0, "data.valid_fraction", "must be in (0, 1)")
     _choice(dc.format, ("jsonl", "indexed"), "data.format")
@@ -556,30 +686,57 @@ def _validate_data(cfg: RunConfig) -> None:
         _check(dc.tokenizer == "byte", "data.tokenizer",
                f"{dc.tokenizer!r} needs data.format: indexed (jsonl is tokenized on the fly with the byte "
                "tokenizer; run msg-preprocess with this tokenizer first)")
+        _check(dc.paths is None, "data.paths", "blends indexed datasets: needs data.format: indexed")
     if dc.tokenizer == "byte":
         _check(dc.tokenizer_model is None, "data.tokenizer_model",
-               "only used with data.tokenizer: sentencepiece (the byte tokenizer has no model file)")
+               "not used by data.tokenizer: byte (the byte tokenizer has no file)")
     else:
         _check(bool(dc.tokenizer_model), "data.tokenizer_model",
-               f"data.tokenizer: {dc.tokenizer} needs the path of its .model file (msg-tokenizer train writes one)")
-        _check(Path(dc.tokenizer_model).is_file(), "data.tokenizer_model",
-               f"no such file {dc.tokenizer_model!r}")
+               f"data.tokenizer: {dc.tokenizer} needs {TOKENIZER_FILES[dc.tokenizer]}")
+    if dc.tokenizer == "gpt2":
+        _check(bool(dc.merges_file), "data.merges_file", "data.tokenizer: gpt2 needs GPT-2's merges.txt")
+    else:
+        _check(dc.merges_file is None, "data.merges_file", f"only used with data.tokenizer: gpt2, not {dc.tokenizer}")
+    if dc.paths is not None:
+        _check(dc.path == "bundled", "data.paths", f"give data.path or data.paths, not both (data.path={dc.path!r})")
+        try:
+            prefixes = data_prefixes(dc)
+        except ValueError as exc:
+            raise ConfigError(f"data.paths: {exc}") from None
+        for prefix, weight in prefixes:
+            _check(weight > 0, "data.paths", f"weight {weight} of {prefix!r} must be > 0")
+    if dc.format == "indexed" and m.arch == "bert":
+        _check(m.seq_len >= 5, "model.seq_len", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_len}")
+    if not check_files:
+        return
+    for name in ("tokenizer_model", "merges_file"):
+        value = getattr(dc, name)
+        _check(value is None or Path(value).is_file(), f"data.{name}", f"no such file {value!r}")
     if dc.format == "indexed":
-        for suffix in (".bin", ".idx"):
-            f = _strip_data_suffix(dc.path) + suffix
-            _check(Path(f).is_file(), "data.path",
-                   f"no indexed dataset at {dc.path!r} ({f} does not exist; msg-preprocess writes "
-                   "<output-prefix>_text_document.bin/.idx)")
-        if m.arch == "bert":
-            _check(m.seq_len >= 5, "model.seq_len", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_len}")
+        field_name = "data.paths" if dc.paths is not None else "data.path"
+        for prefix, _ in data_prefixes(dc):
+            for suffix in (".bin", ".idx"):
+                f = prefix + suffix
+                _check(Path(f).is_file(), field_name,
+                       f"no indexed dataset at {prefix!r} ({f} does not exist; msg-preprocess writes "
+                       "<output-prefix>_text_document.bin/.idx)")
     tok = build_run_tokenizer(dc)
     _check(m.vocab_size >= tok.vocab_size, "model.vocab_size",
            f"{m.vocab_size} is smaller than the {dc.tokenizer} tokenizer's {tok.vocab_size} tokens")
-    if m.arch == "bert":
-        missing = [n.upper() for n in BERT_SPECIAL_TOKENS if getattr(tok.special_tokens, n) is None]
-        _check(not missing, "data.tokenizer_model" if dc.tokenizer_model else "data.tokenizer",
-               f"{tok.describe()} has no {', '.join(missing)} token(s), which BERT needs "
-               "(msg-tokenizer train reserves [CLS], [SEP], [MASK], [PAD])")
+    needed = BERT_SPECIAL_TOKENS if m.arch == "bert" else ("eod",)
+    missing = [n.upper() for n in needed if getattr(tok.special_tokens, n) is None]
+    _check(not missing, "data.tokenizer_model" if dc.tokenizer_model else "data.tokenizer",
+           f"{tok.describe()} has no {', '.join(missing)} token(s), which {m.arch.upper()} needs "
+           + ("(msg-tokenizer train reserves [CLS], [SEP], [MASK], [PAD])" if m.arch == "bert" else
+              "(the end-of-document token between documents; msg-tokenizer train reserves <eod>)"))
+
+
+def data_prefixes(dc: DataConfig) -> list[tuple[str, float]]:
+    """The indexed corpora (prefix without .bin/.idx, weight) ``data.path`` / ``data.paths`` name."""
+    if dc.paths is None:
+        return [(_strip_data_suffix(dc.path), 1.0)]
+    from megatron_msg.data.builders import parse_prefixes_and_weights
+    return parse_prefixes_and_weights(dc.paths)
 
 
 def _strip_data_suffix(prefix: str) -> str:
@@ -593,11 +750,17 @@ def build_run_tokenizer(dc: DataConfig):
     """The tokenizer ``data.tokenizer`` / ``data.tokenizer_model`` name (a ``megatron_msg.data`` Tokenizer)."""
     from megatron_msg.data.tokenizer import build_tokenizer
     try:
-        return build_tokenizer(dc.tokenizer, dc.tokenizer_model)
+        return build_tokenizer(dc.tokenizer, dc.tokenizer_model, merges_file=dc.merges_file)
     except ImportError as exc:
         raise ConfigError(f"data.tokenizer: {exc}") from None
-    except (OSError, RuntimeError, ValueError) as exc:  # e.g. a file that is not a sentencepiece model
-        raise ConfigError(f"data.tokenizer_model: cannot load {dc.tokenizer_model!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read a user's file is that file's fault: name it
+        raise ConfigError(f"data.tokenizer_model: cannot load {dc.tokenizer_model!r} as a {dc.tokenizer} "
+                          f"tokenizer: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _validate_parallel(cfg: RunConfig) -> None:
@@ -613,12 +776,15 @@ def _validate_parallel(cfg: RunConfig) -> None:
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",
                f"model.seq_len={cfg.model.seq_len} is not divisible by parallel.tp={p.tp}")
     world = p.tp * p.pp * p.dp
-    entries = [("model", cfg.model.shape, p.layout, None)]
+    # (where, shape, layout, previous shape, micro-batches per step, the field to blame for them)
+    entries = [("model", cfg.model.shape, p.layout, None, t.grad_accum, "train.grad_accum")]
     prev_shape = cfg.model.shape
-    for s in resolve_stages(cfg):
-        entries.append((f"growth.stages[{s.index}]", s.shape, s.layout, prev_shape))
+    for s, raw in zip(resolve_stages(cfg), cfg.growth.stages):
+        where = f"growth.stages[{s.index}]"
+        entries.append((where, s.shape, s.layout, prev_shape, s.grad_accum,
+                        f"{where}.grad_accum" if raw.grad_accum is not None else f"{where}.dp"))
         prev_shape = s.shape
-    for where, shape, (tp, pp, dp), old_shape in entries:
+    for where, shape, (tp, pp, dp), old_shape, accum, accum_field in entries:
         desc = f"tp{tp} x pp{pp} x dp{dp}"
         if (tp, pp, dp) == p.layout:
             tp_txt, pp_txt, dp_txt = f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"
@@ -628,9 +794,9 @@ def _validate_parallel(cfg: RunConfig) -> None:
             _check(tp * pp * dp == world, where,
                    f"layout {desc} needs {tp * pp * dp} processes, the run has {world} (parallel.tp * pp * dp)")
             tp_txt, pp_txt, dp_txt = f"tp={tp} (layout {desc})", f"pp={pp} (layout {desc})", f"dp={dp} (layout {desc})"
-        _check(t.grad_accum % dp == 0, "train.grad_accum" if where == "model" else f"{where}.dp",
-               f"{t.grad_accum} is not divisible by {dp_txt} (replicas take equal shares of the micro-batches)"
-               if where == "model" else f"train.grad_accum={t.grad_accum} is not divisible by {dp_txt}")
+        _check(accum % dp == 0, accum_field,
+               f"{accum} is not divisible by {dp_txt} (replicas take equal shares of the micro-batches)"
+               if where == "model" else f"grad_accum={accum} (this stage's micro-batches) is not divisible by {dp_txt}")
         if p.sequence_parallel:
             _check(cfg.model.seq_len % tp == 0, "parallel.sequence_parallel",
                    f"model.seq_len={cfg.model.seq_len} is not divisible by {tp_txt}")
@@ -648,6 +814,32 @@ def _validate_parallel(cfg: RunConfig) -> None:
                 _check(getattr(sh, dim) % parts == 0, f"{where}.{dim}",
                        f"{label}{dim}={getattr(sh, dim)} is not divisible by the growth layout's {parts} blocks "
                        "(parallel.growth_layout_parts, default: the TP size)")
+
+
+def _validate_stage_settings(cfg: RunConfig, st: ResolvedStage, prev: ResolvedStage | None) -> None:
+    """A stage's own training settings (resolved, so inherited values are checked in context)."""
+    raw, path = cfg.growth.stages[st.index], f"growth.stages[{st.index}]"
+    given = {n for n in ("lr", "min_lr", "warmup_steps", "batch_size", "grad_accum") if getattr(raw, n) is not None}
+    if given & set(LR_STAGE_FIELDS):
+        _check(raw.rewind_lr is not False, f"{path}.rewind_lr",
+               f"false contradicts {path}.{sorted(given & set(LR_STAGE_FIELDS))[0]}: a stage that sets its "
+               "own LR starts a new LR segment (a rewind) there")
+    _check(st.lr > 0, f"{path}.lr", f"must be > 0, got {st.lr}")
+    where = f"{path}.min_lr" if "min_lr" in given else f"{path}.lr"
+    _check(0 <= st.min_lr <= st.lr, where,
+           f"min_lr={st.min_lr} is not in [0, lr={st.lr}] at this stage"
+           + ("" if {"lr", "min_lr"} <= given else " (set both growth.stages[i].lr and min_lr)"))
+    _check(st.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {st.warmup_steps}")
+    for name in ("batch_size", "grad_accum"):
+        _check(getattr(st, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(st, name)}")
+    if st.rewind_lr:
+        # The segment's warm-up must end before the next segment starts (or the run ends).
+        later = [s.at_step for s in resolve_stages(cfg)[st.index + 1:] if s.rewind_lr]
+        end = later[0] if later else cfg.train.steps
+        _check(st.at_step + st.warmup_steps < end,
+               f"{path}.warmup_steps" if "warmup_steps" in given else "lr.rewind_warmup_steps",
+               f"a warm-up of {st.warmup_steps} steps from step {st.at_step} does not end before "
+               f"{'the next LR segment at step ' + str(end) if later else 'train.steps=' + str(end)}")
 
 
 def _validate_options(operator, init, init_std, phi, placement, depth_init, path):

@@ -5,21 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_msg.config import ConfigError, RunConfig, load_config
+from megatron_msg.config import BUNDLED_CONFIGS, ConfigError, RunConfig, load_config
+from megatron_msg.config import resolve_config_path as _resolve
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = BUNDLED_CONFIGS
 DEFAULT_CONFIG = CONFIG_DIR / "demo_tiny_gpt.yaml"
 
 
 def resolve_config_path(name: str | None) -> Path:
     """A path, or the name of a bundled config (``demo_tiny_gpt``, ``paper/sch1_b``...)."""
-    if name is None:
-        return DEFAULT_CONFIG
-    p = Path(name)
-    if p.exists():
-        return p
-    bundled = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    return bundled if bundled.exists() else p
+    return DEFAULT_CONFIG if name is None else _resolve(name)
 
 
 def add_config_arguments(ap: argparse.ArgumentParser, optional: bool = True) -> None:
@@ -32,10 +27,12 @@ def add_config_arguments(ap: argparse.ArgumentParser, optional: bool = True) -> 
                     help="override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
 
 
-def load_cli_config(prog: str, args: argparse.Namespace) -> RunConfig | None:
-    """The validated config, or None after printing ``prog: config error: ...`` (exit code 2)."""
+def load_cli_config(prog: str, args: argparse.Namespace, check_files: bool = True) -> RunConfig | None:
+    """The validated config, or None after printing ``prog: config error: ...`` (exit code 2).
+
+    ``check_files=False``: the data and tokenizer files need not exist yet (msg-plan)."""
     try:
-        return load_config(resolve_config_path(args.config), args.overrides)
+        return load_config(resolve_config_path(args.config), args.overrides, check_files=check_files)
     except ConfigError as exc:
         print(f"{prog}: config error: {exc}", file=sys.stderr)
         return None

@@ -16,12 +16,41 @@ import sys
 from megatron_msg.cli.config_args import add_config_arguments, load_cli_config
 from megatron_msg.config import ConfigError
 
+def _batch(micro: int, accum: int, seq_len: int) -> str:
+    tokens = micro * accum * seq_len
+    size = f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens:,}"
+    return f"batch {micro}x{accum}={micro * accum} ({size} tokens)"
+
+
+def _lr(peak: float, floor: float, warmup: int) -> str:
+    return f"lr {peak:g}->{floor:g} warmup {warmup}"
+
+
 def describe_schedule(cfg) -> str:
-    lines = [f"{cfg.model.arch} start {cfg.model.shape}, head_dim {cfg.model.head_dim}, {cfg.train.steps} steps"]
+    """The schedule as --validate prints it: every stage's shape, operator and training settings."""
+    from megatron_msg.growth.operators import GrowthSpec
+    t, seq = cfg.train, cfg.model.seq_len
+    lines = [f"{cfg.model.arch} start {cfg.model.shape}, head_dim {cfg.model.head_dim}, {t.steps} steps; "
+             f"tp{cfg.parallel.tp} x pp{cfg.parallel.pp} x dp{cfg.parallel.dp}; "
+             f"{_batch(t.batch_size, t.grad_accum, seq)}; "
+             f"{_lr(cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)} ({cfg.lr.decay})"]
+    prev_layout, prev_batch = cfg.parallel.layout, (t.batch_size, t.grad_accum)
     for st in cfg.resolved_stages():
+        extra = []
+        if st.layout != prev_layout:
+            extra.append("layout tp{} x pp{} x dp{}".format(*st.layout))
+        if (st.batch_size, st.grad_accum) != prev_batch:
+            extra.append(_batch(st.batch_size, st.grad_accum, seq))
+        if st.rewind_lr:
+            extra.append("rewind " + _lr(st.lr, st.min_lr, st.warmup_steps))
+        prev_layout, prev_batch = st.layout, (st.batch_size, st.grad_accum)
+        # The depth rule the operator really uses (net2net and stack have their own).
+        placement, depth_init = GrowthSpec(st.shape, st.shape, cfg.model.head_dim, operator=st.operator,
+                                           depth_placement=st.depth_placement,
+                                           depth_init=st.depth_init).effective_depth
         lines.append(f"  stage {st.index}: step {st.at_step:>7} -> {st.shape} operator={st.operator} "
-                     f"init={st.init} phi={st.phi} depth={st.depth_placement}/{st.depth_init}"
-                     f"{' rewind-lr' if st.rewind_lr else ''}")
+                     f"init={st.init} phi={st.phi} depth={placement}/{depth_init}"
+                     + "".join(f"; {e}" for e in extra))
     return "\n".join(lines)
 
 

@@ -59,13 +59,66 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
+@dataclass(frozen=True)
+class BatchSegment:
+    """Steps from ``start`` on train with ``grad_accum`` micro-batches of ``batch_size`` samples."""
+
+    start: int
+    batch_size: int
+    grad_accum: int
+    first_sample: int  # samples the steps before ``start`` consumed
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """Micro-batch size and count per step, and where each step's samples start.
+
+    The global batch may change at growth stages (``growth.stages[i].batch_size`` /
+    ``grad_accum``, FLM-101B: 4.72M then 4.31M tokens), so sample numbering is cumulative
+    (Megatron's consumed samples): the samples of a step follow the previous step's, and the
+    batch of ``(step, micro)`` is still a pure function of the config.
+    """
+
+    segments: tuple[BatchSegment, ...]
+
+    @classmethod
+    def constant(cls, batch_size: int, grad_accum: int = 1) -> "BatchSchedule":
+        return cls((BatchSegment(0, batch_size, grad_accum, 0),))
+
+    @classmethod
+    def from_config(cls, cfg) -> "BatchSchedule":
+        t = cfg.train
+        segments = [BatchSegment(0, t.batch_size, t.grad_accum, 0)]
+        for st in cfg.resolved_stages():
+            last = segments[-1]
+            if (st.batch_size, st.grad_accum) != (last.batch_size, last.grad_accum):
+                consumed = last.first_sample + (st.at_step - last.start) * last.global_batch
+                segments.append(BatchSegment(st.at_step, st.batch_size, st.grad_accum, consumed))
+        return cls(tuple(segments))
+
+    def at(self, step: int) -> BatchSegment:
+        return next(s for s in reversed(self.segments) if s.start <= step)
+
+    def samples_before(self, step: int) -> int:
+        """Samples consumed by steps ``0 .. step-1``."""
+        seg = self.at(step)
+        return seg.first_sample + (step - seg.start) * seg.global_batch
+
+    def first_sample(self, step: int, micro: int) -> int:
+        return self.samples_before(step) + micro * self.at(step).batch_size
+
+
 @dataclass
 class GPTBatches:
     """Random windows of ``seq_len + 1`` tokens; inputs are the first seq_len, targets shifted by one."""
 
     stream: np.ndarray
     seq_len: int
-    batch_size: int
+    sizes: BatchSchedule
     seed: int
 
     def __post_init__(self):
@@ -74,7 +127,7 @@ class GPTBatches:
 
     def get(self, step: int, micro: int = 0) -> dict:
         starts = _rng(self.seed, step, micro).integers(0, len(self.stream) - self.seq_len - 1,
-                                                       self.batch_size)
+                                                       self.sizes.at(step).batch_size)
         win = np.stack([self.stream[s:s + self.seq_len + 1] for s in starts])
         t = torch.from_numpy(win.astype(np.int64))
         return {"tokens": t[:, :-1], "targets": t[:, 1:]}
@@ -92,7 +145,7 @@ class BertBatches:
 
     stream: np.ndarray
     seq_len: int
-    batch_size: int
+    sizes: BatchSchedule
     seed: int
     mask_prob: float = 0.15
 
@@ -107,10 +160,11 @@ class BertBatches:
         t, n = self.seq_len, len(self.stream)
         la = (t - 3) // 2
         lb = t - 3 - la
-        tokens = np.full((self.batch_size, t), PAD, dtype=np.int64)
-        types = np.zeros((self.batch_size, t), dtype=np.int64)
-        nsp = rng.integers(0, 2, self.batch_size)
-        for b in range(self.batch_size):
+        batch_size = self.sizes.at(step).batch_size
+        tokens = np.full((batch_size, t), PAD, dtype=np.int64)
+        types = np.zeros((batch_size, t), dtype=np.int64)
+        nsp = rng.integers(0, 2, batch_size)
+        for b in range(batch_size):
             a0 = int(rng.integers(0, n - la - lb))
             b0 = a0 + la if nsp[b] == 0 else int(rng.integers(0, n - lb))
             seq = [CLS, *self.stream[a0:a0 + la], SEP, *self.stream[b0:b0 + lb], SEP]
@@ -133,17 +187,17 @@ class BertBatches:
 class IndexedGPTBatches:
     """Batches from a ``megatron_msg.data`` GPT dataset (items of ``seq_len + 1`` tokens).
 
-    Sample ``(step * micro_batches + micro) * batch_size + b`` of the dataset: the dataset's
-    own shuffle makes that random, and the data position is still the step.
+    Sample ``sizes.first_sample(step, micro) + b`` of the dataset (with one batch size:
+    ``(step * grad_accum + micro) * batch_size + b``): the dataset's own shuffle makes that
+    random, and the data position is still the step.
     """
 
     dataset: object
-    batch_size: int
-    micro_batches: int = 1
+    sizes: BatchSchedule
 
     def get(self, step: int, micro: int = 0) -> dict:
-        first = (step * self.micro_batches + micro) * self.batch_size
-        win = np.stack([self.dataset[(first + b) % len(self.dataset)]["tokens"] for b in range(self.batch_size)])
+        first, batch_size = self.sizes.first_sample(step, micro), self.sizes.at(step).batch_size
+        win = np.stack([self.dataset[(first + b) % len(self.dataset)]["tokens"] for b in range(batch_size)])
         t = torch.from_numpy(win.astype(np.int64))
         return {"tokens": t[:, :-1], "targets": t[:, 1:]}
 
@@ -160,12 +214,11 @@ class IndexedBertBatches:
     """
 
     dataset: object
-    batch_size: int
-    micro_batches: int = 1
+    sizes: BatchSchedule
 
     def get(self, step: int, micro: int = 0) -> dict:
-        first = (step * self.micro_batches + micro) * self.batch_size
-        items = [self.dataset[(first + b) % len(self.dataset)] for b in range(self.batch_size)]
+        first, batch_size = self.sizes.first_sample(step, micro), self.sizes.at(step).batch_size
+        items = [self.dataset[(first + b) % len(self.dataset)] for b in range(batch_size)]
 
         def stack(key: str) -> torch.Tensor:
             return torch.from_numpy(np.stack([it[key] for it in items]).astype(np.int64))

@@ -1,38 +1,57 @@
 """Learning-rate schedule: linear warm-up, then cosine/linear/constant decay to ``min_lr``,
-with optional rewinds to the peak at growth events (the MSG paper rewinds at the
-1st and 2nd growth).
+in segments that restart at growth events.
 
-After a rewind at step ``r`` the schedule behaves as if training restarted at
-``r``: an optional short warm-up (``lr.rewind_warmup_steps``), then decay from
-the peak to ``min_lr`` at the same end step as the original schedule.  The LR is
-a pure function of the step and the (config-given) rewind steps, so resuming
-needs no scheduler state.
+The run starts a segment at step 0 (``optimizer.lr``, ``optimizer.min_lr``,
+``lr.warmup_steps``).  A growth stage starts a new one at its step when it rewinds
+the LR (``rewind_lr``, as the MSG paper does at the 1st and 2nd growth) or sets its own
+``lr`` / ``min_lr`` / ``warmup_steps`` (as FLM-101B does at every growth: 4e-4, 3.4e-4,
+2e-4).  Within the segment that began at step ``r`` the schedule behaves as if training
+restarted at ``r``: a warm-up from 0 to the segment's peak over its warm-up steps
+(inherited: ``lr.rewind_warmup_steps``; 0 jumps to the peak), then decay from the peak to
+the segment's floor, ending at the same step as the original schedule
+(``lr.decay_steps``, or the run's last step).  The LR is a pure function of the step and
+the config, so resuming needs no scheduler state.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from megatron_msg.config import LRConfig, OptimizerConfig
+from megatron_msg.config import LRConfig, RunConfig
 
 
-def lr_at(step: int, opt: OptimizerConfig, sched: LRConfig, total_steps: int,
-          rewind_steps: list[int] = ()) -> float:
-    peak, floor = opt.lr, opt.min_lr
-    anchors = [r for r in rewind_steps if r <= step]
-    if anchors:
-        anchor, warmup = max(anchors), sched.rewind_warmup_steps
-    else:
-        anchor, warmup = 0, sched.warmup_steps
-    k = step - anchor
-    if k < warmup:
-        return peak * (k + 1) / warmup
+@dataclass(frozen=True)
+class LRSegment:
+    start: int    # first step of the segment
+    peak: float   # LR after the warm-up
+    floor: float  # LR the decay ends at
+    warmup: int   # warm-up steps from the segment's start
+
+
+def lr_segments(cfg: RunConfig) -> list[LRSegment]:
+    """The run's LR segments in step order: step 0's, then one per stage that starts one."""
+    segments = [LRSegment(0, cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)]
+    segments += [LRSegment(st.at_step, st.lr, st.min_lr, st.warmup_steps)
+                 for st in cfg.resolved_stages() if st.rewind_lr]
+    return segments
+
+
+def segment_at(step: int, segments: list[LRSegment]) -> LRSegment:
+    return max((s for s in segments if s.start <= step), key=lambda s: s.start)
+
+
+def lr_at(step: int, segments: list[LRSegment], sched: LRConfig, total_steps: int) -> float:
+    seg = segment_at(step, segments)
+    k = step - seg.start
+    if k < seg.warmup:
+        return seg.peak * (k + 1) / seg.warmup
     if sched.decay == "constant":
-        return peak
-    start = anchor + warmup
+        return seg.peak
+    start = seg.start + seg.warmup
     end = sched.decay_steps if sched.decay_steps is not None else total_steps
     if end <= start:
-        return floor
+        return seg.floor
     progress = min(1.0, (step - start) / (end - start))
     if sched.decay == "linear":
-        return peak + (floor - peak) * progress
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return seg.peak + (seg.floor - seg.peak) * progress
+    return seg.floor + (seg.peak - seg.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, latest_checkpoint,
                                         open_checkpoint, save_checkpoint)
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
-from megatron_msg.config import ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer
+from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
+                                 data_prefixes)
 from megatron_msg.growth.apply import build_optimizer, grow_model, spec_for_stage
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
@@ -44,9 +45,9 @@ from megatron_msg.parallel.random import RNGTracker
 from megatron_msg.parallel.recompute import RecomputePolicy
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
 from megatron_msg.parallel.topology import ParallelState, Topology
-from megatron_msg.training.batches import (BertBatches, GPTBatches, IndexedBertBatches, IndexedGPTBatches,
-                                          byte_token_streams)
-from megatron_msg.training.lr import lr_at
+from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatches, IndexedBertBatches,
+                                          IndexedGPTBatches, byte_token_streams)
+from megatron_msg.training.lr import lr_at, lr_segments, segment_at
 from megatron_msg.training.loss_scale import DynamicLossScaler
 from megatron_msg.training.metrics import MetricsLog
 from megatron_msg.training.plot import plot_loss_curve
@@ -67,18 +68,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_batches(cfg: RunConfig):
-    """(train, valid) batch sources whose ``get(step, micro)`` is a pure function of the step."""
+    """(train, valid) batch sources whose ``get(step, micro)`` is a pure function of the step.
+
+    Training batches follow the schedule's batch sizes (they may change at growth stages);
+    evaluation always uses ``train.batch_size``, so validation losses compare across stages.
+    """
     t, d = cfg.train, cfg.data
+    train_sizes, valid_sizes = BatchSchedule.from_config(cfg), BatchSchedule.constant(t.batch_size)
     if d.format == "indexed":
-        n_train = t.steps * t.grad_accum * t.batch_size
+        n_train = train_sizes.samples_before(t.steps)
         n_valid = t.eval_iters * t.batch_size
         train, valid = _indexed_datasets(cfg, (n_train, n_valid, None))
         make = IndexedGPTBatches if cfg.model.arch == "gpt" else IndexedBertBatches
-        return make(train, t.batch_size, t.grad_accum), make(valid, t.batch_size)
+        return make(train, train_sizes), make(valid, valid_sizes)
     train_stream, valid_stream = byte_token_streams(d.path, d.text_key, d.valid_fraction, d.seed)
     make = GPTBatches if cfg.model.arch == "gpt" else BertBatches
-    return (make(train_stream, cfg.model.seq_len, t.batch_size, t.seed),
-            make(valid_stream, cfg.model.seq_len, t.batch_size, t.seed + 1))
+    return (make(train_stream, cfg.model.seq_len, train_sizes, t.seed),
+            make(valid_stream, cfg.model.seq_len, valid_sizes, t.seed + 1))
 
 
 def _indexed_datasets(cfg: RunConfig, num_samples: tuple):
@@ -87,12 +93,13 @@ def _indexed_datasets(cfg: RunConfig, num_samples: tuple):
     from megatron_msg.data.errors import TokenizerMismatchError
     d, seq_len = cfg.data, cfg.model.seq_len
     tok = build_run_tokenizer(d)
+    corpora = data_prefixes(d)  # one, or several blended by weight (data.paths)
     try:
         if cfg.model.arch == "gpt":
-            train, valid, _ = build_gpt_datasets(d.path, seq_len, seed=d.seed, splits=d.splits,
+            train, valid, _ = build_gpt_datasets(corpora, seq_len, seed=d.seed, splits=d.splits,
                                                  num_samples=num_samples, tokenizer=tok)
         else:
-            train, valid, _ = build_bert_datasets(d.path, tok, max_seq_len=seq_len, seed=d.seed, splits=d.splits,
+            train, valid, _ = build_bert_datasets(corpora, tok, max_seq_len=seq_len, seed=d.seed, splits=d.splits,
                                                   num_samples=num_samples)
     except TokenizerMismatchError as exc:
         raise ConfigError(f"data.tokenizer: {exc}") from None
@@ -132,7 +139,8 @@ class Trainer:
         self.device = self.ps.device
         self.is_main = self.ps.rank == 0  # logs, writes checkpoints and plots
         self.stages: list[ResolvedStage] = cfg.resolved_stages()
-        self.rewinds = [s.at_step for s in self.stages if s.rewind_lr]
+        self.lr_segments = lr_segments(cfg)
+        self.batch_schedule = BatchSchedule.from_config(cfg)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.autocast_dtype = DTYPES[cfg.train.dtype]
         t = cfg.train
@@ -209,8 +217,30 @@ class Trainer:
             "written_by": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
             "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
             "nonfinite_skipped": self.nonfinite_skipped,
+            # What the schedule says for the next step: a resumed run must agree (_check_settings).
+            "train_settings": self.train_settings(self.step),
             "config": self.cfg.to_dict(),
         }
+
+    def train_settings(self, step: int) -> dict:
+        """The per-stage training settings in force at ``step`` and the data position before it."""
+        seg, lr = self.batch_schedule.at(step), segment_at(step, self.lr_segments)
+        return {"consumed_samples": self.batch_schedule.samples_before(step), "batch_size": seg.batch_size,
+                "grad_accum": seg.grad_accum, "lr_segment": dataclasses.asdict(lr)}
+
+    def _check_settings(self, ckpt: Checkpoint) -> None:
+        """Refuse a config whose schedule disagrees with what the checkpoint trained with so far."""
+        saved = ckpt.state.get("train_settings")
+        if saved is None:  # written before per-stage settings existed: one batch size, nothing to check
+            return
+        mine = self.train_settings(ckpt.state["step"])
+        diff = [k for k in saved if saved[k] != mine.get(k)]
+        if diff:
+            detail = "; ".join(f"{k}: checkpoint {saved[k]}, config {mine.get(k)}" for k in diff)
+            raise CheckpointError(
+                f"{ckpt.path}: the config's training settings at step {ckpt.state['step']} differ from the "
+                f"run's ({detail}); the batch and LR schedule of steps already trained (train.*, optimizer.*, "
+                f"lr.*, growth.stages[i].lr/min_lr/warmup_steps/batch_size/grad_accum) must stay as they were")
 
     def logical_tensors(self) -> Iterator[LogicalTensor]:
         """The logical parameters, masks and AdamW state, one tensor at a time.
@@ -233,6 +263,7 @@ class Trainer:
         if mcfg.shape != want:
             raise CheckpointError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
                                   f"stage(s) does not match the config's schedule, which gives {want}")
+        self._check_settings(ckpt)
         self.model = build_model(mcfg, self.placement, initialize=False, device=self.device,
                                  params_dtype=self.params_dtype)
         self.model.set_masked(state["masked"])
@@ -284,13 +315,14 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _run_micro_batches(self, get_batch, micro_ids, scale: float, forward_only: bool, step: int) -> torch.Tensor:
+    def _run_micro_batches(self, get_batch, micro_ids, scale: float, forward_only: bool, step: int,
+                           batch_size: int) -> torch.Tensor:
         """Sum over ``micro_ids`` of ``scale * loss``, summed over data-parallel replicas."""
         ps = self.ps
         seed = self.cfg.train.seed
         total = forward_backward(
             self.stage_forward, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
-            self.model.activation_shape(self.cfg.train.batch_size, self.cfg.model.seq_len),
+            self.model.activation_shape(batch_size, self.cfg.model.seq_len),
             forward_only=forward_only, autocast=self._autocast, act_dtype=self.params_dtype,
             before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
         if ps.dp_size > 1:
@@ -302,10 +334,12 @@ class Trainer:
         gradients overflowed is skipped (norm inf/nan) and lowers the loss scale."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
-        accum = cfg.train.grad_accum
+        sizes = self.batch_schedule.at(step)
+        accum = sizes.grad_accum
         loss_scale = self.scaler.scale if self.scaler else 1.0
         total = self._run_micro_batches(lambda m: self.train_batches.get(step, m),
-                                        my_micro_batches(accum, self.ps), loss_scale / accum, False, step)
+                                        my_micro_batches(accum, self.ps), loss_scale / accum, False, step,
+                                        sizes.batch_size)
         partitioned = self.zero_stage == 2  # gradients reduce-scattered over DP, not all-reduced
         sync_gradients(self.model, self.ps, data_parallel=not partitioned)
         if partitioned:
@@ -364,7 +398,8 @@ class Trainer:
     def _eval_loss(self, n: int) -> float:
         self.model.eval()
         ids, sharing = self._eval_ids(n)
-        total = self._run_micro_batches(self.valid_batches.get, ids, 1.0 / n, True, self.step)
+        total = self._run_micro_batches(self.valid_batches.get, ids, 1.0 / n, True, self.step,
+                                        self.cfg.train.batch_size)
         self.model.train()
         if sharing == 1 and self.ps.dp_size > 1:
             total = total / self.ps.dp_size
@@ -427,12 +462,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         total = t.steps
         result = TrainResult(self.out_dir, 0, self.step, self.model.cfg.shape)
-        tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
         old_handler = signal.signal(signal.SIGTERM, self._request_stop) if _main_thread() else None
         if self.progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
-        last_time, last_step = time.perf_counter(), self.step
+        last_time, last_samples = time.perf_counter(), self.batch_schedule.samples_before(self.step)
         try:
             while self.step < total and (max_steps is None or result.steps_run < max_steps):
                 if self._stop_agreed():
@@ -442,7 +476,7 @@ class Trainer:
                     self.grow(self.stages[self.stage_index])
                     self.stage_index += 1
                 self.ramp = apply_ramp(self.model, self.ramp, self.step)
-                lr = lr_at(self.step, cfg.optimizer, cfg.lr, total, self.rewinds)
+                lr = lr_at(self.step, self.lr_segments, cfg.lr, total)
                 self.optimizer.set_lr(lr)
                 loss, norm = self.train_step(self.step)
                 step_run = self.step
@@ -451,12 +485,13 @@ class Trainer:
                 if self._bar is not None:
                     self._bar.update(1)
                 if self.step % t.log_interval == 0 or self.step == total:
-                    now = time.perf_counter()
+                    now, samples = time.perf_counter(), self.batch_schedule.samples_before(self.step)
                     rec = {"kind": "train", "step": step_run, "loss": loss.item(), "lr": lr,
                            "grad_norm": norm.item(), "stage": self.stage_index, "shape": str(self.model.cfg.shape),
                            "mask": None if self.ramp is None else self.ramp.value(step_run),
-                           "tokens_per_s": tokens_per_step * (self.step - last_step) / max(now - last_time, 1e-9)}
-                    last_time, last_step = now, self.step
+                           "global_batch": self.batch_schedule.at(step_run).global_batch,
+                           "tokens_per_s": (samples - last_samples) * cfg.model.seq_len / max(now - last_time, 1e-9)}
+                    last_time, last_samples = now, samples
                     if self.scaler is not None:
                         rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped_steps)
                     elif self.nonfinite_skipped:
