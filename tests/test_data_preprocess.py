@@ -221,7 +221,7 @@ def test_cli(corpus, tmp_path, capsys):
     assert "MB/s" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n{"txt": "y"}\n')
-    assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "b"), "--no-progress"]) == 1
+    assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "b"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: missing key 'text'" in err and "nothing was written" in err
     assert main(["--input", str(bad), "--output-prefix", str(tmp_path / "b"), "--no-progress",

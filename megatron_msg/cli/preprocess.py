@@ -20,9 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="jsonl file(s), one document per line")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--json-key", default="text", help="field holding the document text (default: text)")
-    p.add_argument("--tokenizer", choices=["byte", "sentencepiece"], default=None,
-                   help="default: sentencepiece when --tokenizer-model is given, else byte")
-    p.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", choices=["byte", "sentencepiece", "huggingface", "gpt2"], default=None,
+                   help="default: from the files given (--merge-file: gpt2; a .json: huggingface; "
+                        "another file: sentencepiece; none: byte)")
+    p.add_argument("--tokenizer-model", "--vocab-file", dest="tokenizer_model", default=None,
+                   help="sentencepiece .model, Hugging Face tokenizer.json, or GPT-2 vocab.json")
+    p.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (with --tokenizer gpt2)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: in this process)")
     p.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (BERT)")
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
@@ -37,17 +40,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from megatron_msg.data.errors import DataError
     from megatron_msg.data.preprocessing import PreprocessConfig, preprocess_jsonl
+    from megatron_msg.data.tokenizer import infer_tokenizer_kind
 
     config = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix, json_key=args.json_key,
-        tokenizer=args.tokenizer or ("sentencepiece" if args.tokenizer_model else "byte"),
-        tokenizer_model=args.tokenizer_model, workers=args.workers, append_eod=args.append_eod,
-        split_sentences=args.split_sentences, skip_bad_lines=args.skip_bad_lines, progress=args.progress)
+        tokenizer=args.tokenizer or infer_tokenizer_kind(args.tokenizer_model, args.merge_file),
+        tokenizer_model=args.tokenizer_model, merges_file=args.merge_file, workers=args.workers,
+        append_eod=args.append_eod, split_sentences=args.split_sentences, skip_bad_lines=args.skip_bad_lines,
+        progress=args.progress)
     try:
         stats = preprocess_jsonl(config)
-    except (DataError, ValueError, FileNotFoundError) as exc:
-        print(f"msg-preprocess: error: {exc}\nmsg-preprocess: nothing was written", file=sys.stderr)
-        return 1
+    except (DataError, ValueError, OSError) as exc:  # user input: exit 2, one line, nothing written
+        print(f"msg-preprocess: error: {' '.join(str(exc).split())}; nothing was written", file=sys.stderr)
+        return 2
     print(f"wrote {stats.prefix}.bin/.idx: {stats.documents} documents, {stats.sequences} sequences, "
           f"{stats.tokens} tokens from {stats.input_bytes / 2**20:.1f} MB in {stats.seconds:.2f}s "
           f"({stats.mb_per_s:.1f} MB/s, {config.workers} worker{'s' if config.workers > 1 else ''})")

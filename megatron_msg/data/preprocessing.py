@@ -24,18 +24,19 @@ from typing import Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import BadInputError, DataError
+from .errors import BadInputError, DataError, TokenizerMismatchError
 from .indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
 from .sentences import split_sentences
-from .tokenizer import Tokenizer, build_tokenizer
+from .tokenizer import EOD_PIECES, Tokenizer, build_tokenizer
 
 
 @dataclass
 class PreprocessConfig:
     inputs: List[str]                       # jsonl files, concatenated in this order
     output_prefix: str
-    tokenizer: str = "byte"                 # "byte" or "sentencepiece"
-    tokenizer_model: Optional[str] = None   # .model file for "sentencepiece"
+    tokenizer: str = "byte"                 # byte | sentencepiece | huggingface | gpt2
+    tokenizer_model: Optional[str] = None   # .model / tokenizer.json / GPT-2 vocab.json
+    merges_file: Optional[str] = None       # GPT-2 merges.txt (tokenizer "gpt2")
     json_key: str = "text"
     workers: int = 1                        # 1: encode in this process; N > 1: a pool of N
     append_eod: bool = True
@@ -97,13 +98,17 @@ class _Encoded:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_tokenizer(kind: str, model: Optional[str]) -> Tokenizer:
+def _cached_tokenizer(kind: str, model: Optional[str], merges: Optional[str] = None) -> Tokenizer:
     # One tokenizer per worker process, built on its first task (no module-level global).
-    return build_tokenizer(kind, model)
+    if kind in ("huggingface", "gpt2"):
+        # Parallelism is the caller's (workers): one Rust thread pool per worker would
+        # oversubscribe the machine, and the library warns about pools across fork.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return build_tokenizer(kind, model, merges_file=merges)
 
 
 def _encode_chunk(chunk: _Chunk, config: PreprocessConfig) -> _Encoded:
-    tokenizer = _cached_tokenizer(config.tokenizer, config.tokenizer_model)
+    tokenizer = _cached_tokenizer(config.tokenizer, config.tokenizer_model, config.merges_file)
     errors: List[Tuple[int, str]] = []
     blank = 0
     texts: List[str] = []
@@ -180,9 +185,13 @@ def _read_chunks(config: PreprocessConfig) -> Iterator[_Chunk]:
 def preprocess_jsonl(config: PreprocessConfig) -> PreprocessStats:
     """Tokenize ``config.inputs`` into ``config.dataset_prefix``.bin/.idx (+ .meta.json)."""
     config.validate()
-    tokenizer = _cached_tokenizer(config.tokenizer, config.tokenizer_model)
-    if config.append_eod:
-        _ = tokenizer.eod  # raises now, not later in a worker, if the tokenizer has no EOD token
+    tokenizer = _cached_tokenizer(config.tokenizer, config.tokenizer_model, config.merges_file)
+    if config.append_eod and tokenizer.special_tokens.eod is None:
+        # Now, not later in a worker.  BERT vocabularies (WordPiece) have no such token, and
+        # BERT data needs none: the index keeps documents apart.
+        raise TokenizerMismatchError(
+            f"tokenizer {tokenizer.describe()} has no end-of-document token (looked for "
+            f"{', '.join(EOD_PIECES)}); pass --no-append-eod (BERT data), or use a tokenizer that has one")
     prefix = config.dataset_prefix
     stats = PreprocessStats(prefix=prefix)
     metadata = {

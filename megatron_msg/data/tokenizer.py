@@ -22,12 +22,13 @@ import numpy as np
 from .errors import TokenizerMismatchError
 
 # Piece names msg-tokenizer gives the special tokens; also the names we look for in a
-# user-provided sentencepiece model.
-EOD_PIECES = ("<eod>", "</s>", "<|endoftext|>", "<eos>")
-PAD_PIECES = ("[PAD]", "<pad>")
+# user-provided sentencepiece model or Hugging Face tokenizer file, in this order.
+EOD_PIECES = ("<eod>", "</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+PAD_PIECES = ("[PAD]", "<pad>", "<|pad|>")
 CLS_PIECES = ("[CLS]", "<cls>")
 SEP_PIECES = ("[SEP]", "<sep>")
 MASK_PIECES = ("[MASK]", "<mask>")
+SPECIAL_PIECES = {"eod": EOD_PIECES, "pad": PAD_PIECES, "cls": CLS_PIECES, "sep": SEP_PIECES, "mask": MASK_PIECES}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """Ids -> text.  ``decode(encode(t)) == t`` for every string ``t``."""
+        """Ids -> text.  ``decode(encode(t)) == t`` for every string ``t`` where the tokenizer is
+        lossless (byte, sentencepiece, byte-level BPE; not a lower-casing WordPiece)."""
 
     @abstractmethod
     def fingerprint(self) -> str:
@@ -172,7 +174,10 @@ class SentencePieceTokenizer(Tokenizer):
             raise ImportError("SentencePieceTokenizer needs `pip install sentencepiece` "
                               "(or install megatron_msg[data]); ByteTokenizer needs nothing") from exc
         self.model_path = os.path.abspath(model_path)
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as exc:  # e.g. a file that is not a sentencepiece model
+            raise ValueError(f"{model_path} is not a sentencepiece model ({str(exc).splitlines()[0]})") from None
         self._special = SpecialTokens(
             eod=self._find(self._sp.eos_id(), EOD_PIECES),
             pad=self._find(self._sp.pad_id(), PAD_PIECES),
@@ -240,14 +245,45 @@ class SentencePieceTokenizer(Tokenizer):
         return {"kind": "sentencepiece", "model": self.model_path, "vocab_size": self.vocab_size}
 
 
-def build_tokenizer(kind: str = "byte", model_path: Optional[str] = None) -> Tokenizer:
-    """``kind`` is ``"byte"`` or ``"sentencepiece"`` (which needs ``model_path``)."""
+TOKENIZER_KINDS = ("byte", "sentencepiece", "huggingface", "gpt2")
+
+
+def infer_tokenizer_kind(model_path: Optional[str], merges_file: Optional[str] = None) -> str:
+    """The kind a command line means when it names files but no kind: a merges file is GPT-2's
+    BPE, a ``.json`` a Hugging Face ``tokenizer.json``, anything else a sentencepiece model."""
+    if merges_file:
+        return "gpt2"
+    if not model_path:
+        return "byte"
+    return "huggingface" if model_path.endswith(".json") else "sentencepiece"
+
+
+def build_tokenizer(kind: str = "byte", model_path: Optional[str] = None,
+                    merges_file: Optional[str] = None) -> Tokenizer:
+    """A tokenizer of ``kind`` (``TOKENIZER_KINDS``) from the user's files.
+
+    ``byte``: no file.  ``sentencepiece``: ``model_path`` is the ``.model`` file.
+    ``huggingface``: ``model_path`` is a ``tokenizers`` ``tokenizer.json``.  ``gpt2``:
+    ``model_path`` is GPT-2's ``vocab.json`` and ``merges_file`` its ``merges.txt``.
+    """
+    if kind != "gpt2" and merges_file:
+        raise ValueError(f"a merges file is only used by the gpt2 tokenizer, not {kind!r}")
     if kind == "byte":
         if model_path:
-            raise ValueError("the byte tokenizer takes no model file; use kind='sentencepiece'")
+            raise ValueError("the byte tokenizer takes no model file; use kind='sentencepiece' or 'huggingface'")
         return ByteTokenizer()
     if kind in ("sentencepiece", "spm"):
         if not model_path:
             raise ValueError("kind='sentencepiece' needs model_path (a .model file)")
         return SentencePieceTokenizer(model_path)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'byte' or 'sentencepiece'")
+    if kind in ("huggingface", "hf"):
+        if not model_path:
+            raise ValueError("kind='huggingface' needs model_path (a tokenizer.json file)")
+        from .hf_tokenizer import HuggingFaceTokenizer
+        return HuggingFaceTokenizer.from_json(model_path)
+    if kind == "gpt2":
+        if not model_path or not merges_file:
+            raise ValueError("kind='gpt2' needs GPT-2's vocab.json (model_path) and merges.txt (merges_file)")
+        from .hf_tokenizer import HuggingFaceTokenizer
+        return HuggingFaceTokenizer.from_gpt2_files(model_path, merges_file)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")

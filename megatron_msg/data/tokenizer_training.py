@@ -146,3 +146,73 @@ def train_sentencepiece(config: TokenizerTrainConfig) -> str:
     atomic_write_bytes(config.model_prefix + ".vocab", vocab_lines.encode("utf-8"))
     return model_path
 
+
+
+# --------------------------------------------------------------------------- Hugging Face tokenizers
+
+HF_MODEL_TYPES = ("bpe", "wordpiece", "unigram")
+# Reserved by every model trained with the tokenizers library, at these ids: BERT's four
+# (with WordPiece's [UNK]) and GPT-2's end-of-document token.
+HF_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<|endoftext|>"]
+
+
+def train_hf_tokenizer(config: TokenizerTrainConfig) -> str:
+    """Train a Hugging Face ``tokenizers`` model and write ``<model_prefix>.json``; returns its path.
+
+    ``bpe``: GPT-2's byte-level BPE (lossless; its ``<model_prefix>-vocab.json`` and
+    ``-merges.txt`` are written too, the files ``data.tokenizer: gpt2`` reads);
+    ``wordpiece``: BERT's (lower-cased, accents stripped, as bert-base-uncased);
+    ``unigram``: SentencePiece-style unigram over whitespace-marked words.
+    Files appear only once training succeeded (temp files, then renamed).
+    """
+    if config.model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type: expected one of {', '.join(HF_MODEL_TYPES)} with the tokenizers "
+                         f"library, got {config.model_type!r}")
+    if config.vocab_size < 300:
+        raise ValueError(f"vocab_size: must be >= 300 (special tokens and the base alphabet), got {config.vocab_size}")
+    if not config.inputs:
+        raise ValueError("inputs: at least one input file is needed")
+    for path in config.inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"inputs: no such file {path}")
+    try:
+        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("training a Hugging Face tokenizer needs `pip install tokenizers`") from exc
+
+    kind = config.model_type
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=HF_SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=config.vocab_size, special_tokens=HF_SPECIAL_TOKENS,
+                                            show_progress=False)
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=config.vocab_size, special_tokens=HF_SPECIAL_TOKENS,
+                                          unk_token="[UNK]", show_progress=False)
+    lines = iter_training_lines(config)
+    if config.max_sentences:
+        lines = (line for i, line in enumerate(lines) if i < config.max_sentences)
+    tok.train_from_iterator(lines, trainer=trainer)
+
+    json_path = config.model_prefix + ".json"
+    atomic_write_bytes(json_path, tok.to_str().encode("utf-8"))
+    if kind == "bpe":  # GPT-2's two files, from the same model
+        vocab = tok.get_vocab()
+        model = json.loads(tok.to_str())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        atomic_write_bytes(config.model_prefix + "-vocab.json",
+                           json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False).encode("utf-8"))
+        atomic_write_bytes(config.model_prefix + "-merges.txt",
+                           ("#version: 0.2\n" + "".join(m + "\n" for m in merges)).encode("utf-8"))
+    return json_path
