@@ -55,6 +55,22 @@ class StagePlan:
     rank_parameters: int          # the largest rank's share of the parameters
     rank_bytes: int               # its weights + gradients + optimizer state (ZeRO-partitioned)
     activation_bytes: int         # estimated activations kept for backward on the first stage
+    weight_bytes: int = 0         # rank_bytes, by component
+    gradient_bytes: int = 0
+    optimizer_bytes: int = 0
+    logits_bytes: int = 0         # the last stage's fp32 logits and their gradient, one micro-batch
+    micro_batch: int = 0          # samples per micro-batch
+    global_batch: int = 0         # samples per step (micro-batch x micro-batches, all replicas)
+
+    @property
+    def gpus(self) -> int:
+        return self.layout[0] * self.layout[1] * self.layout[2]
+
+    @property
+    def memory_bytes(self) -> dict[str, int]:
+        """What the fullest rank holds, by component (the parts msg-plan's fit check adds up)."""
+        return {"weights": self.weight_bytes, "gradients": self.gradient_bytes, "optimizer": self.optimizer_bytes,
+                "activations": self.activation_bytes, "logits": self.logits_bytes}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +98,13 @@ def largest_rank_parameters(cfg: ModelConfig, tp: int, pp: int) -> int:
 
 
 def state_bytes(parameters: int, dp: int, zero_stage: int, params_bytes: int = BYTES_FP32) -> int:
-    """Weights, gradients and optimizer state of one rank holding ``parameters``.
+    """Weights + gradients + optimizer state of one rank holding ``parameters`` (``state_components``)."""
+    return sum(state_components(parameters, dp, zero_stage, params_bytes))
+
+
+def state_components(parameters: int, dp: int, zero_stage: int, params_bytes: int = BYTES_FP32
+                     ) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes of one rank holding ``parameters``.
 
     fp32 parameters (``params_bytes`` 4): fp32 weights and gradients, and two Adam
     moments.  16-bit parameters (2): 16-bit weights, fp32 gradient sums, and fp32
@@ -94,7 +116,12 @@ def state_bytes(parameters: int, dp: int, zero_stage: int, params_bytes: int = B
     optimizer = (2 if params_bytes == BYTES_FP32 else 3) * parameters * BYTES_FP32
     if zero_stage:
         optimizer = -(-optimizer // dp)
-    return parameters * (params_bytes + BYTES_FP32) + optimizer
+    return parameters * params_bytes, parameters * BYTES_FP32, optimizer
+
+
+def logits_bytes(cfg: ModelConfig, micro_batch: int, tp: int) -> int:
+    """The last pipeline stage's fp32 logits of one micro-batch and their gradient (vocab split by TP)."""
+    return 2 * micro_batch * cfg.seq_len * -(-cfg.vocab_size // tp) * BYTES_FP32
 
 
 def layer_activation_bytes(cfg: ModelConfig, micro_batch: int, tp: int, sequence_parallel: bool,
@@ -130,28 +157,33 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, micro_batches: int, tp:
 
 def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     stages = cfg.resolved_stages()
     starts = [0] + [s.at_step for s in stages]
     ends = starts[1:] + [t.steps]
     shapes = [cfg.model] + [cfg.model.with_shape(s.shape) for s in stages]
     layouts = [cfg.parallel.layout] + [s.layout for s in stages]
     operators = [None] + [s.operator for s in stages]
+    # (micro-batch, micro-batches per step): the stage's own, as training/batches.py reads them
+    batches = [(t.batch_size, t.grad_accum)] + [(s.batch_size, s.grad_accum) for s in stages]
     params_bytes = 2 if t.params_dtype in ("bf16", "fp16") else BYTES_FP32
     act_bytes = 2 if t.dtype in ("bf16", "fp16") else BYTES_FP32
     plans = []
-    for i, (first, last, mcfg, (tp, pp, dp), op) in enumerate(zip(starts, ends, shapes, layouts, operators)):
+    for i, (first, last, mcfg, (tp, pp, dp), op, (micro, accum)) in enumerate(
+            zip(starts, ends, shapes, layouts, operators, batches)):
         per_token = flops_per_token(mcfg)
-        tokens = (last - first) * tokens_per_step
+        tokens = (last - first) * micro * accum * mcfg.seq_len
         rank_params = largest_rank_parameters(mcfg, tp, pp)
+        weights, grads, optimizer = state_components(rank_params, dp, cfg.parallel.zero_stage, params_bytes)
         plans.append(StagePlan(
             name="start" if i == 0 else f"stage {i - 1}", first_step=first, last_step=last, shape=str(mcfg.shape),
             operator=op, layout=(tp, pp, dp), parameters=logical_num_parameters(mcfg),
             flops_per_token=per_token, tokens=tokens, flops=per_token * tokens, rank_parameters=rank_params,
-            rank_bytes=state_bytes(rank_params, dp, cfg.parallel.zero_stage, params_bytes),
-            activation_bytes=activation_bytes(mcfg, t.batch_size, t.grad_accum // dp, tp, pp,
+            rank_bytes=weights + grads + optimizer,
+            activation_bytes=activation_bytes(mcfg, micro, accum // dp, tp, pp,
                                               cfg.parallel.sequence_parallel, t.recompute,
-                                              t.recompute_layers, act_bytes)))
+                                              t.recompute_layers, act_bytes),
+            weight_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer,
+            logits_bytes=logits_bytes(mcfg, micro, tp), micro_batch=micro, global_batch=micro * accum))
     return plans
 
 
@@ -167,21 +199,22 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f} {unit}".rstrip()
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
-    head = ("| stage | steps | shape | operator | layout | parameters | FLOPs/token | tokens | FLOPs "
+    head = ("| stage | steps | shape | operator | layout | batch | parameters | FLOPs/token | tokens | FLOPs "
             f"| largest rank | its weights+grads+Adam ({cfg.train.params_dtype} params, "
             f"ZeRO-{cfg.parallel.zero_stage}) | first stage's activations, est. (recompute "
             f"{cfg.train.recompute}) |")
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for p in plans:
         rows.append(f"| {p.name} | {p.first_step}-{p.last_step} | {p.shape} | {p.operator or '-'} "
-                    f"| tp{p.layout[0]} x pp{p.layout[1]} x dp{p.layout[2]} | {_human(p.parameters)} "
+                    f"| tp{p.layout[0]} x pp{p.layout[1]} x dp{p.layout[2]} | {p.micro_batch} x "
+                    f"{p.global_batch // p.micro_batch} | {_human(p.parameters)} "
                     f"| {_human(p.flops_per_token)} | {_human(p.tokens)} | {_human(p.flops)} "
-                    f"| {_human(p.rank_parameters)} | {_gib(p.rank_bytes)} | {_gib(p.activation_bytes)} |")
+                    f"| {_human(p.rank_parameters)} | {format_bytes(p.rank_bytes)} | {format_bytes(p.activation_bytes)} |")
     total, flat = sum(p.flops for p in plans), final_shape_flops(cfg, plans)
     rows.append("")
     if len(plans) == 1:
@@ -191,6 +224,6 @@ def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
                     f"{_human(flat, 'FLOP')}; growth spends {total / flat:.1%} of it ({flat / total:.2f}x less "
                     f"compute).")
     rows.append("Memory columns: activations are Korthikanti et al.'s count (fused attention, no s^2 terms) "
-                "for train.batch_size per micro-batch; logits, workspace and communication buffers are "
-                "not included.")
+                "for the stage's micro-batch; logits, workspace and communication buffers are not included "
+                "here. batch: micro-batch size x micro-batches per step (all replicas).")
     return "\n".join(rows)
