@@ -14,6 +14,7 @@ import sys
 
 from megatron_msg.checkpoint.io import CheckpointError
 from megatron_msg.cli.config_args import add_config_arguments, load_cli_config
+from megatron_msg.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,20 +24,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", required=True, metavar="DIR",
                     help="a checkpoint directory, or a run directory (its latest checkpoint)")
     ap.add_argument("--out-dir", required=True, help="run directory for the grown checkpoint (must hold none)")
+    ap.add_argument("--verify", action="store_true",
+                    help="evaluate the growth probe (validation batch 0, fp32, one process) on the source and the "
+                         "grown checkpoint, print both and record them in the growth record; the whole model is "
+                         "built in this process, so only for models that fit its memory")
     args = ap.parse_args(argv)
     cfg = load_cli_config("msg-grow", args)
     if cfg is None:
         return 2
-    from megatron_msg.growth.offline import OfflineGrowthError, grow_checkpoint
+    from megatron_msg.growth.offline import OfflineGrowthError, find_checkpoint, grow_checkpoint, record_probe
     try:
+        before = None
+        if args.verify:
+            from megatron_msg.training.probe import checkpoint_probe_loss
+            before = checkpoint_probe_loss(cfg, find_checkpoint(args.source))
         result = grow_checkpoint(cfg, args.source, args.out_dir)
-    except (OfflineGrowthError, CheckpointError) as exc:
+    except (OfflineGrowthError, CheckpointError, ConfigError) as exc:
         print(f"msg-grow: {exc}", file=sys.stderr)
         return 2
     st = result.stage
     print(f"grew stage {st.index} ({st.operator}) at step {st.at_step} to {st.shape}, "
           f"{result.parameters:,} parameters; layout from here tp{st.layout[0]} x pp{st.layout[1]} x dp{st.layout[2]}; "
           f"wrote {result.checkpoint}")
+    if args.verify:
+        after = checkpoint_probe_loss(cfg, result.checkpoint)
+        record_probe(args.out_dir, st, before, after)
+        print(f"verify: probe loss {before:.6f} before, {after:.6f} after (difference {abs(after - before):.2e})")
     return 0
 
 

@@ -151,3 +151,16 @@ def _carry_metrics(src_run: Path, out_dir: Path, stage: ResolvedStage, new_cfg: 
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def record_probe(out_dir: str | Path, stage: ResolvedStage, before: float, after: float) -> None:
+    """Add probe losses (``msg-grow --verify``) to the offline growth record of ``out_dir`` (atomic)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("kind") == "growth" and rec.get("stage") == stage.index and rec.get("offline"):
+            lines[i] = json.dumps({**rec, "loss_before": before, "loss_after": after})
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)

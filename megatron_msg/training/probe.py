@@ -1,0 +1,32 @@
+"""The growth probe on a checkpoint: the loss of a fixed validation batch, in one process.
+
+Live growth logs ``loss_before`` / ``loss_after`` around every growth (Trainer.grow: the
+first validation batch, eval mode).  ``msg-grow --verify`` asks the same of an offline
+growth: the probe loss of the checkpoint it reads and of the checkpoint it writes, which
+MSG's function preservation makes equal.  The whole model is built on one CPU process in
+fp32, so this is for models that fit one machine's memory (rehearsals, small runs); the
+growth itself streams one tensor at a time whatever the size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_msg.checkpoint.io import open_checkpoint
+from megatron_msg.checkpoint.logical import load_model
+from megatron_msg.config import ModelConfig, RunConfig
+from megatron_msg.model import build_model
+from megatron_msg.training.trainer import build_batches, model_loss
+
+
+@torch.no_grad()
+def checkpoint_probe_loss(cfg: RunConfig, checkpoint: str | Path) -> float:
+    """Loss of validation batch 0 (``cfg``'s data) under the model in ``checkpoint``, fp32, eval mode."""
+    ckpt = open_checkpoint(Path(checkpoint))
+    model = build_model(ModelConfig(**ckpt.state["model_config"]), initialize=False, device="cpu")
+    model.set_masked(ckpt.state["masked"])
+    load_model(model, ckpt.model)
+    model.eval()
+    _, valid = build_batches(cfg)
+    return model_loss(model, valid.get(0, 0)).item()
