@@ -11,8 +11,9 @@ Two ways in, both from files the user gives (nothing is downloaded):
   ordinary text, as in Megatron-LM.
 
 Encoding never adds special tokens (a ``tokenizer.json`` may carry a BERT post-processor that
-would wrap every text in [CLS] ... [SEP], and truncation/padding settings): the datasets place
-[CLS], [SEP] and EOD themselves.  Special tokens are looked up by their usual names
+would wrap every text in [CLS] ... [SEP], and truncation/padding settings), and the text of a
+special token inside a document ("[MASK]") is encoded as text: the datasets place [CLS], [SEP],
+[MASK] and EOD themselves.  Special tokens are looked up by their usual names
 (``SPECIAL_PIECES``); one a vocabulary lacks is ``None`` and only an error where it is needed.
 """
 from __future__ import annotations
@@ -50,6 +51,9 @@ class HuggingFaceTokenizer(Tokenizer):
         self._tok = backend
         self._tok.no_truncation()
         self._tok.no_padding()
+        # "[MASK]" or "<|endoftext|>" written inside a document is text, as with sentencepiece's
+        # control symbols and GPT-2 in Megatron-LM: only the datasets place special ids.
+        self._tok.encode_special_tokens = True
         self.files = [os.path.abspath(f) for f in files]
         self.kind = kind
         self._fingerprint = f"{kind}-{_digest(*self.files)}"

@@ -192,7 +192,7 @@ def final_shape_flops(cfg: RunConfig, plans: list[StagePlan]) -> int:
     return plans[-1].flops_per_token * sum(p.tokens for p in plans)
 
 
-def _human(n: float, unit: str = "") -> str:
+def format_count(n: float, unit: str = "") -> str:
     for div, suffix in ((1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
             return f"{n / div:.2f} {suffix}{unit}"
@@ -212,16 +212,16 @@ def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
     for p in plans:
         rows.append(f"| {p.name} | {p.first_step}-{p.last_step} | {p.shape} | {p.operator or '-'} "
                     f"| tp{p.layout[0]} x pp{p.layout[1]} x dp{p.layout[2]} | {p.micro_batch} x "
-                    f"{p.global_batch // p.micro_batch} | {_human(p.parameters)} "
-                    f"| {_human(p.flops_per_token)} | {_human(p.tokens)} | {_human(p.flops)} "
-                    f"| {_human(p.rank_parameters)} | {format_bytes(p.rank_bytes)} | {format_bytes(p.activation_bytes)} |")
+                    f"{p.global_batch // p.micro_batch} | {format_count(p.parameters)} "
+                    f"| {format_count(p.flops_per_token)} | {format_count(p.tokens)} | {format_count(p.flops)} "
+                    f"| {format_count(p.rank_parameters)} | {format_bytes(p.rank_bytes)} | {format_bytes(p.activation_bytes)} |")
     total, flat = sum(p.flops for p in plans), final_shape_flops(cfg, plans)
     rows.append("")
     if len(plans) == 1:
-        rows.append(f"total {_human(total, 'FLOP')} (no growth stages).")
+        rows.append(f"total {format_count(total, 'FLOP')} (no growth stages).")
     else:
-        rows.append(f"total {_human(total, 'FLOP')}; the final shape for all {cfg.train.steps} steps: "
-                    f"{_human(flat, 'FLOP')}; growth spends {total / flat:.1%} of it ({flat / total:.2f}x less "
+        rows.append(f"total {format_count(total, 'FLOP')}; the final shape for all {cfg.train.steps} steps: "
+                    f"{format_count(flat, 'FLOP')}; growth spends {total / flat:.1%} of it ({flat / total:.2f}x less "
                     f"compute).")
     rows.append("Memory columns: activations are Korthikanti et al.'s count (fused attention, no s^2 terms) "
                 "for the stage's micro-batch; logits, workspace and communication buffers are not included "

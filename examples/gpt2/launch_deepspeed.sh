@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sch1-G under the deepspeed launcher (CONFIG=... for another schedule of this folder).  Settings:
+# examples/launch/common.sh (NNODES, GPUS_PER_NODE, MASTER_ADDR, HOSTFILE, DATA_PATHS, TOKENIZER,
+# MERGES, OUT_DIR).
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export CONFIG="${CONFIG:-$HERE/sch1_g.yaml}"
+export GPUS_PER_NODE="${GPUS_PER_NODE:-4}"
+exec "$HERE/../launch/deepspeed.sh" "$@"
