@@ -69,7 +69,8 @@ setup(
         # msg-export writes model.safetensors with it (pytorch_model.bin without).
         "hf": ["safetensors"],
         "viz": ["matplotlib", "tensorboard"],
-        "data": ["sentencepiece"],
+        # sentencepiece models, and Hugging Face tokenizer.json / GPT-2 vocab.json + merges.txt files.
+        "data": ["sentencepiece", "tokenizers"],
         "kernels": ["triton"],
         # The deepspeed launcher (multi-node hostfile runs); training itself does not need it.
         "deepspeed": ["deepspeed"],
