@@ -123,3 +123,31 @@ def test_msg_plan_cli(tmp_path, capsys):
     assert data["total_flops"] == sum(s["flops"] for s in data["stages"])
     assert msg_plan([str(path), "--set", "parallel.zero_stage=5"]) == 2
     assert "parallel.zero_stage: must be 0, 1 or 2" in capsys.readouterr().err
+
+
+def test_hardware_fit_adds_the_parts_and_the_reserve_and_names_the_largest():
+    from megatron_msg.growth.hardware import ACCELERATORS, GIB, RESERVE_BYTES, fit, timing
+    from megatron_msg.growth.plan import StagePlan
+    plan = StagePlan(name="s", first_step=0, last_step=10, shape="-", operator=None, layout=(2, 2, 4),
+                     parameters=0, flops_per_token=0, tokens=0, flops=int(16 * 312e12 * 0.5 * 3600),
+                     rank_parameters=0, rank_bytes=0, activation_bytes=31 * GIB, weight_bytes=10 * GIB,
+                     gradient_bytes=20 * GIB, optimizer_bytes=15 * GIB, logits_bytes=GIB)
+    a100, h200 = ACCELERATORS["a100"], ACCELERATORS["h200"]
+    assert fit(plan, h200).fits and fit(plan, h200).total_bytes == 77 * GIB + RESERVE_BYTES
+    over = fit(plan, a100)
+    assert not over.fits and over.describe() == "NO: 1.0 GiB over; largest part: activations 31.0 GiB"
+    # FLOPs / (16 GPUs x 312 TFLOP/s x 50%) = one hour; 16 GPU-hours at $3
+    t = timing(plan, a100, 0.5, 3.0)
+    assert t.seconds == pytest.approx(3600) and t.gpu_hours == pytest.approx(16) and t.cost == pytest.approx(48)
+
+
+def test_msg_plan_prints_fit_time_and_cost_and_refuses_a_bad_mfu(capsys):
+    assert msg_plan(["--mfu", "0.5", "--gpu", "h100", "--usd-per-gpu-hour", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fits A100/A800 80GB" in out and "time on H100 SXM 80GB at 50% MFU" in out and "$3.00 per GPU-hour" in out
+    assert msg_plan(["--mfu", "1.5"]) == 2
+    assert "--mfu must be in (0, 1]" in capsys.readouterr().err
+    assert msg_plan(["--json"]) == 0
+    stage = json.loads(capsys.readouterr().out)["stages"][0]
+    assert set(stage["memory_bytes"]) == {"weights", "gradients", "optimizer", "activations", "logits"}
+    assert stage["fits"]["a100"]["fits"] and stage["seconds"] > 0

@@ -4,18 +4,13 @@
 #
 #   INPUTS="wiki.jsonl books.jsonl" TOKENIZER=bert-base-uncased/tokenizer.json examples/bert_base/prepare_data.sh
 #
-# INPUTS: jsonl files with the text under "text".  TOKENIZER: a Hugging Face tokenizer.json with
-# [CLS] [SEP] [MASK] [PAD] (bert-base-uncased's works); unset, one is trained on INPUTS
-# (VOCAB_SIZE, default 30522) and written to OUT_DIR/bert-tokenizer.json.
-# OUT_DIR (default data/) receives bert_text_sentence.bin/.idx; WORKERS tokenizer processes.
-set -euo pipefail
-: "${INPUTS:?set INPUTS to the jsonl file(s)}"
-OUT_DIR="${OUT_DIR:-data}"
-mkdir -p "$OUT_DIR"
-read -r -a inputs <<< "$INPUTS"
+# TOKENIZER: a Hugging Face tokenizer.json with [CLS] [SEP] [MASK] [PAD] (bert-base-uncased's
+# works); unset, a WordPiece of VOCAB_SIZE (default 30522) is trained on INPUTS into
+# OUT_DIR/bert-tokenizer.json.  Writes OUT_DIR/bert_text_sentence.bin/.idx.  INPUTS, OUT_DIR,
+# VOCAB_SIZE, WORKERS: examples/launch/data_common.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/data_common.sh"
 if [ -z "${TOKENIZER:-}" ]; then
-    msg-tokenizer train --library hf --model-type wordpiece --vocab-size "${VOCAB_SIZE:-30522}" \
-        --input "${inputs[@]}" --model-prefix "$OUT_DIR/bert-tokenizer"
+    train_tokenizer wordpiece bert-tokenizer 30522
     TOKENIZER="$OUT_DIR/bert-tokenizer.json"
 fi
 msg-preprocess --input "${inputs[@]}" --output-prefix "$OUT_DIR/bert" --tokenizer huggingface \

@@ -4,17 +4,13 @@
 #
 #   INPUTS=openwebtext.jsonl VOCAB=gpt2/vocab.json MERGES=gpt2/merges.txt examples/gpt2/prepare_data.sh
 #
-# INPUTS: jsonl files (text under "text").  VOCAB + MERGES: GPT-2's files (from any GPT-2 checkpoint);
-# unset, a byte-level BPE of VOCAB_SIZE (default 50257) is trained on INPUTS and written in GPT-2's
-# format as OUT_DIR/gpt2-vocab.json + gpt2-merges.txt.  OUT_DIR default data/; WORKERS processes.
-set -euo pipefail
-: "${INPUTS:?set INPUTS to the jsonl file(s)}"
-OUT_DIR="${OUT_DIR:-data}"
-mkdir -p "$OUT_DIR"
-read -r -a inputs <<< "$INPUTS"
+# VOCAB + MERGES: GPT-2's files (any GPT-2 checkpoint has them); unset, a byte-level BPE of
+# VOCAB_SIZE (default 50257) is trained on INPUTS and written in GPT-2's format as
+# OUT_DIR/gpt2-vocab.json + gpt2-merges.txt.  Writes OUT_DIR/openwebtext_text_document.bin/.idx.
+# INPUTS, OUT_DIR, VOCAB_SIZE, WORKERS: examples/launch/data_common.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/data_common.sh"
 if [ -z "${VOCAB:-}" ]; then
-    msg-tokenizer train --library hf --model-type bpe --vocab-size "${VOCAB_SIZE:-50257}" \
-        --input "${inputs[@]}" --model-prefix "$OUT_DIR/gpt2"
+    train_tokenizer bpe gpt2 50257
     VOCAB="$OUT_DIR/gpt2-vocab.json" MERGES="$OUT_DIR/gpt2-merges.txt"
 fi
 : "${MERGES:?set MERGES to GPT-2 merges.txt (with VOCAB)}"
