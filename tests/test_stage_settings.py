@@ -154,3 +154,17 @@ def test_resume_refuses_a_config_that_changes_the_steps_already_trained(tmp_path
     later["train"]["steps"] = 50
     later["growth"]["stages"].append({"at_step": 45, "ffn": 64, "lr": 1e-3, "min_lr": 1e-4})
     assert Trainer(config_from_dict(later), out_dir=tmp_path, progress=False).step == 31
+
+
+def test_validate_prints_each_stages_layout_batch_and_lr(tmp_path, capsys):
+    from megatron_msg.cli.train import main as msg_train
+    raw = raw_config(FLM_LIKE)
+    raw["parallel"] = {"dp": 2}
+    raw["growth"]["stages"][0].update(tp=2, dp=1)
+    raw["growth"]["stages"][1]["grad_accum"] = 4
+    (tmp_path / "run.yaml").write_text(json.dumps(raw))
+    assert msg_train([str(tmp_path / "run.yaml"), "--validate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "tp1 x pp1 x dp2; batch 4x2=8 (128 tokens); lr 0.004->0.0004 warmup 4 (cosine)" in lines[0]
+    assert lines[1].endswith("; layout tp2 x pp1 x dp1; rewind lr 0.0034->0.00034 warmup 3")
+    assert lines[2].endswith("; batch 2x4=8 (128 tokens); rewind lr 0.002->0.0002 warmup 1")
