@@ -18,7 +18,7 @@ import torch
 
 from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
 from megatron_msg.config import ConfigError, OptimizerConfig, config_from_dict
-from megatron_msg.growth.apply import build_optimizer
+from megatron_msg.training.optimizer_factory import build_optimizer
 from megatron_msg.parallel.launch import LaunchEnv, init_parallel
 from megatron_msg.training.trainer import Trainer
 from tests.dist_harness import run_distributed

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megatron_msg.config import OptimizerConfig, Shape
-from megatron_msg.growth.apply import build_optimizer, grow_model
+from megatron_msg.growth.apply import grow_model
+from megatron_msg.training.optimizer_factory import build_optimizer
 from megatron_msg.growth.operators import GrowthSpec
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.training.optimizer import MSGAdamW
@@ -43,7 +44,8 @@ def _trained(arch="gpt", steps=3, rule="per_entry"):
 def _grow(model, opt, rule):
     cfg = OptimizerConfig(**{**OPT.__dict__, "growth_step_rule": rule})
     spec = GrowthSpec(old=model.cfg.shape, new=NEW, head_dim=model.cfg.head_dim)
-    return grow_model(model, spec, opt, cfg, ramp_start=0, phi=10)
+    return grow_model(model, spec, opt, new_optimizer=lambda m: build_optimizer(m, cfg), step_rule=rule,
+                      ramp_start=0, phi=10)
 
 
 def test_old_moments_land_in_their_new_positions_and_new_entries_start_at_zero():

@@ -15,7 +15,8 @@ import torch
 import megatron_msg.growth.apply as apply_mod
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
 from megatron_msg.config import OptimizerConfig, Shape
-from megatron_msg.growth.apply import build_optimizer, grow_model
+from megatron_msg.growth.apply import grow_model as _grow_model
+from megatron_msg.training.optimizer_factory import build_optimizer
 from megatron_msg.growth.operators import GrowthSpec, grow_tensors, plan_growth
 from megatron_msg.growth.optimizer_state import grow_optimizer_state
 from megatron_msg.model import build_model
@@ -37,6 +38,14 @@ CASES = [  # (operator, init, depth_placement, depth_init)
     ("net2net", "normal", "top", "random"),  # net2net: interleaved copies whatever is asked
     ("stack", "normal", "interleave", "random"),  # stack: copies on top whatever is asked
 ]
+
+
+def grow_model(model, spec, opt=None, ocfg=None, **kw):
+    """grow_model with the optimizer the trainer would build for the grown model (plain AdamW)."""
+    if opt is None:
+        return _grow_model(model, spec, **kw)
+    return _grow_model(model, spec, opt, new_optimizer=lambda m: build_optimizer(m, ocfg),
+                       step_rule=ocfg.growth_step_rule, **kw)
 
 
 def _trained(arch: str, shape: Shape, steps: int = 2, seed: int = 0):

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
-from megatron_msg.config import ModelConfig, OptimizerConfig, ResolvedStage
+from megatron_msg.config import ModelConfig, ResolvedStage
 from megatron_msg.growth.operators import (GrowthPlan, GrowthSpec, grow_layer, grow_layer_width, grow_param,
                                            plan_growth)
 from megatron_msg.growth.optimizer_state import (check_rule, grow_layer_state, grow_layer_width_state,
@@ -33,27 +34,10 @@ from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
 from megatron_msg.model.layout import split_layer_name, tensor_spec
 from megatron_msg.parallel.topology import ParallelState
-from megatron_msg.training.optimizer import MSGAdamW
-from megatron_msg.training.zero import ZeroAdamW
 
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, zero_stage: int = 0,
-                    ps: ParallelState | None = None,
-                    params_dtype: torch.dtype = torch.float32) -> MSGAdamW | ZeroAdamW:
-    """AdamW over ``model``'s parameters; with ``zero_stage`` 1 or 2 partitioned over ``ps``'s DP group.
-
-    The ZeRO optimizer makes the parameters views into its flat buffer: build it after
-    the model has moved to its device.  ``params_dtype`` bf16/fp16 lowers the (fp32)
-    parameters to it and keeps fp32 master weights in the optimizer; values loaded
-    into the model afterwards must reach the masters too (``load_model(..., optimizer)``).
-    """
-    named = list(model.named_parameters())
-    no_decay = {n for n, _ in named if tensor_spec(n).no_weight_decay}
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  no_decay=no_decay, params_dtype=params_dtype)
-    if zero_stage:
-        return ZeroAdamW(named, ps or ParallelState.single(next(model.parameters()).device), zero_stage, **kwargs)
-    return MSGAdamW(named, **kwargs)
+# An optimizer that holds state by parameter name (training/optimizer.py's MSGAdamW, training/zero.py's
+# ZeroAdamW): ``load_named_state``, ``set_lr``, ``param_groups``, and what checkpoint/logical.py reads.
+Optimizer = Any
 
 
 def spec_for_stage(model_cfg: ModelConfig, stage: ResolvedStage, seed: int, layout_parts: int = 1) -> GrowthSpec:
@@ -68,7 +52,7 @@ def spec_for_stage(model_cfg: ModelConfig, stage: ResolvedStage, seed: int, layo
 @dataclass
 class GrowthResult:
     model: torch.nn.Module
-    optimizer: MSGAdamW | ZeroAdamW | None
+    optimizer: Optimizer | None
     ramp: MaskRamp | None
     plan: GrowthPlan
 
@@ -123,10 +107,10 @@ def stream_growth(plan: GrowthPlan, old_names: list[str], fetch: Fetch, rule: st
         yield grow_layer(j, source[3][0], plan), grow_layer_state(j, source[3][1], plan)
 
 
-def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None = None,
-               optim_cfg: OptimizerConfig | None = None, ramp_start: int = 0, phi: int = 1,
-               ps: ParallelState | None = None, placement=None, zero_stage: int = 0,
-               new_ps: ParallelState | None = None, params_dtype: torch.dtype = torch.float32) -> GrowthResult:
+def grow_model(model, spec: GrowthSpec, optimizer: Optimizer | None = None,
+               new_optimizer: Callable[[torch.nn.Module], Optimizer] | None = None, step_rule: str = "per_entry",
+               ramp_start: int = 0, phi: int = 1, ps: ParallelState | None = None, placement=None,
+               params_dtype: torch.dtype = torch.float32) -> GrowthResult:
     """Grow ``model`` (and its optimizer state) to ``spec.new``; returns new objects.
 
     Under MSG the new model starts on its masked path with a ramp from
@@ -134,10 +118,12 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
     sharded model every rank of the replica must call this together (``ps``, the
     layout the model is sharded on); ``placement`` is this rank's part of the new
     model (default: the old model's, i.e. the same layout), so a growth event can
-    also move the run to another TP x PP x DP layout.  ``zero_stage``/``new_ps``: the
-    new optimizer's ZeRO stage and the layout it is partitioned on (default ``ps``);
-    ``params_dtype``: the new parameters' dtype (bf16/fp16: fp32 masters in the new
-    optimizer, grown from the old optimizer's masters, never from rounded parameters).
+    also move the run to another TP x PP x DP layout.  With ``optimizer``,
+    ``new_optimizer(new_model)`` builds the grown model's (the caller's choice of
+    ZeRO stage and the layout it is partitioned on: training/optimizer_factory.py)
+    and the Adam state grows into it by ``step_rule``; ``params_dtype``: the new
+    parameters' dtype (bf16/fp16: fp32 masters in the new optimizer, grown from the
+    old optimizer's masters, never from rounded parameters).
     """
     plan = plan_growth(spec)
     device = next(model.parameters()).device
@@ -149,10 +135,11 @@ def grow_model(model, spec: GrowthSpec, optimizer: MSGAdamW | ZeroAdamW | None =
     new_model.set_masked(spec.uses_masks)
     new_opt, rule = None, None
     if optimizer is not None:
-        assert optim_cfg is not None
-        rule = optim_cfg.growth_step_rule
+        if new_optimizer is None:
+            raise ValueError("grow_model: growing an optimizer's state needs new_optimizer (it builds the grown one)")
+        rule = step_rule
         check_rule(rule)
-        new_opt = build_optimizer(new_model, optim_cfg, zero_stage, new_ps or ps, params_dtype)
+        new_opt = new_optimizer(new_model)
     held = set(new_model.state_dict())  # this rank's tensors of the new model
     held_layers = {split_layer_name(n)[0] for n in held}
     loaded: set[str] = set()

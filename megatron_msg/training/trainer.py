@@ -35,7 +35,7 @@ from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTens
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
-from megatron_msg.growth.apply import build_optimizer, grow_model, spec_for_stage
+from megatron_msg.growth.apply import grow_model, spec_for_stage
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
@@ -50,6 +50,7 @@ from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatche
 from megatron_msg.training.lr import lr_at, lr_segments, segment_at
 from megatron_msg.training.loss_scale import DynamicLossScaler
 from megatron_msg.training.metrics import MetricsLog
+from megatron_msg.training.optimizer_factory import build_optimizer
 from megatron_msg.training.plot import plot_loss_curve
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -417,9 +418,9 @@ class Trainer:
         spec = spec_for_stage(self.model.cfg, stage, seed=self.cfg.train.seed,
                               layout_parts=self.cfg.parallel.layout_parts(stage.layout[0]))
         old_ps = self._use_layout(stage.layout)  # gather on the old layout, shard onto the new one
-        result = grow_model(self.model, spec, self.optimizer, self.cfg.optimizer,
-                            ramp_start=stage.at_step, phi=stage.phi, ps=old_ps, placement=self.placement,
-                            zero_stage=self.zero_stage, new_ps=self.ps, params_dtype=self.params_dtype)
+        result = grow_model(self.model, spec, self.optimizer, new_optimizer=self._build_optimizer,
+                            step_rule=self.cfg.optimizer.growth_step_rule, ramp_start=stage.at_step, phi=stage.phi,
+                            ps=old_ps, placement=self.placement, params_dtype=self.params_dtype)
         self.model, self.optimizer, self.ramp = result.model, result.optimizer, result.ramp
         self._wrap_model()
         after = self._probe_loss()
