@@ -431,7 +431,7 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 def resolve_config_path(name: str | Path, relative_to: Path | None = None) -> Path:
     """A config file: a path (relative to ``relative_to``'s folder first, when given), else the
-    name of a bundled config (``demo_tiny_gpt``, ``paper/sch1_b``; ``.yaml`` optional)."""
+    name of a bundled config (``demo_tiny_gpt``, ``paper/bert_base_sch1``; ``.yaml`` optional)."""
     p = Path(name)
     candidates = [relative_to.parent / p] if relative_to is not None and not p.is_absolute() else []
     candidates.append(p)
@@ -450,6 +450,10 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
     seen: dict = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:  # a list or mapping as a key: SafeLoader's own error says so
+            break
         if key in seen:
             raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
                               f"(first on line {seen[key] + 1})")

@@ -13,7 +13,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "demo_tiny_gpt.yaml"
 
 
 def resolve_config_path(name: str | None) -> Path:
-    """A path, or the name of a bundled config (``demo_tiny_gpt``, ``paper/sch1_b``...)."""
+    """A path, or the name of a bundled config (``demo_tiny_gpt``, ``paper/bert_base_sch1``...)."""
     return DEFAULT_CONFIG if name is None else _resolve(name)
 
 
