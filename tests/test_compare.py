@@ -85,6 +85,16 @@ def test_msg_compare_names_the_bad_metrics_line(two_runs, tmp_path, capsys, line
     run = tmp_path / "run"
     shutil.copytree(root / "full", run)
     first = (run / "metrics.jsonl").read_text().splitlines(keepends=True)[0]
-    (run / "metrics.jsonl").write_text(first + line)
+    (run / "metrics.jsonl").write_text(first + line + first)  # a bad line before the last: damage, named
     assert msg_compare([str(run)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_msg_compare_reads_past_a_torn_last_line(two_runs, tmp_path, capsys):
+    root, _, _ = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "full", run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 99, "lo')  # a write cut by a kill
+    assert msg_compare([str(run)]) == 0
+    assert "the last line is cut off" in capsys.readouterr().err

@@ -17,19 +17,33 @@ files let a run write and read its state one logical tensor at a time, so no
 process ever holds the whole logical state (DESIGN.md: a 101B checkpoint never
 has to fit in one process's memory).
 
-The directory is written under a temporary name and renamed into place, then
-``latest`` (a one-line file) is replaced atomically, so a kill at any moment
-leaves either the previous or the new checkpoint, never a torn one.
+Integrity.  Every file is checksummed (CRC-32) as it is written and fsynced; the
+last file written is ``manifest.json`` (every file's size and checksum), then the
+directory is fsynced and renamed into place from its temporary name, and
+``latest`` (a one-line file) is replaced atomically.  So a kill at any moment
+leaves the previous checkpoints and at most a ``.tmp-*`` directory, which the next
+run removes, never a torn checkpoint under a final name.  A checkpoint counts as
+complete when its manifest is there and every file has its size (cheap:
+``checkpoint_damage``); every file read is checked against its checksum, and a
+mismatch names the file.  The newest complete checkpoint is the one to resume
+(``find_latest``): a damaged newer one is reported by name and skipped, a missing
+``latest`` is no reason to start over, and a run directory whose checkpoints are
+all damaged is an error, never a silent restart from step 0.  A step is never
+saved twice.
 
 Checkpoints of the first format (``megatron_msg.logical/1``: every tensor in one
-``state.pt``) are still read.
+``state.pt``) and those written before manifests are still read (without checksums).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +52,9 @@ import torch
 FORMAT = "megatron_msg.logical/2"
 LEGACY_FORMAT = "megatron_msg.logical/1"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "step_offset")
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_CHUNK = 16 << 20  # bytes read at a time when checksumming a file
 
 
 class CheckpointError(RuntimeError):
@@ -53,8 +70,60 @@ class LogicalTensor(NamedTuple):
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class _ChecksumWriter:
+    """A write-only file wrapper that counts and CRC-32s what ``torch.save`` streams through it."""
+
+    def __init__(self, f):
+        self._f, self.bytes, self.crc = f, 0, 0
+
+    def write(self, data) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.bytes += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _save_file(obj, path: Path) -> dict:
+    """``torch.save`` to a new file, fsynced; returns its manifest entry (size and CRC-32)."""
+    with open(path, "xb") as f:
+        out = _ChecksumWriter(f)
+        torch.save(obj, out)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": out.bytes, "crc32": out.crc}
+
+
+def _write_bytes(data: bytes, path: Path) -> dict:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _tensor_dir(root: Path, name: str) -> Path:
@@ -63,23 +132,25 @@ def _tensor_dir(root: Path, name: str) -> Path:
     return root / "tensors" / name
 
 
-def _write_tensors(root: Path, tensors: Iterable[LogicalTensor]) -> dict[str, dict]:
-    """Write each tensor (and its moments) as it arrives; returns the index for state.pt."""
+def _write_tensors(root: Path, tensors: Iterable[LogicalTensor], files: dict[str, dict]) -> dict[str, dict]:
+    """Write each tensor (and its moments) as it arrives; returns the index for state.pt and adds
+    every file written to ``files`` (the manifest: relative path -> size and checksum)."""
     index: dict[str, dict] = {}
     for name, value, opt in tensors:
         if name in index:
             raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint stream")
         d = _tensor_dir(root, name)
         d.mkdir(parents=True)
-        torch.save(value.detach().contiguous(), d / "fp32.pt")
+        files[f"tensors/{name}/fp32.pt"] = _save_file(value.detach().contiguous(), d / "fp32.pt")
         entry: dict = {"shape": list(value.shape), "optimizer": None}
         if opt is not None:
             keys = [k for k in MOMENT_KEYS if opt.get(k) is not None]
             for k in keys:
-                torch.save(opt[k].detach().contiguous(), d / f"{k}.pt")
+                files[f"tensors/{name}/{k}.pt"] = _save_file(opt[k].detach().contiguous(), d / f"{k}.pt")
             entry["optimizer"] = {"step": int(opt["step"]), "max_offset": int(opt.get("max_offset", 0)),
                                   "keys": keys}
         index[name] = entry
+        _fsync_dir(d)
     return index
 
 
@@ -88,64 +159,228 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, meta: dict, keep: int
     """Write ``state`` (small, picklable) and the streamed ``tensors``; returns the final directory.
 
     ``tensors`` is consumed lazily, one logical tensor at a time (under
-    parallelism each item is produced by collectives, see Trainer.save).
+    parallelism each item is produced by collectives, see Trainer.save).  A complete
+    checkpoint of the same step is never written over (CheckpointError); a damaged one
+    (``checkpoint_damage``) is replaced.
     """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
+    if final.exists() and checkpoint_damage(final) is None:
+        raise CheckpointError(f"{final} already exists and is complete: a step is never saved twice")
     tmp = root / f".tmp-step_{step:08d}.{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    index = _write_tensors(tmp, tensors)
-    torch.save({"format": FORMAT, **state, "tensors": index}, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    files: dict[str, dict] = {}
+    index = _write_tensors(tmp, tensors, files)
+    files["state.pt"] = _save_file({"format": FORMAT, **state, "tensors": index, "manifest": MANIFEST},
+                                   tmp / "state.pt")
+    files["meta.json"] = _write_bytes(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2).encode(),
+                                      tmp / "meta.json")
+    # Written last: a directory with a manifest has every file it lists.
+    _write_bytes(json.dumps({"format": FORMAT, "step": step, "files": files}).encode(), tmp / MANIFEST)
+    _fsync_dir(tmp)
+    if final.exists():  # damaged (checked above): set aside, removed once the new one is in place
+        aside = root / f".damaged-{final.name}.{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
     _atomic_write_text(root / "latest", final.name + "\n")
-    _prune(root, keep, final.name)
+    _prune(root, keep)
     return final
 
 
-def _prune(root: Path, keep: int, newest: str) -> None:
-    ckpts = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in ckpts[:-keep]:
-        if old.name != newest:
-            shutil.rmtree(old, ignore_errors=True)
+def _step_dirs(root: Path) -> list[Path]:
+    """``step_*`` checkpoint directories, newest first."""
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)), reverse=True)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
+def _prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones, and damaged ones older
+    than the newest complete one (a damaged one is never counted as kept)."""
+    complete = 0
+    for path in _step_dirs(root):
+        if checkpoint_damage(path) is None:
+            complete += 1
+            if complete > keep:
+                shutil.rmtree(path, ignore_errors=True)
+        elif complete:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[str]:
+    """Remove what killed saves left (``.tmp-*`` and ``.damaged-*`` directories); returns their names.
+
+    Only for a run directory no process is writing to (the trainer calls it on rank 0 at start).
+    """
     root = Path(out_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
+    removed = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".damaged-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def remove_checkpoints(out_dir: Path) -> list[str]:
+    """Remove every checkpoint of a run directory (a run started over with ``--no-resume``)."""
+    root = Path(out_dir) / "checkpoints"
+    removed = [p.name for p in _step_dirs(root)]
+    for name in removed:
+        shutil.rmtree(root / name, ignore_errors=True)
+    if (root / "latest").is_file():
+        (root / "latest").unlink()
+    return removed
+
+
+def _load_manifest(path: Path) -> dict | None:
+    """The manifest of a checkpoint directory; None for one written before manifests."""
+    file = path / MANIFEST
+    if not file.exists():
         return None
-    path = root / pointer.read_text().strip()
-    if not (path / "state.pt").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which has no state.pt: "
-                              f"the checkpoint directory is damaged")
-    return path
+    try:
+        manifest = json.loads(file.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise ValueError("no files table")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable manifest ({exc})") from None
+    return manifest
 
 
-def _read(file: Path):
-    try:  # weights_only: plain containers and tensors, no pickled code
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint directory ``path`` is not complete, or None when it is.
+
+    Complete: its manifest lists the step of its name and every file it lists is there with
+    its size (contents are checked against the checksums when read).  A directory written
+    before manifests is complete when it has its state.pt.
+    """
+    path = Path(path)
+    try:
+        manifest = _load_manifest(path)
+    except CheckpointError as exc:
+        return str(exc).split(": ", 1)[1]
+    if manifest is None:
+        if not (path / "state.pt").is_file():
+            return "no state.pt and no manifest.json (an unfinished save?)"
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - unreadable is damaged, whatever the reason
+            return "state.pt is unreadable and there is no manifest.json"
+        if isinstance(state, dict) and state.get("manifest"):
+            return f"{MANIFEST} is missing"  # written by a version that writes one
+        return None  # written before manifests: nothing more to check
+    m = STEP_DIR.match(path.name)
+    if m and manifest.get("step") != int(m.group(1)):
+        return f"its manifest is for step {manifest.get('step')}, not {int(m.group(1))}"
+    for rel, entry in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{rel} is {size} bytes, the manifest says {entry.get('bytes')} (truncated or overwritten)"
+    return None
+
+
+@dataclass
+class LatestCheckpoint:
+    """The newest complete checkpoint of a run directory (None: the run has none) and the newer
+    ones skipped as damaged, as (directory name, reason)."""
+    path: Path | None
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        taken = self.path.name if self.path is not None else "none"
+        return [f"checkpoint {name} is damaged ({why}); resuming from the newest complete one, {taken}"
+                for name, why in self.damaged]
+
+
+def find_latest(out_dir: Path) -> LatestCheckpoint:
+    """The checkpoint a run directory resumes from: its newest complete one.
+
+    Raises CheckpointError when the directory has checkpoints (or a ``latest`` pointer) but
+    none is complete: starting over from step 0 is never silent (``--no-resume`` does it).
+    """
+    root = Path(out_dir) / "checkpoints"
+    damaged = []
+    for path in _step_dirs(root):
+        why = checkpoint_damage(path)
+        if why is None:
+            return LatestCheckpoint(path, damaged)
+        damaged.append((path.name, why))
+    pointer = root / "latest"
+    if damaged or pointer.is_file():
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        detail = "; ".join(f"{n}: {w}" for n, w in damaged) or f"{pointer} names {named}, which does not exist"
+        raise CheckpointError(f"{out_dir} has checkpoints but none is complete ({detail}); start over with "
+                              f"--no-resume, or resume a copy with --resume-from CHECKPOINT")
+    return LatestCheckpoint(None)
+
+
+def previous_complete(out_dir: Path, before: Path) -> Path | None:
+    """The newest complete checkpoint of ``out_dir`` older than the checkpoint ``before``."""
+    m = STEP_DIR.match(Path(before).name)
+    limit = int(m.group(1)) if m else None
+    for path in _step_dirs(Path(out_dir) / "checkpoints"):
+        step = int(STEP_DIR.match(path.name).group(1))
+        if (limit is None or step < limit) and checkpoint_damage(path) is None:
+            return path
+    return None
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(out_dir: Path, report: Callable[[str], None] | None = _stderr) -> Path | None:
+    """The newest complete checkpoint of ``out_dir`` (None when it has none); each damaged newer one
+    is passed to ``report`` (default: a warning on stderr).  See ``find_latest``."""
+    found = find_latest(out_dir)
+    if report is not None:
+        for message in found.warnings():
+            report(message)
+    return found.path
+
+
+def _read(file: Path, expect: dict | None = None):
+    """``torch.load`` a checkpoint file, first checking its size and CRC-32 against ``expect``
+    (its manifest entry; None for a checkpoint written before manifests)."""
+    try:
+        if expect is not None:
+            size = file.stat().st_size
+            if size != expect["bytes"]:
+                raise CheckpointError(f"{file}: {size} bytes, the manifest says {expect['bytes']} (truncated or "
+                                      f"overwritten)")
+            crc = file_crc32(file)
+            if crc != expect["crc32"]:
+                raise CheckpointError(f"{file}: checksum mismatch (crc32 {crc:08x}, the manifest says "
+                                      f"{expect['crc32']:08x}): the file is damaged")
+        # weights_only: plain containers and tensors, no pickled code
         return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing from the checkpoint (the directory is damaged)") from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # truncated or foreign file
-        raise CheckpointError(f"{file}: cannot read checkpoint ({exc})") from None
+        raise CheckpointError(f"{file}: cannot read checkpoint ({' '.join(str(exc).split())})") from None
 
 
 class _TensorFiles(Mapping):
     """Logical parameters and masks of a checkpoint, each read from its file when asked for."""
 
-    def __init__(self, root: Path, index: dict[str, dict]):
-        self._root, self._index = root, index
+    def __init__(self, root: Path, index: dict[str, dict], files: dict[str, dict] | None):
+        self._root, self._index, self._files = root, index, files
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._index:
             raise KeyError(name)
-        t = _read(_tensor_dir(self._root, name) / "fp32.pt")
+        t = _read(_tensor_dir(self._root, name) / "fp32.pt", _entry(self._files, f"tensors/{name}/fp32.pt"))
         want = tuple(self._index[name]["shape"])
         if not torch.is_tensor(t) or tuple(t.shape) != want:
             got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
@@ -159,11 +394,20 @@ class _TensorFiles(Mapping):
         return len(self._index)
 
 
+def _entry(files: dict[str, dict] | None, rel: str) -> dict | None:
+    """The manifest entry of ``rel``; a checkpoint with a manifest lists every file it has."""
+    if files is None:
+        return None
+    if rel not in files:
+        raise CheckpointError(f"{rel}: not in the checkpoint's manifest (the index and the manifest disagree)")
+    return files[rel]
+
+
 class _MomentFiles(Mapping):
     """Logical AdamW state by parameter name, read from the tensor directories when asked for."""
 
-    def __init__(self, root: Path, index: dict[str, dict]):
-        self._root = root
+    def __init__(self, root: Path, index: dict[str, dict], files: dict[str, dict] | None):
+        self._root, self._files = root, files
         self._entries = {n: e["optimizer"] for n, e in index.items() if e.get("optimizer") is not None}
 
     def __getitem__(self, name: str) -> dict:
@@ -171,7 +415,7 @@ class _MomentFiles(Mapping):
         d = _tensor_dir(self._root, name)
         st = {"step": entry["step"], "max_offset": entry["max_offset"], "step_offset": None}
         for key in entry["keys"]:
-            st[key] = _read(d / f"{key}.pt")
+            st[key] = _read(d / f"{key}.pt", _entry(self._files, f"tensors/{name}/{key}.pt"))
         return st
 
     def __iter__(self) -> Iterator[str]:
@@ -194,7 +438,12 @@ def open_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     root = path if path.is_dir() else path.parent
     file = root / "state.pt"
-    state = _read(file)
+    why = checkpoint_damage(root) if (root / MANIFEST).exists() else None
+    if why is not None:
+        raise CheckpointError(f"{root}: damaged checkpoint: {why}")
+    manifest = _load_manifest(root)
+    files = None if manifest is None else manifest["files"]
+    state = _read(file, _entry(files, "state.pt"))
     fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
     if fmt == LEGACY_FORMAT:  # everything in state.pt
         state = dict(state)
@@ -204,4 +453,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
                               f"expected {FORMAT!r} or {LEGACY_FORMAT!r})")
     state = dict(state)
     index = state.pop("tensors")
-    return Checkpoint(root, state, _TensorFiles(root, index), _MomentFiles(root, index))
+    state.pop("manifest", None)
+    if manifest is not None and manifest.get("step") != state.get("step"):
+        raise CheckpointError(f"{root}: state.pt is for step {state.get('step')}, the manifest for step "
+                              f"{manifest.get('step')} (files from two checkpoints)")
+    return Checkpoint(root, state, _TensorFiles(root, index, files), _MomentFiles(root, index, files))

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(ap)
     ap.add_argument("--out-dir", help="run directory (default: train.out_dir)")
     ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run directory")
+    ap.add_argument("--resume-from", metavar="CHECKPOINT",
+                    help="resume from this checkpoint directory instead of the run directory's newest complete one")
     ap.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps of this invocation")
     ap.add_argument("--validate", action="store_true", help="only validate the config and print the schedule")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
@@ -87,13 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     except (TopologyError, RuntimeError) as exc:
         print(f"msg-train: rank {env.rank}: {exc}", file=sys.stderr)
         return 2
+    from megatron_msg.checkpoint.io import CheckpointError
+    from megatron_msg.training.metrics import MetricsError
     from megatron_msg.training.trainer import Trainer, TrainingDivergedError
     try:
         try:
             trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
-                              progress=False if args.no_progress else None, parallel=ps)
+                              progress=False if args.no_progress else None, parallel=ps,
+                              resume_from=args.resume_from)
         except ConfigError as exc:  # found while opening the data (e.g. a tokenizer that does not match it)
             print(f"msg-train: config error: {exc}", file=sys.stderr)
+            return 2
+        except CheckpointError as exc:  # a damaged checkpoint, or one that does not fit the config
+            print(f"msg-train: checkpoint error: {exc}", file=sys.stderr)
+            return 2
+        except MetricsError as exc:  # a metrics.jsonl damaged before its last line
+            print(f"msg-train: {exc}", file=sys.stderr)
             return 2
         try:
             result = trainer.run(max_steps=args.max_steps)

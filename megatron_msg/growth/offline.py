@@ -23,12 +23,13 @@ import os
 from pathlib import Path
 
 from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, latest_checkpoint,
-                                        open_checkpoint, save_checkpoint)
+                                        open_checkpoint, remove_stale_temporaries, save_checkpoint)
 from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
 from megatron_msg.growth.apply import spec_for_stage, stream_growth
 from megatron_msg.growth.operators import GrowthSpec, plan_growth
 from megatron_msg.growth.optimizer_state import check_rule
 from megatron_msg.growth.ramp import MaskRamp
+from megatron_msg.jsonl import iter_jsonl
 from megatron_msg.model.init import logical_num_parameters, logical_shapes
 
 
@@ -91,8 +92,9 @@ def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path) -> 
     if out_dir.resolve() == _run_dir_of(path).resolve():
         raise OfflineGrowthError(f"--out-dir {out_dir} is the source run directory: the grown checkpoint has the "
                                  f"same step and would replace the one it is grown from; choose another directory")
+    remove_stale_temporaries(out_dir)  # what a killed msg-grow left in it
     existing = out_dir / "checkpoints"
-    if existing.is_dir() and any(existing.iterdir()):
+    if existing.is_dir() and any(p.name.startswith("step_") or p.name == "latest" for p in existing.iterdir()):
         raise OfflineGrowthError(f"--out-dir {out_dir} already holds checkpoints; choose an empty directory")
     try:
         ckpt = open_checkpoint(path)
@@ -108,9 +110,11 @@ def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path) -> 
     parameters = logical_num_parameters(new_cfg)
     meta = {"shape": str(new_cfg.shape), "stage_index": state["stage_index"], "parameters": parameters,
             "grown_offline_from": str(path)}
+    # Read before anything is written: a source whose metrics cannot be read leaves no output behind.
+    metrics = _carried_metrics(_run_dir_of(path), stage, new_cfg, parameters)
     written = save_checkpoint(out_dir, state["step"], state, meta, cfg.train.keep_checkpoints,
                               _grown_tensors(ckpt, mcfg, spec, rule))
-    _carry_metrics(_run_dir_of(path), out_dir, stage, new_cfg, parameters)
+    _write_metrics(out_dir, metrics)
     return OfflineGrowthResult(written, stage, parameters)
 
 
@@ -135,18 +139,22 @@ def _grown_state(old: dict, cfg: RunConfig, new_cfg: ModelConfig, stage: Resolve
             "config": cfg.to_dict()}
 
 
-def _carry_metrics(src_run: Path, out_dir: Path, stage: ResolvedStage, new_cfg: ModelConfig, parameters: int) -> None:
-    """The source run's metrics before the growth step, plus a growth record (atomic write)."""
+def _carried_metrics(src_run: Path, stage: ResolvedStage, new_cfg: ModelConfig, parameters: int) -> list[str]:
+    """The source run's metrics before the growth step (a torn last line left out), plus a growth record."""
     lines = []
     src = src_run / "metrics.jsonl"
     if src.is_file():
-        for line in src.read_text().splitlines():
-            if line.strip() and json.loads(line).get("step", -1) < stage.at_step:
-                lines.append(line)
+        for _, rec in iter_jsonl(src, OfflineGrowthError, torn_tail_ok=True):
+            if isinstance(rec, dict) and rec.get("step", -1) < stage.at_step:
+                lines.append(json.dumps(rec))
     lines.append(json.dumps({"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
                              "shape": str(new_cfg.shape), "parameters": parameters,
                              "layout": "tp{} x pp{} x dp{}".format(*stage.layout), "phi": stage.phi,
                              "rewind_lr": stage.rewind_lr, "offline": True}))
+    return lines
+
+
+def _write_metrics(out_dir: Path, lines: list[str]) -> None:
     path = out_dir / "metrics.jsonl"
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")

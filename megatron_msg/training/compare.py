@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
+from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, open_checkpoint
 from megatron_msg.config import RunConfig, config_from_dict
 from megatron_msg.growth.plan import StagePlan, plan_schedule
 from megatron_msg.jsonl import iter_jsonl
@@ -54,12 +54,15 @@ def load_run(path: str | Path, name: str | None = None) -> RunCurves:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise CompareError(f"{path}: no metrics.jsonl (not a msg-train run directory)")
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise CompareError(f"{path}: no checkpoint, so no record of the run's config and schedule")
-    cfg = config_from_dict(open_checkpoint(ckpt).state["config"], check=False)
+    try:
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise CompareError(f"{path}: no checkpoint, so no record of the run's config and schedule")
+        cfg = config_from_dict(open_checkpoint(ckpt).state["config"], check=False)
+    except CheckpointError as exc:
+        raise CompareError(str(exc)) from None
     run = RunCurves(name or path.name, path, cfg, plan_schedule(cfg))
-    for line_no, rec in iter_jsonl(metrics, CompareError):
+    for line_no, rec in iter_jsonl(metrics, CompareError, torn_tail_ok=True):
         if not isinstance(rec, dict):
             raise CompareError(f"{metrics}:{line_no}: not a metrics record (a JSON object)")
         kind = rec.get("kind")

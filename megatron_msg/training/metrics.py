@@ -5,6 +5,12 @@ import json
 import os
 from pathlib import Path
 
+from megatron_msg.jsonl import iter_jsonl
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be read (the message names the file and line)."""
+
 
 class MetricsLog:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
@@ -39,7 +45,8 @@ class MetricsLog:
                 return True
             return record.get("step", -1) < step
 
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+        # A last line cut by a kill is dropped (with a warning): the step it logged is rerun.
+        keep = [json.dumps(rec) for _, rec in iter_jsonl(self.path, MetricsError, torn_tail_ok=True) if kept(rec)]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -58,7 +65,7 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [rec for _, rec in iter_jsonl(self.path, MetricsError, torn_tail_ok=True)]
 
     def close(self) -> None:
         if self.writer is not None:

@@ -30,8 +30,9 @@ import torch
 
 import torch.distributed as dist
 
-from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, latest_checkpoint,
-                                        open_checkpoint, save_checkpoint)
+from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, checkpoint_damage, find_latest,
+                                        latest_checkpoint, open_checkpoint, previous_complete, remove_checkpoints,
+                                        remove_stale_temporaries, save_checkpoint)
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
@@ -133,7 +134,8 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = True,
-                 progress: bool | None = None, parallel: ParallelState | None = None):
+                 progress: bool | None = None, parallel: ParallelState | None = None,
+                 resume_from: str | Path | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir or cfg.train.out_dir)
         self.ps = parallel or ParallelState.single(resolve_device(cfg.train.device))
@@ -157,11 +159,22 @@ class Trainer:
         t = cfg.train
 
         self.metrics = MetricsLog(self.out_dir, t.tensorboard and self.is_main, enabled=self.is_main)
-        ckpt_path = latest_checkpoint(self.out_dir) if resume else None
+        if self.is_main:  # what killed saves left; nobody writes this directory yet
+            for name in remove_stale_temporaries(self.out_dir):
+                self._log_console(f"removed {self.out_dir / 'checkpoints' / name}, left by an interrupted save")
+        ckpt_path = self._checkpoint_to_resume(resume, resume_from)
+        self._saved_step = None  # the step of the last checkpoint this run wrote or resumed (never twice)
         if ckpt_path is not None:
             ckpt = open_checkpoint(ckpt_path)
             self._use_layout(self.layout_of(ckpt.state["stage_index"]))  # the layout the run had reached
-            self._restore(ckpt)
+            try:
+                self._restore(ckpt)
+            except CheckpointError as exc:  # a file whose contents are damaged: offer the one before
+                older = previous_complete(self.out_dir, ckpt_path)
+                offer = (f"; the newest complete checkpoint before it is {older}: resume it with --resume-from {older}"
+                         if older is not None else "")
+                raise CheckpointError(f"{exc}{offer}") from None
+            self._saved_step = self.step
         else:
             self.model = build_model(cfg.model, self.placement, seed=t.seed, device=self.device)
             self.optimizer = self._build_optimizer(self.model)
@@ -171,6 +184,28 @@ class Trainer:
         self._wrap_model()
 
     # ------------------------------------------------------------------ state
+
+    def _checkpoint_to_resume(self, resume: bool, resume_from: str | Path | None) -> Path | None:
+        """``resume_from``, else the run directory's newest complete checkpoint (damaged newer ones
+        are named in a warning), else None (a fresh run)."""
+        if resume_from is not None:
+            path = Path(resume_from)
+            why = checkpoint_damage(path) if path.is_dir() else f"{path} is not a checkpoint directory"
+            if why is not None:
+                raise CheckpointError(f"--resume-from {path}: {why}")
+            return path
+        if not resume:
+            if self.is_main:  # starting over: the previous run's checkpoints would be resumed by mistake later
+                removed = remove_checkpoints(self.out_dir)
+                if removed:
+                    self._log_console(f"starting over (--no-resume): removed the previous run's {len(removed)} "
+                                      f"checkpoint(s) in {self.out_dir / 'checkpoints'}")
+            self._barrier_if_joined()
+            return None
+        found = find_latest(self.out_dir)
+        for message in found.warnings():
+            self._log_console(f"warning: {message}")
+        return found.path
 
     def _wrap_model(self) -> None:
         self.model.train()
@@ -288,6 +323,8 @@ class Trainer:
         writes each logical tensor as soon as it is gathered and drops it.  Under ZeRO
         every replica joins in (each holds part of the Adam state: training/zero.py).
         """
+        if self._saved_step == self.step:  # e.g. stopped right after a periodic save: it is on disk
+            return self.out_dir / "checkpoints" / f"step_{self.step:08d}" if self.is_main else None
         gathers = self.ps.dp_rank == 0 or self.zero_stage > 0
         tensors = self.logical_tensors() if gathers else iter(())
         path = None
@@ -299,11 +336,17 @@ class Trainer:
         else:
             for _ in tensors:  # the collectives of the gathers rank 0 writes
                 pass
+        self._saved_step = self.step
         self._barrier()  # nobody reads "latest" before it exists
         return path
 
     def _barrier(self) -> None:
         if self.ps.topology.world_size > 1:
+            dist.barrier()
+
+    def _barrier_if_joined(self) -> None:
+        """A barrier when this is a multi-process run (before the model exists, ``self.ps`` may be the single one)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
     # ------------------------------------------------------------------ steps
@@ -372,7 +415,7 @@ class Trainer:
         """Count a skipped non-finite step, or raise once the config's allowance is spent."""
         allowed = self.cfg.train.skip_nonfinite_steps
         if self.nonfinite_skipped >= allowed:
-            last = latest_checkpoint(self.out_dir)
+            last = latest_checkpoint(self.out_dir, report=None)
             raise TrainingDivergedError(
                 f"step {step}: the gradient norm is {norm.item()} (loss {loss.item():.4g}) and "
                 f"{self.nonfinite_skipped} of train.skip_nonfinite_steps={allowed} non-finite steps were "
