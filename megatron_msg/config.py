@@ -279,6 +279,10 @@ class ParallelConfig:
     # ZeRO over the data-parallel group (training/zero.py): 0 off; 1 Adam state partitioned;
     # 2 Adam state and gradients partitioned.  Checkpoints do not depend on it.
     zero_stage: int = 0
+    # Seconds a collective waits for the other ranks before it fails: a hung or dead rank becomes
+    # an error on every other rank within this time (msg-train exit code 4), not a silent stall.
+    # It must exceed the longest legitimate wait: a checkpoint save or a growth on rank 0.
+    timeout_s: float = 1800.0
 
     def layout_parts(self, tp: int | None = None) -> int:
         """Blocks for a growth into a layout with ``tp`` (default: this section's tp)."""
@@ -713,6 +717,8 @@ def _validate_data(cfg: RunConfig, check_files: bool = True) -> None:
         _check(m.seq_len >= 5, "model.seq_len", f"BERT samples ([CLS] A [SEP] B [SEP]) need >= 5, got {m.seq_len}")
     if not check_files:
         return
+    if dc.format == "jsonl" and dc.path != "bundled":
+        _check(Path(dc.path).is_file(), "data.path", f"no such file {dc.path!r} (a jsonl corpus, or 'bundled')")
     for name in ("tokenizer_model", "merges_file"):
         value = getattr(dc, name)
         _check(value is None or Path(value).is_file(), f"data.{name}", f"no such file {value!r}")
@@ -775,6 +781,7 @@ def _validate_parallel(cfg: RunConfig) -> None:
     _check(p.growth_layout_parts >= 0, "parallel.growth_layout_parts", "must be >= 0 (0: the TP size)")
     _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
     _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage!r}")
+    _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     if p.sequence_parallel:
         _check(p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",

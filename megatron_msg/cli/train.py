@@ -69,9 +69,6 @@ def main(argv: list[str] | None = None) -> int:
                     help=argparse.SUPPRESS)  # appended by the deepspeed launcher; LOCAL_RANK wins
     args = ap.parse_args(argv)
 
-    cfg = load_cli_config("msg-train", args)
-    if cfg is None:
-        return 2
     from megatron_msg.parallel.launch import LaunchEnv, init_parallel, shutdown
     from megatron_msg.parallel.topology import TopologyError
     try:
@@ -80,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msg-train: launch error: {exc}", file=sys.stderr)
         return 2
     main_rank = env.rank == 0
+    # Every rank reads the same config: one of them says what is wrong with it.
+    cfg = load_cli_config("msg-train", args, quiet=not main_rank)
+    if cfg is None:
+        return 2
     if main_rank:
         print(describe_schedule(cfg), flush=True)
     if args.validate:
@@ -89,32 +90,44 @@ def main(argv: list[str] | None = None) -> int:
     except (TopologyError, RuntimeError) as exc:
         print(f"msg-train: rank {env.rank}: {exc}", file=sys.stderr)
         return 2
-    from megatron_msg.checkpoint.io import CheckpointError
-    from megatron_msg.training.metrics import MetricsError
-    from megatron_msg.training.trainer import Trainer, TrainingDivergedError
     try:
-        try:
-            trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
-                              progress=False if args.no_progress else None, parallel=ps,
-                              resume_from=args.resume_from)
-        except ConfigError as exc:  # found while opening the data (e.g. a tokenizer that does not match it)
-            print(f"msg-train: config error: {exc}", file=sys.stderr)
-            return 2
-        except CheckpointError as exc:  # a damaged checkpoint, or one that does not fit the config
-            print(f"msg-train: checkpoint error: {exc}", file=sys.stderr)
-            return 2
-        except MetricsError as exc:  # a metrics.jsonl damaged before its last line
-            print(f"msg-train: {exc}", file=sys.stderr)
-            return 2
-        try:
-            result = trainer.run(max_steps=args.max_steps)
-        except TrainingDivergedError as exc:
-            if main_rank:
-                print(f"msg-train: training diverged: {exc}", file=sys.stderr)
-            return 3
+        return _train(cfg, args, ps, env.rank)
     finally:
         shutdown()
-    if main_rank:
+
+
+def _train(cfg, args, ps, rank: int) -> int:
+    """Build the trainer and run it; every failure a user can act on is one line and an exit code
+    (docs/user_guide.md, "Exit codes").  Errors another rank may not see name this rank."""
+    from megatron_msg.checkpoint.io import CheckpointError
+    from megatron_msg.parallel.failures import describe_peer_failure, is_peer_failure
+    from megatron_msg.training.metrics import MetricsError
+    from megatron_msg.training.trainer import Trainer, TrainingDivergedError
+    who = f"rank {rank}: " if ps.topology.world_size > 1 else ""
+    try:
+        trainer = Trainer(cfg, out_dir=args.out_dir, resume=not args.no_resume,
+                          progress=False if args.no_progress else None, parallel=ps,
+                          resume_from=args.resume_from)
+        result = trainer.run(max_steps=args.max_steps)
+    except ConfigError as exc:  # found while opening the data (e.g. a tokenizer that does not match it)
+        print(f"msg-train: {who}config error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:  # a damaged checkpoint, or one that does not fit the config
+        print(f"msg-train: {who}checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    except MetricsError as exc:  # a metrics.jsonl damaged before its last line
+        print(f"msg-train: {who}{exc}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as exc:
+        if rank == 0:
+            print(f"msg-train: training diverged: {exc}", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            raise  # a bug: the traceback is the report
+        print(f"msg-train: {describe_peer_failure(exc, rank, ps.timeout_s)}", file=sys.stderr)
+        return 4
+    if rank == 0:
         last = result.valid_losses[max(result.valid_losses)] if result.valid_losses else float("nan")
         print(f"done: step {result.final_step}/{cfg.train.steps}, final shape {result.shape}, "
               f"last validation loss {last:.4f}; run directory {result.out_dir}")

@@ -52,9 +52,9 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_parallel(cfg: ParallelConfig, device_name: str, env: LaunchEnv,
-                  timeout_s: float = 1800.0) -> ParallelState:
-    """Check the layout against the launch, join the process group, build every group."""
+def init_parallel(cfg: ParallelConfig, device_name: str, env: LaunchEnv) -> ParallelState:
+    """Check the layout against the launch, join the process group, build every group; every
+    collective fails after ``cfg.timeout_s`` seconds (a hung or dead rank, parallel/failures.py)."""
     topo = Topology(cfg.tp, cfg.pp, cfg.dp)
     if env.world_size != topo.world_size:
         raise TopologyError(f"the launcher started {env.world_size} process(es) but parallel.tp * pp * dp = "
@@ -62,14 +62,14 @@ def init_parallel(cfg: ParallelConfig, device_name: str, env: LaunchEnv,
                             f"{topo.world_size} (torchrun --nproc-per-node {topo.world_size}) or change parallel.*")
     device = pick_device(device_name, env.local_rank)
     if env.world_size == 1:
-        return ParallelState(topology=topo, device=device)
+        return ParallelState(topology=topo, device=device, timeout_s=cfg.timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
-    return ParallelState.create(topo, device)
+                                timeout=timedelta(seconds=cfg.timeout_s))
+    return ParallelState.create(topo, device, cfg.timeout_s)
 
 
 def shutdown() -> None:

@@ -13,6 +13,7 @@ code runs on one CPU and on a cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,11 +61,15 @@ class Topology:
         return [[self.rank_of(t, p, d) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
 
 
-def _new_groups(all_groups: list[list[int]], rank: int):
-    """Create every group (collective: all ranks must call it in the same order); return ours."""
+def _new_groups(all_groups: list[list[int]], rank: int, timeout_s: float):
+    """Create every group (collective: all ranks must call it in the same order); return ours.
+
+    ``timeout_s`` is passed explicitly: a new group does not inherit the default group's timeout
+    (torch gives it its own 30-minute default), and it is what bounds the wait for a hung rank.
+    """
     mine = None
     for ranks in all_groups:
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
         if rank in ranks:
             mine = g
     return mine
@@ -82,30 +87,32 @@ class ParallelState:
     dp_group: object = None
     mp_group: object = None
     embed_group: object = None  # first + last pipeline stage (tied embedding), pp > 1 only
+    timeout_s: float = 1800.0   # every group's collective timeout (parallel.timeout_s)
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "ParallelState":
         return cls(device=torch.device(device))
 
     @classmethod
-    def create(cls, topology: Topology, device: torch.device | str) -> "ParallelState":
-        """Build every process group of ``topology`` (torch.distributed must be initialised)."""
+    def create(cls, topology: Topology, device: torch.device | str, timeout_s: float = 1800.0) -> "ParallelState":
+        """Build every process group of ``topology`` (torch.distributed must be initialised), each
+        with collectives that fail after ``timeout_s`` seconds."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != topology.world_size:
             raise TopologyError(f"world size {world} != parallel.tp * pp * dp = {topology.tp} * "
                                 f"{topology.pp} * {topology.dp} = {topology.world_size}")
         if world == 1:
-            return cls(topology=topology, device=torch.device(device))
+            return cls(topology=topology, device=torch.device(device), timeout_s=timeout_s)
         rank = dist.get_rank()
         t = topology
-        state = cls(topology=t, rank=rank, device=torch.device(device))
-        state.tp_group = _new_groups(t.tp_groups(), rank)
-        state.pp_group = _new_groups(t.pp_groups(), rank)
-        state.dp_group = _new_groups(t.dp_groups(), rank)
-        state.mp_group = _new_groups(t.mp_groups(), rank)
+        state = cls(topology=t, rank=rank, device=torch.device(device), timeout_s=timeout_s)
+        state.tp_group = _new_groups(t.tp_groups(), rank, timeout_s)
+        state.pp_group = _new_groups(t.pp_groups(), rank, timeout_s)
+        state.dp_group = _new_groups(t.dp_groups(), rank, timeout_s)
+        state.mp_group = _new_groups(t.mp_groups(), rank, timeout_s)
         if t.pp > 1:
             embed = [[g[0], g[-1]] for g in t.pp_groups()]
-            state.embed_group = _new_groups(embed, rank)
+            state.embed_group = _new_groups(embed, rank, timeout_s)
         return state
 
     @property

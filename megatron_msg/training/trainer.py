@@ -19,11 +19,13 @@ checkpoint reproduces the uninterrupted losses, at the same or another layout.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -158,6 +160,8 @@ class Trainer:
         self.train_batches, self.valid_batches = build_batches(cfg)
         t = cfg.train
 
+        if self.is_main:
+            _check_writable(self.out_dir)  # now, not at the first save hours later
         self.metrics = MetricsLog(self.out_dir, t.tensorboard and self.is_main, enabled=self.is_main)
         if self.is_main:  # what killed saves left; nobody writes this directory yet
             for name in remove_stale_temporaries(self.out_dir):
@@ -233,7 +237,7 @@ class Trainer:
         old = self.ps
         topo = Topology(*layout)
         if topo != self.ps.topology:
-            self.ps = ParallelState.create(topo, self.device)
+            self.ps = ParallelState.create(topo, self.device, self.ps.timeout_s)
             self.placement = placement_for(self.ps, self.rng, self.cfg.parallel.sequence_parallel, self.recompute)
         return old
 
@@ -499,7 +503,8 @@ class Trainer:
     def _control_group(self):
         """A gloo group over all ranks for host-side control messages (works beside nccl)."""
         if getattr(self, "_ctrl", None) is None:
-            self._ctrl = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            self._ctrl = (dist.new_group(backend="gloo", timeout=timedelta(seconds=self.ps.timeout_s))
+                          if dist.get_backend() != "gloo" else dist.group.WORLD)
         return self._ctrl
 
     def run(self, max_steps: int | None = None) -> TrainResult:
@@ -580,6 +585,18 @@ class Trainer:
             mask = "" if rec["mask"] is None else f" mask {rec['mask']:.2f}"
             print(f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['shape']}{mask}"
                   f" | {rec['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The run directory and its checkpoints/ can be created and written, or a ConfigError naming it."""
+    probe = Path(out_dir) / "checkpoints"
+    try:
+        probe.mkdir(parents=True, exist_ok=True)
+        test = probe / f".write-test.{os.getpid()}"
+        test.write_bytes(b"")
+        test.unlink()
+    except OSError as exc:
+        raise ConfigError(f"train.out_dir: cannot write to {probe} ({exc.strerror or exc})") from None
 
 
 def _main_thread() -> bool:
