@@ -220,6 +220,16 @@ def _write_cfg(path: Path, **train) -> Path:
     return path
 
 
+def _cli_and_reference(tmp_path: Path) -> tuple[list[str], dict]:
+    """msg-train's command line for the kill tests' config, its environment, and the uninterrupted
+    run of it in ``tmp_path/ref``."""
+    cfg = _write_cfg(tmp_path / "run.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "megatron_msg.cli.train", str(cfg), "--no-progress"]
+    subprocess.run(cmd + ["--out-dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    return cmd, env
+
+
 def _losses(out: Path) -> dict:
     recs = [r for _, r in iter_jsonl(out / "metrics.jsonl", torn_tail_ok=True, warn=lambda m: None)]
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
@@ -227,10 +237,7 @@ def _losses(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_never_leaves_a_partial_checkpoint_taken_as_complete(tmp_path):
-    cfg = _write_cfg(tmp_path / "run.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "megatron_msg.cli.train", str(cfg), "--no-progress"]
-    subprocess.run(cmd + ["--out-dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    cmd, env = _cli_and_reference(tmp_path)
     out, rng = tmp_path / "killed", random.Random(0)
     kills = inside_a_save = 0
     # Start (or resume), kill -9 at a random moment, look at what is on disk; until at least three
@@ -260,10 +267,7 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_checkpoint_taken_as_com
 
 @pytest.mark.slow
 def test_sigterm_then_sigkill_during_the_shutdown_save_leaves_a_resumable_run(tmp_path):
-    cfg = _write_cfg(tmp_path / "run.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "megatron_msg.cli.train", str(cfg), "--no-progress"]
-    subprocess.run(cmd + ["--out-dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    cmd, env = _cli_and_reference(tmp_path)
     out = tmp_path / "preempted"
     for grace in (0.05, 0.5, 3.0):  # a scheduler's preemption: SIGTERM, then SIGKILL after a grace period
         proc = subprocess.Popen(cmd + ["--out-dir", str(out)], env=env, stdout=subprocess.DEVNULL,
