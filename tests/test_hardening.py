@@ -72,15 +72,19 @@ def test_a_hung_rank_is_a_one_line_error_on_the_other_rank_within_the_timeout(tm
     reader.start()
     os.kill(hung, signal.SIGSTOP)  # rank 1 stops answering, as a hung GPU or a stuck filesystem would
     stopped_at = time.time()
+    report = "msg-train: rank 0: a collective failed"
     try:
-        proc.wait(timeout=120)  # the launcher ends the job (it SIGKILLs the stopped rank after its grace period)
-    finally:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(ln.startswith(report) for _, ln in list(lines)):
+            time.sleep(0.05)
+    finally:  # the launcher would wait its SIGTERM grace period (30 s) for the stopped rank: end it now
         try:
             os.kill(hung, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    proc.wait(timeout=60)
     reader.join(timeout=10)
-    when, line = next((t, ln) for t, ln in lines if ln.startswith("msg-train: rank 0: a collective failed"))
+    when, line = next((t, ln) for t, ln in lines if ln.startswith(report))
     assert "another rank is hung or has died" in line and "parallel.timeout_s=6" in line
     assert when - stopped_at < 6 + 5, when - stopped_at  # within the timeout (plus the step it was in)
     assert not any("Traceback" in ln for t, ln in lines if t <= when)  # the report is the line, not a traceback
