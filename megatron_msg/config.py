@@ -635,7 +635,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     if lr.decay_steps is not None:
         _check(lr.decay_steps > lr.warmup_steps, "lr.decay_steps", "must exceed lr.warmup_steps")
     _check(lr.rewind_warmup_steps >= 0, "lr.rewind_warmup_steps", "must be >= 0")
-    first_rewind = next((s.at_step for s in resolve_stages(cfg) if s.rewind_lr), None)
+    stages = resolve_stages(cfg)
+    first_rewind = next((s.at_step for s in stages if s.rewind_lr), None)
     if first_rewind is not None:
         _check(lr.warmup_steps < first_rewind, "lr.warmup_steps",
                f"{lr.warmup_steps} does not end before the first LR rewind at step {first_rewind}")
@@ -646,7 +647,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     _validate_options(d.operator, d.init, d.init_std, d.phi, d.depth_placement, d.depth_init,
                       "growth.defaults")
     prev_shape, prev = m.shape, None
-    for st in resolve_stages(cfg):
+    for st in stages:
         path = f"growth.stages[{st.index}]"
         _validate_options(st.operator, st.init, st.init_std, st.phi, st.depth_placement, st.depth_init, path)
         _check(st.at_step >= 1, f"{path}.at_step", "must be >= 1 (the model at step 0 is model.*)")
@@ -666,7 +667,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
             _check(new >= old, f"{path}.{dim}", f"{new} shrinks the previous {dim}={old} (growth only grows)")
         grown = st.shape.grows_from(prev_shape)
         _check(bool(grown), path, f"shape {st.shape} does not grow any dimension of {prev_shape}")
-        _validate_stage_settings(cfg, st, prev)
+        _validate_stage_settings(cfg, st, stages)
         if st.operator == "stack":
             _check(grown == ["layers"], f"{path}.operator",
                    f"'stack' (G_stack) grows depth only, but this stage grows {', '.join(grown)}")
@@ -827,7 +828,7 @@ def _validate_parallel(cfg: RunConfig) -> None:
                        "(parallel.growth_layout_parts, default: the TP size)")
 
 
-def _validate_stage_settings(cfg: RunConfig, st: ResolvedStage, prev: ResolvedStage | None) -> None:
+def _validate_stage_settings(cfg: RunConfig, st: ResolvedStage, stages: list[ResolvedStage]) -> None:
     """A stage's own training settings (resolved, so inherited values are checked in context)."""
     raw, path = cfg.growth.stages[st.index], f"growth.stages[{st.index}]"
     given = {n for n in ("lr", "min_lr", "warmup_steps", "batch_size", "grad_accum") if getattr(raw, n) is not None}
@@ -845,7 +846,7 @@ def _validate_stage_settings(cfg: RunConfig, st: ResolvedStage, prev: ResolvedSt
         _check(getattr(st, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(st, name)}")
     if st.rewind_lr:
         # The segment's warm-up must end before the next segment starts (or the run ends).
-        later = [s.at_step for s in resolve_stages(cfg)[st.index + 1:] if s.rewind_lr]
+        later = [s.at_step for s in stages[st.index + 1:] if s.rewind_lr]
         end = later[0] if later else cfg.train.steps
         _check(st.at_step + st.warmup_steps < end,
                f"{path}.warmup_steps" if "warmup_steps" in given else "lr.rewind_warmup_steps",

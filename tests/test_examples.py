@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_msg.cli.plan import main as msg_plan
 from megatron_msg.config import BUNDLED_CONFIGS, Shape, load_config
@@ -62,20 +63,13 @@ def test_recipes_keep_the_papers_global_batch_and_schedule(path):
     key = f"{path.parent.name}/{path.stem}" if path.parent.name == "gpt2" else path.parent.name
     assert cfg.train.batch_size * cfg.train.grad_accum == PAPER_BATCH[key]
     assert cfg.train.grad_accum % cfg.parallel.dp == 0
-    paper = load_config(BUNDLED_CONFIGS / "paper" / f"{_paper_name(path)}.yaml")
+    paper_name = yaml.safe_load(path.read_text())["base"][0]  # base: [paper/<schedule>, cluster.yaml]
+    paper = load_config(BUNDLED_CONFIGS / f"{paper_name}.yaml")
     assert cfg.resolved_stages() == [dataclasses.replace(s, batch_size=cfg.train.batch_size,
                                                          grad_accum=cfg.train.grad_accum, layout=cfg.parallel.layout)
                                      for s in paper.resolved_stages()]
     assert (cfg.optimizer, cfg.lr, cfg.train.steps, cfg.model) == (paper.optimizer, paper.lr, paper.train.steps,
                                                                    paper.model)
-
-
-def _paper_name(path: Path) -> str:
-    return {"bert_base/sch1_b": "bert_base_sch1", "bert_base/sch0_b": "bert_base_sch0", "bert_base/full": "bert_base_full",
-            "bert_large/sch1_l": "bert_large_sch1", "bert_large/rapid_l": "bert_large_rapid",
-            "bert_large/sch0_l": "bert_large_sch0", "bert_large/full": "bert_large_full",
-            "gpt2/sch1_g": "gpt2_sch1", "gpt2/full": "gpt2_full", "gpt2/sch_new": "gpt2_sch_new",
-            "gpt2/new_full": "gpt2_new_full"}[f"{path.parent.name}/{path.stem}"]
 
 
 # ../shared/paper_schedules.md: (start shape, [(at_step, shape), ...], total steps).  Tables 2, 8, 10.

@@ -265,11 +265,16 @@ def checkpoint_damage(path: Path) -> str | None:
         manifest = _load_manifest(path)
     except CheckpointError as exc:
         return str(exc).split(": ", 1)[1]
+    return _damage(path, manifest)
+
+
+def _damage(path: Path, manifest: dict | None) -> str | None:
+    """``checkpoint_damage`` given the directory's manifest (already read)."""
     if manifest is None:
         if not (path / "state.pt").is_file():
             return "no state.pt and no manifest.json (an unfinished save?)"
-        try:
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        try:  # mmap: a first-format state.pt holds every tensor; only its keys are looked at
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - unreadable is damaged, whatever the reason
             return "state.pt is unreadable and there is no manifest.json"
         if isinstance(state, dict) and state.get("manifest"):
@@ -357,6 +362,8 @@ def _read(file: Path, expect: dict | None = None):
             if size != expect["bytes"]:
                 raise CheckpointError(f"{file}: {size} bytes, the manifest says {expect['bytes']} (truncated or "
                                       f"overwritten)")
+            # A checksum pass, then torch.load: the file is read twice (the second read from the page
+            # cache) rather than held twice in memory, as bytes and as its tensor.
             crc = file_crc32(file)
             if crc != expect["crc32"]:
                 raise CheckpointError(f"{file}: checksum mismatch (crc32 {crc:08x}, the manifest says "
@@ -438,10 +445,10 @@ def open_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     root = path if path.is_dir() else path.parent
     file = root / "state.pt"
-    why = checkpoint_damage(root) if (root / MANIFEST).exists() else None
+    manifest = _load_manifest(root)
+    why = _damage(root, manifest) if manifest is not None else None
     if why is not None:
         raise CheckpointError(f"{root}: damaged checkpoint: {why}")
-    manifest = _load_manifest(root)
     files = None if manifest is None else manifest["files"]
     state = _read(file, _entry(files, "state.pt"))
     fmt = state.get("format") if isinstance(state, dict) else type(state).__name__

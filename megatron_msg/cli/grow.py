@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_msg.growth.offline import OfflineGrowthError, find_checkpoint, grow_checkpoint, record_probe
     try:
-        before = None
+        before = batch = None
         if args.verify:
-            from megatron_msg.training.probe import checkpoint_probe_loss
-            before = checkpoint_probe_loss(cfg, find_checkpoint(args.source))
+            from megatron_msg.training.probe import checkpoint_probe_loss, probe_batch
+            batch = probe_batch(cfg)  # once: the same batch before and after
+            before = checkpoint_probe_loss(find_checkpoint(args.source), batch)
         result = grow_checkpoint(cfg, args.source, args.out_dir)
     except (OfflineGrowthError, CheckpointError, ConfigError) as exc:
         print(f"msg-grow: {exc}", file=sys.stderr)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.parameters:,} parameters; layout from here tp{st.layout[0]} x pp{st.layout[1]} x dp{st.layout[2]}; "
           f"wrote {result.checkpoint}")
     if args.verify:
-        after = checkpoint_probe_loss(cfg, result.checkpoint)
+        after = checkpoint_probe_loss(result.checkpoint, batch)
         record_probe(args.out_dir, st, before, after)
         print(f"verify: probe loss {before:.6f} before, {after:.6f} after (difference {abs(after - before):.2e})")
     return 0

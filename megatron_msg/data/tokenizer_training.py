@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -44,6 +45,9 @@ class TokenizerTrainConfig:
         if self.vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size: must be >= {MIN_VOCAB_SIZE} (special tokens + 256 byte "
                              f"fallback pieces), got {self.vocab_size}")
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: at least one input file is needed")
         for path in self.inputs:
@@ -170,11 +174,7 @@ def train_hf_tokenizer(config: TokenizerTrainConfig) -> str:
                          f"library, got {config.model_type!r}")
     if config.vocab_size < 300:
         raise ValueError(f"vocab_size: must be >= 300 (special tokens and the base alphabet), got {config.vocab_size}")
-    if not config.inputs:
-        raise ValueError("inputs: at least one input file is needed")
-    for path in config.inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"inputs: no such file {path}")
+    config.check_inputs()
     try:
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     except ImportError as exc:  # pragma: no cover
@@ -207,12 +207,9 @@ def train_hf_tokenizer(config: TokenizerTrainConfig) -> str:
 
     json_path = config.model_prefix + ".json"
     atomic_write_bytes(json_path, tok.to_str().encode("utf-8"))
-    if kind == "bpe":  # GPT-2's two files, from the same model
-        vocab = tok.get_vocab()
-        model = json.loads(tok.to_str())["model"]
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-        atomic_write_bytes(config.model_prefix + "-vocab.json",
-                           json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False).encode("utf-8"))
-        atomic_write_bytes(config.model_prefix + "-merges.txt",
-                           ("#version: 0.2\n" + "".join(m + "\n" for m in merges)).encode("utf-8"))
+    if kind == "bpe":  # GPT-2's two files, written by the library's own BPE.save, then moved into place
+        out_dir, name = os.path.split(os.path.abspath(config.model_prefix))
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            for written in tok.model.save(tmp, name):
+                os.replace(written, os.path.join(out_dir, os.path.basename(written)))
     return json_path

@@ -20,13 +20,18 @@ from megatron_msg.model import build_model
 from megatron_msg.training.trainer import build_batches, model_loss
 
 
+def probe_batch(cfg: RunConfig) -> dict:
+    """The growth probe's batch: validation batch 0 of ``cfg``'s data (what Trainer.grow evaluates)."""
+    _, valid = build_batches(cfg)
+    return valid.get(0, 0)
+
+
 @torch.no_grad()
-def checkpoint_probe_loss(cfg: RunConfig, checkpoint: str | Path) -> float:
-    """Loss of validation batch 0 (``cfg``'s data) under the model in ``checkpoint``, fp32, eval mode."""
+def checkpoint_probe_loss(checkpoint: str | Path, batch: dict) -> float:
+    """Loss of ``batch`` (``probe_batch``) under the model in ``checkpoint``, fp32, eval mode."""
     ckpt = open_checkpoint(Path(checkpoint))
     model = build_model(ModelConfig(**ckpt.state["model_config"]), initialize=False, device="cpu")
     model.set_masked(ckpt.state["masked"])
     load_model(model, ckpt.model)
     model.eval()
-    _, valid = build_batches(cfg)
-    return model_loss(model, valid.get(0, 0)).item()
+    return model_loss(model, batch).item()

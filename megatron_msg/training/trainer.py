@@ -204,7 +204,7 @@ class Trainer:
                 if removed:
                     self._log_console(f"starting over (--no-resume): removed the previous run's {len(removed)} "
                                       f"checkpoint(s) in {self.out_dir / 'checkpoints'}")
-            self._barrier_if_joined()
+            self._barrier()  # nobody looks for checkpoints before they are gone
             return None
         found = find_latest(self.out_dir)
         for message in found.warnings():
@@ -346,11 +346,6 @@ class Trainer:
 
     def _barrier(self) -> None:
         if self.ps.topology.world_size > 1:
-            dist.barrier()
-
-    def _barrier_if_joined(self) -> None:
-        """A barrier when this is a multi-process run (before the model exists, ``self.ps`` may be the single one)."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
     # ------------------------------------------------------------------ steps
