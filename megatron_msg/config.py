@@ -224,6 +224,9 @@ class ResolvedStage:
         return self.batch_size * self.grad_accum
 
 
+CHECKPOINT_FORMATS = ("sharded", "logical")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -234,6 +237,10 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 200
     keep_checkpoints: int = 2
+    # sharded: every rank writes its own pieces in parallel and a resume reads only what each
+    # rank needs (checkpoint/sharded.py); logical: rank 0 gathers and writes one file per tensor
+    # (checkpoint/io.py, DeepSpeed-universal-like).  Either resumes on any layout.
+    checkpoint_format: str = "sharded"
     out_dir: str = "runs/default"
     seed: int = 1234
     device: str = "auto"
@@ -610,6 +617,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
                  "save_interval", "keep_checkpoints"):
         _check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
     _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
+    _choice(t.checkpoint_format, CHECKPOINT_FORMATS, "train.checkpoint_format")
     _choice(t.dtype, ("fp32", "bf16", "fp16"), "train.dtype")
     _check(t.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", f"must be >= 0, got {t.skip_nonfinite_steps}")
     _choice(t.params_dtype, ("fp32", "bf16", "fp16"), "train.params_dtype")

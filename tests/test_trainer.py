@@ -30,9 +30,10 @@ RAW = {
 }
 
 
-def _cfg(arch="gpt"):
+def _cfg(arch="gpt", checkpoint_format="sharded"):
     raw = json.loads(json.dumps(RAW))
     raw["model"]["arch"] = arch
+    raw["train"]["checkpoint_format"] = checkpoint_format
     return config_from_dict(raw)
 
 
@@ -88,7 +89,7 @@ def test_checkpoint_holds_masks_ramp_and_optimizer_mid_ramp(tmp_path):
 
 def test_checkpoint_is_one_directory_per_tensor_and_a_small_state_file(tmp_path):
     """The universal-checkpoint-like layout: tensors/<name>/{fp32,exp_avg,exp_avg_sq}.pt, no tensor in state.pt."""
-    trainer = Trainer(_cfg(), out_dir=tmp_path, progress=False)
+    trainer = Trainer(_cfg(checkpoint_format="logical"), out_dir=tmp_path, progress=False)
     trainer.run(max_steps=10)
     root = latest_checkpoint(tmp_path)
     names = {p.name for p in (root / "tensors").iterdir()}
@@ -134,7 +135,7 @@ def test_checkpoint_writes_each_tensor_as_it_arrives(tmp_path):
 
 def test_first_format_checkpoint_still_resumes(tmp_path):
     """A checkpoint of the first format (every tensor in one state.pt) resumes to the same losses."""
-    cfg = _cfg()
+    cfg = _cfg(checkpoint_format="logical")
     ref = Trainer(cfg, out_dir=tmp_path / "ref", progress=False).run(max_steps=30)
     Trainer(cfg, out_dir=tmp_path / "old", progress=False).run(max_steps=27)
     root = latest_checkpoint(tmp_path / "old")

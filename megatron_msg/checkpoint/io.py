@@ -1,6 +1,11 @@
-"""Atomic, streamed checkpoint files of the logical training state.
+"""Atomic, streamed checkpoint files of the logical training state, and opening any checkpoint.
 
-A checkpoint is a directory ``<out>/checkpoints/step_XXXXXXXX``::
+Two formats share this module's directory, commit and integrity rules: the *sharded* one
+(``megatron_msg.sharded/1``, every rank writes its own pieces into a DCP store: sharded.py) and
+the per-tensor *logical* one below.  ``open_checkpoint`` reads both (and the older ones) as
+the same lazy logical view.
+
+A logical checkpoint is a directory ``<out>/checkpoints/step_XXXXXXXX``::
 
     state.pt                     small state: step, stage, model config, ramp, config, and an
                                  index of the tensors (shape, Adam step/offset metadata)
@@ -49,16 +54,18 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_msg.checkpoint.boxes import unit_view_shape
+from megatron_msg.checkpoint.dcp_store import VerifyingReader, check_coverage, load_boxes
+from megatron_msg.checkpoint.errors import CheckpointError, file_crc32
+from megatron_msg.config import ModelConfig
+
 FORMAT = "megatron_msg.logical/2"
+SHARDED_FORMAT = "megatron_msg.sharded/1"
+STORE_DIR = "dcp"  # a sharded checkpoint's DCP store, inside its directory
 LEGACY_FORMAT = "megatron_msg.logical/1"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "step_offset")
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_CHUNK = 16 << 20  # bytes read at a time when checksumming a file
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 class LogicalTensor(NamedTuple):
@@ -110,20 +117,12 @@ def _write_bytes(data: bytes, path: Path) -> dict:
     return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _tensor_dir(root: Path, name: str) -> Path:
@@ -150,7 +149,7 @@ def _write_tensors(root: Path, tensors: Iterable[LogicalTensor], files: dict[str
             entry["optimizer"] = {"step": int(opt["step"]), "max_offset": int(opt.get("max_offset", 0)),
                                   "keys": keys}
         index[name] = entry
-        _fsync_dir(d)
+        fsync_dir(d)
     return index
 
 
@@ -163,6 +162,17 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, meta: dict, keep: int
     checkpoint of the same step is never written over (CheckpointError); a damaged one
     (``checkpoint_damage``) is replaced.
     """
+    tmp, final = begin_save(out_dir, step)
+    files: dict[str, dict] = {}
+    index = _write_tensors(tmp, tensors, files)
+    return commit_save(tmp, final, step, {**state, "tensors": index}, meta, files, keep)
+
+
+def begin_save(out_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary directory, final directory) of a new checkpoint of ``step``; the temporary one is created.
+
+    Refuses (CheckpointError) a step whose complete checkpoint exists: a step is never saved twice.
+    """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -172,23 +182,34 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, meta: dict, keep: int
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files: dict[str, dict] = {}
-    index = _write_tensors(tmp, tensors, files)
-    files["state.pt"] = _save_file({"format": FORMAT, **state, "tensors": index, "manifest": MANIFEST},
-                                   tmp / "state.pt")
-    files["meta.json"] = _write_bytes(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2).encode(),
+    return tmp, final
+
+
+def commit_save(tmp: Path, final: Path, step: int, state: dict, meta: dict, files: dict[str, dict], keep: int,
+                fmt: str = FORMAT, chunks: dict[str, list] | None = None) -> Path:
+    """Finish the checkpoint written under ``tmp`` (its data ``files`` listed): state.pt, meta.json and the
+    manifest last, fsync, rename to ``final``, point ``latest`` at it, prune to ``keep``.
+
+    ``chunks``: per data file, the CRC-32 of each stored chunk (sharded checkpoints, whose
+    files are read by byte range).  A damaged checkpoint already at ``final`` is replaced.
+    """
+    root = final.parent
+    files = dict(files)
+    files["state.pt"] = _save_file({"format": fmt, **state, "manifest": MANIFEST}, tmp / "state.pt")
+    files["meta.json"] = _write_bytes(json.dumps({"format": fmt, "step": step, **meta}, indent=2).encode(),
                                       tmp / "meta.json")
     # Written last: a directory with a manifest has every file it lists.
-    _write_bytes(json.dumps({"format": FORMAT, "step": step, "files": files}).encode(), tmp / MANIFEST)
-    _fsync_dir(tmp)
-    if final.exists():  # damaged (checked above): set aside, removed once the new one is in place
+    manifest = {"format": fmt, "step": step, "files": files, **({"chunks": chunks} if chunks is not None else {})}
+    _write_bytes(json.dumps(manifest).encode(), tmp / MANIFEST)
+    fsync_dir(tmp)
+    if final.exists():  # damaged (checked by begin_save): set aside, removed once the new one is in place
         aside = root / f".damaged-{final.name}.{os.getpid()}"
         os.replace(final, aside)
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _atomic_write_text(root / "latest", final.name + "\n")
     _prune(root, keep)
     return final
@@ -432,12 +453,91 @@ class _MomentFiles(Mapping):
         return len(self._entries)
 
 
+class _StoredTensors(Mapping):
+    """Logical parameters and masks of a sharded checkpoint, each assembled from its stored chunks when
+    asked for (one process, whatever layout wrote it)."""
+
+    def __init__(self, store: VerifyingReader, index: dict[str, dict], cfg: ModelConfig):
+        self._store, self._index, self._cfg = store, index, cfg
+
+    def _load(self, name: str, part: str) -> torch.Tensor:
+        shape = tuple(self._index[name]["shape"])
+        out = torch.empty(unit_view_shape(name, shape, self._cfg), dtype=torch.float32)
+        load_boxes(self._store, {f"{name}/{part}": out}, no_dist=True)
+        return out.reshape(shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._index:
+            raise KeyError(name)
+        return self._load(name, "fp32")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class _StoredMoments(Mapping):
+    """Logical AdamW state of a sharded checkpoint by parameter name, assembled when asked for."""
+
+    def __init__(self, tensors: _StoredTensors, index: dict[str, dict]):
+        self._tensors = tensors
+        self._entries = {n: e["optimizer"] for n, e in index.items() if e.get("optimizer") is not None}
+
+    def __getitem__(self, name: str) -> dict:
+        entry = self._entries[name]
+        st = {"step": entry["step"], "max_offset": entry["max_offset"], "step_offset": None}
+        for key in entry["keys"]:
+            st[key] = self._tensors._load(name, key)
+        return st
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _open_store(root: Path, manifest: dict | None, index: dict[str, dict], cfg: ModelConfig) -> VerifyingReader:
+    """The DCP store of a sharded checkpoint, its metadata checked against the index (and the manifest)."""
+    prefix = STORE_DIR + "/"
+    checksums = metadata_crc = None
+    if manifest is not None:
+        checksums = {rel[len(prefix):]: rows for rel, rows in manifest.get("chunks", {}).items()
+                     if rel.startswith(prefix)}
+        metadata_crc = _entry(manifest["files"], prefix + ".metadata")["crc32"]
+    store = VerifyingReader(root / STORE_DIR, checksums, metadata_crc)
+    stored = store.read_metadata().state_dict_metadata
+    check_coverage(store.read_metadata())
+    for name, entry in index.items():
+        want = unit_view_shape(name, tuple(entry["shape"]), cfg)
+        parts = ["fp32"] + (entry["optimizer"]["keys"] if entry.get("optimizer") else [])
+        for part in parts:
+            md = stored.get(f"{name}/{part}")
+            if md is None or tuple(getattr(md, "size", ())) != want:
+                got = "missing" if md is None else f"of shape {tuple(getattr(md, 'size', ()))}"
+                raise CheckpointError(f"{root}: stored tensor {name}/{part} is {got}, the index says "
+                                      f"{want} (metadata and index disagree)")
+    return store
+
+
 class Checkpoint(NamedTuple):
     """An opened checkpoint: ``state`` in memory; ``model`` / ``optimizer`` read per tensor on access."""
     path: Path
     state: dict                          # step, stage_index, model_config, masked, ramp, config, ...
     model: Mapping[str, torch.Tensor]    # logical parameters and masks by name
     optimizer: Mapping[str, dict]        # logical AdamW state by parameter name
+    store: VerifyingReader | None = None  # a sharded checkpoint's chunks, for loading by box (rank_state.py)
+    index: dict[str, dict] | None = None  # its tensors' shapes and Adam counts (step, max_offset, keys)
+
+    def read_part(self, name: str, part: str) -> torch.Tensor:
+        """One logical tensor: ``part`` "fp32" (the value) or a moment key ("exp_avg", ...)."""
+        if part == "fp32":
+            return self.model[name]
+        if isinstance(self.model, _StoredTensors):  # only that part's chunks are read
+            return self.model._load(name, part)
+        return self.optimizer[name][part]
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
@@ -454,14 +554,22 @@ def open_checkpoint(path: Path) -> Checkpoint:
     fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
     if fmt == LEGACY_FORMAT:  # everything in state.pt
         state = dict(state)
-        return Checkpoint(root, state, state.pop("model"), state.pop("optimizer"))
-    if fmt != FORMAT:
+        model, optimizer = state.pop("model"), state.pop("optimizer")
+        index = {n: {"shape": list(t.shape), "optimizer": None if (st := optimizer.get(n)) is None else {
+            "step": int(st["step"]), "max_offset": int(st.get("max_offset", 0)),
+            "keys": [k for k in MOMENT_KEYS if st.get(k) is not None]}} for n, t in model.items()}
+        return Checkpoint(root, state, model, optimizer, None, index)
+    if fmt not in (FORMAT, SHARDED_FORMAT):
         raise CheckpointError(f"{file}: not a megatron_msg checkpoint (format {fmt!r}, "
-                              f"expected {FORMAT!r} or {LEGACY_FORMAT!r})")
+                              f"expected {SHARDED_FORMAT!r}, {FORMAT!r} or {LEGACY_FORMAT!r})")
     state = dict(state)
     index = state.pop("tensors")
     state.pop("manifest", None)
     if manifest is not None and manifest.get("step") != state.get("step"):
         raise CheckpointError(f"{root}: state.pt is for step {state.get('step')}, the manifest for step "
                               f"{manifest.get('step')} (files from two checkpoints)")
-    return Checkpoint(root, state, _TensorFiles(root, index, files), _MomentFiles(root, index, files))
+    if fmt == SHARDED_FORMAT:
+        store = _open_store(root, manifest, index, ModelConfig(**state["model_config"]))
+        tensors = _StoredTensors(store, index, ModelConfig(**state["model_config"]))
+        return Checkpoint(root, state, tensors, _StoredMoments(tensors, index), store, index)
+    return Checkpoint(root, state, _TensorFiles(root, index, files), _MomentFiles(root, index, files), None, index)

@@ -208,3 +208,28 @@ class MSGAdamW(torch.optim.Optimizer):
                                  step_offset=None if off is None else off.to(p.device),
                                  max_offset=int(st.get("max_offset", 0)),
                                  offset_values=() if off is None else offset_values(off))
+
+    # ------------------------------------------------------------------ pieces (sharded checkpoints)
+    # The same interface as ZeroAdamW's; here a rank keeps the whole block of each of its parameters.
+
+    def held_range(self, name: str) -> tuple[int, int]:
+        return 0, self.by_name[name].numel()
+
+    def state_piece(self, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """(counts, {key: flat tensor}) of ``name``'s AdamW state; None before its first step."""
+        st = self.state.get(self.by_name[name])
+        if not st:
+            return None
+        keys = ["exp_avg", "exp_avg_sq"] + (["step_offset"] if st["step_offset"] is not None else [])
+        return ({"step": st["step"], "max_offset": st["max_offset"], "keys": keys},
+                {k: st[k].reshape(-1) for k in keys})
+
+    def master_piece(self, name: str) -> torch.Tensor | None:
+        master = self.masters.get(self.by_name[name])
+        return None if master is None else master.reshape(-1)
+
+    def load_state_piece(self, name: str, counts: dict, tensors: dict[str, torch.Tensor]) -> None:
+        shape = self.by_name[name].shape
+        st = {"step": counts["step"], "max_offset": counts["max_offset"], "step_offset": None}
+        st.update({k: t.view(shape) for k, t in tensors.items()})
+        self.load_named_state({name: st})

@@ -35,3 +35,16 @@ def checkpoint_probe_loss(checkpoint: str | Path, batch: dict) -> float:
     load_model(model, ckpt.model)
     model.eval()
     return model_loss(model, batch).item()
+
+
+@torch.no_grad()
+def checkpoint_logits(checkpoint: str | Path, batch: dict) -> torch.Tensor:
+    """The model's output logits for ``batch`` (GPT: next-token, BERT: MLM), fp32, eval mode."""
+    ckpt = open_checkpoint(Path(checkpoint))
+    model = build_model(ModelConfig(**ckpt.state["model_config"]), initialize=False, device="cpu")
+    model.set_masked(ckpt.state["masked"])
+    load_model(model, ckpt.model)
+    model.eval()
+    if "targets" in batch:
+        return model(batch["tokens"])
+    return model(batch["tokens"], batch["token_types"], batch["padding_mask"]).mlm_logits

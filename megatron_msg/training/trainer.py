@@ -36,6 +36,8 @@ from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTens
                                         latest_checkpoint, open_checkpoint, previous_complete, remove_checkpoints,
                                         remove_stale_temporaries, save_checkpoint)
 from megatron_msg.checkpoint.logical import gather_model, gather_optimizer, load_model, shard_optimizer_state
+from megatron_msg.checkpoint.rank_state import load_rank_pieces
+from megatron_msg.checkpoint.sharded import save_sharded
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
 from megatron_msg.growth.apply import grow_model, spec_for_stage
@@ -309,9 +311,12 @@ class Trainer:
         self.model.set_masked(state["masked"])
         # Built before the load, so fp32 master weights (train.params_dtype) get the exact values.
         self.optimizer = self._build_optimizer(self.model)
-        # Tensor by tensor, each rank cuts its blocks: any layout can resume any checkpoint.
-        load_model(self.model, ckpt.model, optimizer=self.optimizer)
-        self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
+        if ckpt.store is not None:  # sharded: each rank reads the stored chunks overlapping its pieces
+            load_rank_pieces(self.model, self.optimizer, ckpt.store, ckpt.index,
+                             no_dist=self.ps.topology.world_size == 1)
+        else:  # tensor by tensor, each rank cuts its blocks: any layout can resume any checkpoint
+            load_model(self.model, ckpt.model, optimizer=self.optimizer)
+            self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
@@ -321,25 +326,29 @@ class Trainer:
         self._log_console(f"resumed from {path} at step {self.step}, shape {mcfg.shape}")
 
     def save(self) -> Path | None:
-        """Write a checkpoint (collective; rank 0 writes).  Returns its path on rank 0.
+        """Write a checkpoint (collective).  Returns its path on rank 0.
 
-        Data-parallel replicas hold the same state, so only replica 0 gathers; rank 0
-        writes each logical tensor as soon as it is gathered and drops it.  Under ZeRO
-        every replica joins in (each holds part of the Adam state: training/zero.py).
+        ``train.checkpoint_format``: sharded, every rank writes the pieces it holds
+        (checkpoint/sharded.py); logical, only replica 0 gathers (under ZeRO every replica
+        joins in: each holds part of the Adam state) and rank 0 writes each logical tensor
+        as soon as it is gathered.
         """
         if self._saved_step == self.step:  # e.g. stopped right after a periodic save: it is on disk
             return self.out_dir / "checkpoints" / f"step_{self.step:08d}" if self.is_main else None
-        gathers = self.ps.dp_rank == 0 or self.zero_stage > 0
-        tensors = self.logical_tensors() if gathers else iter(())
-        path = None
-        if self.is_main:
-            meta = {"shape": str(self.model.cfg.shape), "stage_index": self.stage_index,
-                    "parameters": self.model.num_parameters()}
-            path = save_checkpoint(self.out_dir, self.step, self.checkpoint_state(), meta,
-                                   self.cfg.train.keep_checkpoints, tensors)
+        meta = {"shape": str(self.model.cfg.shape), "stage_index": self.stage_index,
+                "parameters": self.model.num_parameters()}
+        keep, path = self.cfg.train.keep_checkpoints, None
+        if self.cfg.train.checkpoint_format == "sharded":  # every rank writes its own pieces
+            path = save_sharded(self.out_dir, self.step, self.checkpoint_state(), meta, keep,
+                                self.model, self.optimizer, self.ps)
         else:
-            for _ in tensors:  # the collectives of the gathers rank 0 writes
-                pass
+            gathers = self.ps.dp_rank == 0 or self.zero_stage > 0
+            tensors = self.logical_tensors() if gathers else iter(())
+            if self.is_main:
+                path = save_checkpoint(self.out_dir, self.step, self.checkpoint_state(), meta, keep, tensors)
+            else:
+                for _ in tensors:  # the collectives of the gathers rank 0 writes
+                    pass
         self._saved_step = self.step
         self._barrier()  # nobody reads "latest" before it exists
         return path

@@ -41,55 +41,17 @@ resume on another layout or ZeRO stage are unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
 from megatron_msg.parallel.grads import accumulate_gradients_in_fp32, clear_gradients, counted_once, grad_of
 from megatron_msg.parallel.topology import ParallelState
+from megatron_msg.parallel.zero_layout import Fragment, partition  # noqa: F401 - partition: tests and tools
 from megatron_msg.training.optimizer import adamw_update_, advance_step, offset_values, take_master_weights
 
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older releases have only those.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-@dataclass(frozen=True)
-class Fragment:
-    """Entries ``[start, end)`` of parameter ``name`` (flattened), owned by DP rank ``owner``.
-
-    ``flat_start`` is the position of ``start`` in the rank's flat buffer.
-    """
-    name: str
-    owner: int
-    start: int
-    end: int
-    flat_start: int
-
-    @property
-    def numel(self) -> int:
-        return self.end - self.start
-
-
-def partition(sizes: list[tuple[str, int]], dp: int) -> tuple[int, list[Fragment]]:
-    """(chunk size, fragments) of parameters ``sizes`` (name, numel) laid end to end over ``dp`` ranks.
-
-    Every entry of every parameter lies in exactly one fragment; rank r's fragments
-    cover flat positions ``[r * chunk, (r + 1) * chunk)``.
-    """
-    total = sum(n for _, n in sizes)
-    chunk = max(1, -(-total // dp))
-    fragments, offset = [], 0
-    for name, n in sizes:
-        pos = offset
-        while pos < offset + n:
-            owner = pos // chunk
-            end = min(offset + n, (owner + 1) * chunk)
-            fragments.append(Fragment(name, owner, pos - offset, end - offset, pos))
-            pos = end
-        offset += n
-    return chunk, fragments
 
 
 class ZeroAdamW:
@@ -327,17 +289,58 @@ class ZeroAdamW:
                 if st[key].shape != p.shape:
                     raise ValueError(f"optimizer state {name}.{key} has shape {tuple(st[key].shape)}, "
                                      f"parameter has {tuple(p.shape)}")
-            offset = st.get("step_offset")
-            self.counts[name] = dict(step=int(st["step"]), max_offset=int(st.get("max_offset", 0)),
-                                     step_offset=None if offset is None else True)
             f = self.mine.get(name)
-            if f is None:
-                continue
-            cut = lambda t, dtype: t.reshape(-1)[f.start:f.end].to(p.device, dtype).clone()  # noqa: E731
-            offsets = None if offset is None else cut(offset, torch.float32)
-            self.moments[name] = dict(exp_avg=cut(st["exp_avg"], self.state_dtype),
-                                      exp_avg_sq=cut(st["exp_avg_sq"], self.state_dtype),
-                                      step_offset=offsets, offset_values=() if offsets is None else offset_values(offsets))
+            self._set_state(name, st, lambda t: t.reshape(-1)[f.start:f.end])
+
+    def _set_state(self, name: str, st: dict, my_piece) -> None:
+        """Counts of ``st`` (every rank), and ``my_piece(tensor)`` of its tensors as my fragment's moments."""
+        p, offset = self.params[name], st.get("step_offset")
+        self.counts[name] = dict(step=int(st["step"]), max_offset=int(st.get("max_offset", 0)),
+                                 step_offset=None if offset is None else True)
+        if name not in self.mine:
+            return
+        cut = lambda t, dtype: my_piece(t).to(p.device, dtype).clone()  # noqa: E731
+        offsets = None if offset is None else cut(offset, torch.float32)
+        self.moments[name] = dict(exp_avg=cut(st["exp_avg"], self.state_dtype),
+                                  exp_avg_sq=cut(st["exp_avg_sq"], self.state_dtype),
+                                  step_offset=offsets, offset_values=() if offsets is None else offset_values(offsets))
+
+    # ------------------------------------------------------------------ pieces (sharded checkpoints)
+
+    def held_range(self, name: str) -> tuple[int, int]:
+        """The entries ``[start, end)`` of ``name``'s block whose AdamW state (and master) this rank keeps."""
+        f = self.mine.get(name)
+        return (f.start, f.end) if f is not None else (0, 0)
+
+    def state_piece(self, name: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """(counts, {key: flat tensor over held_range}) of ``name``'s AdamW state, no communication.
+
+        The counts (``step``, ``max_offset``, ``keys``) are known on every rank; the tensors
+        are my fragment's (empty dict on a rank that keeps none of ``name``).  None before
+        the tensor's first step.
+        """
+        counts = self.counts.get(name)
+        if counts is None:
+            return None
+        keys = ["exp_avg", "exp_avg_sq"] + (["step_offset"] if counts["step_offset"] is not None else [])
+        mine = self.moments.get(name) if name in self.mine else None
+        tensors = {} if mine is None else {k: mine[k] for k in keys}
+        return {"step": counts["step"], "max_offset": counts["max_offset"], "keys": keys}, tensors
+
+    def master_piece(self, name: str) -> torch.Tensor | None:
+        """My fragment of ``name``'s fp32 master (over held_range); None without master weights."""
+        if self.master is None:
+            return None
+        f = self.mine.get(name)
+        return self.master[self._my_slice(f)] if f is not None else self.master[:0]
+
+    def load_state_piece(self, name: str, counts: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Set ``name``'s counts and my fragment's moments (``tensors``: flat, over held_range)."""
+        st = {"step": counts["step"], "max_offset": counts["max_offset"], "step_offset": tensors.get("step_offset"),
+              "exp_avg": tensors.get("exp_avg"), "exp_avg_sq": tensors.get("exp_avg_sq")}
+        if "step_offset" in counts["keys"] and st["step_offset"] is None:
+            st["step_offset"] = True  # a flag on ranks that keep no entries of the tensor
+        self._set_state(name, st, lambda t: t)
 
     def local_numel(self) -> int:
         """Entries whose Adam moments this rank keeps (about 1/dp of its parameters)."""
