@@ -82,6 +82,7 @@ setup(
             "msg-train=megatron_msg.cli.train:main",
             "msg-grow=megatron_msg.cli.grow:main",
             "msg-reshard=megatron_msg.cli.reshard:main",
+            "msg-deepspeed=megatron_msg.cli.deepspeed:main",
             "msg-plan=megatron_msg.cli.plan:main",
             "msg-compare=megatron_msg.cli.compare:main",
             "msg-export=megatron_msg.cli.export:main",

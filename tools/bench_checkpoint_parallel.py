@@ -6,11 +6,12 @@ Run under torchrun (gloo, CPU), e.g. four ranks as TP2 x DP2 with ZeRO-1:
         --hidden 1024 --layers 8 --out /tmp/ckbench
 
 Every rank builds the same GPT (bundled corpus), trains one step so the AdamW moments exist,
-then, in this order and with a barrier around each: saves in the sharded format, saves in the
-logical format (the same state), resumes a fresh trainer from each.  For every operation it
-reports each rank's wall time and the growth of its peak resident memory (VmHWM, reset before
-the operation), and rank 0 prints one JSON line with everything.  ``--repeat N`` repeats the
-save pair N times (new steps) and reports each.
+then, with a barrier around each, saves in the sharded format and in the logical format (the
+same state); ``--repeat N`` repeats the pair N times (new steps).  ``--phase load --format F``
+(a separate torchrun) resumes the newest checkpoint of format F in fresh processes.  For every
+operation it reports each rank's wall time and the growth of its peak resident memory (VmHWM,
+reset before the operation: for a load that includes building the model and optimizer), and
+rank 0 prints one JSON line.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default="/tmp/ckbench")
+    p.add_argument("--phase", choices=["save", "load"], default="save",
+                   help="save: build, train a step, save both formats; load: resume one (--format) in fresh processes")
+    p.add_argument("--format", choices=["sharded", "logical"], default="sharded")
     a = p.parse_args()
     import torch
     import torch.distributed as dist
@@ -70,8 +74,10 @@ def main() -> None:
     out = {f: Path(a.out) / f for f in ("sharded", "logical")}
     cfg = {f: config_from_dict(_raw(a, f)) for f in out}
     ps = init_parallel(cfg["sharded"].parallel, "cpu", env)
+    if not dist.is_initialized():  # one process: the trainer needs no group, the timing barriers do
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
+    if a.phase == "save" and rank == 0:
         for d in out.values():
             shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
@@ -88,10 +94,16 @@ def main() -> None:
         dist.all_gather_object(row, {"wall_s": wall, "extra_peak_mb": _status_mb("VmHWM") - base})
         return result, row
 
+    if a.phase == "load":  # a fresh process: its peak is the resume's own (model, optimizer, reads)
+        _, row = timed(lambda: Trainer(cfg[a.format], out_dir=out[a.format], progress=False, parallel=ps))
+        if rank == 0:
+            print(json.dumps({"world": world, "format": a.format, "load": row}), flush=True)
+        dist.destroy_process_group()
+        return
     trainer = Trainer(cfg["sharded"], out_dir=out["sharded"], progress=False, parallel=ps)
     trainer.train_step(0)  # the AdamW moments exist from here on
     report = {"world": world, "layout": {"tp": a.tp, "pp": a.pp, "dp": a.dp, "zero": a.zero},
-              "hidden": a.hidden, "layers": a.layers, "saves": [], "loads": {}}
+              "hidden": a.hidden, "layers": a.layers, "saves": []}
     for i in range(a.repeat):
         trainer.step = i + 1
         pair = {}
@@ -99,11 +111,6 @@ def main() -> None:
             trainer.cfg, trainer.out_dir, trainer._saved_step = cfg[fmt], out[fmt], None
             _, pair[fmt] = timed(trainer.save)
         report["saves"].append(pair)
-    del trainer
-    for fmt in ("sharded", "logical"):
-        resumed, report["loads"][fmt] = timed(lambda f=fmt: Trainer(cfg[f], out_dir=out[f], progress=False,
-                                                                    parallel=ps))
-        del resumed
     if rank == 0:
         ckpt = out["sharded"] / "checkpoints" / f"step_{a.repeat:08d}"
         report["state_bytes"] = sum(f.stat().st_size for f in ckpt.rglob("*.distcp"))

@@ -17,7 +17,7 @@ no tensor between ranks.
 Load (``load_rank_pieces``): each rank asks for exactly what it will hold on its
 own layout (whole TP blocks of values, the optimizer state it keeps: a fragment
 under ZeRO) and DCP reads the stored chunks that overlap it, whatever layout
-wrote them.  Values are loaded a group of tensors at a time (``budget_bytes``
+wrote them.  Values are loaded a group of tensors at a time (``GROUP_BYTES``
 of logical state per group), so a rank's extra memory stays bounded.
 
 The optimizer is duck-typed (training/optimizer.py, training/zero.py):
@@ -36,7 +36,7 @@ from megatron_msg.checkpoint.errors import CheckpointError
 from megatron_msg.model.init import logical_shapes
 from megatron_msg.model.placement import owner_stage
 
-GROUP_BYTES = 256 << 20  # logical bytes of state loaded per DCP call
+GROUP_BYTES = 64 << 20  # logical bytes of state loaded per DCP call: a bound on a rank's extra memory
 
 
 def _add(sd: dict, key: str, name: str, shape: tuple, cfg, tp, start: int, flat: torch.Tensor) -> None:

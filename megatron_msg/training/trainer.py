@@ -136,6 +136,13 @@ class TrainResult:
     interrupted: bool = False
 
 
+def train_settings_at(schedule: BatchSchedule, segments, step: int) -> dict:
+    """What a checkpoint of ``step`` records of the schedule (checked when it is resumed)."""
+    seg, lr = schedule.at(step), segment_at(step, segments)
+    return {"consumed_samples": schedule.samples_before(step), "batch_size": seg.batch_size,
+            "grad_accum": seg.grad_accum, "lr_segment": dataclasses.asdict(lr)}
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path | None = None, resume: bool = True,
                  progress: bool | None = None, parallel: ParallelState | None = None,
@@ -266,9 +273,7 @@ class Trainer:
 
     def train_settings(self, step: int) -> dict:
         """The per-stage training settings in force at ``step`` and the data position before it."""
-        seg, lr = self.batch_schedule.at(step), segment_at(step, self.lr_segments)
-        return {"consumed_samples": self.batch_schedule.samples_before(step), "batch_size": seg.batch_size,
-                "grad_accum": seg.grad_accum, "lr_segment": dataclasses.asdict(lr)}
+        return train_settings_at(self.batch_schedule, self.lr_segments, step)
 
     def _check_settings(self, ckpt: Checkpoint) -> None:
         """Refuse a config whose schedule disagrees with what the checkpoint trained with so far."""
