@@ -41,8 +41,9 @@ def _run(raw, out_dir, max_steps=None):
     return Trainer(config_from_dict(raw), out_dir=out_dir, progress=False).run(max_steps=max_steps)
 
 
-@pytest.mark.parametrize("arch,params_dtype", [("gpt", "fp32"), ("bert", "fp32"), ("gpt", "bf16")])
-def test_grown_checkpoint_resumes_into_the_live_run(arch, params_dtype, tmp_path):
+@pytest.mark.parametrize("arch,params_dtype,fmt", [("gpt", "fp32", "logical"), ("bert", "fp32", "logical"),
+                                                   ("gpt", "bf16", "logical"), ("gpt", "fp32", "sharded")])
+def test_grown_checkpoint_resumes_into_the_live_run(arch, params_dtype, fmt, tmp_path):
     # bf16 parameters: live growth grows the optimizer's fp32 masters, offline growth the
     # checkpoint's (the same values), so the two still agree bit for bit.
     raw = _raw(arch)
@@ -52,8 +53,9 @@ def test_grown_checkpoint_resumes_into_the_live_run(arch, params_dtype, tmp_path
     stopped = _run(raw, tmp_path / "small", max_steps=10)  # checkpoint at step 10, before growing
     assert stopped.final_step == 10 and stopped.shape == config_from_dict(raw).model.shape
     assert msg_grow([json_config(tmp_path, raw), "--from", str(tmp_path / "small"),
-                     "--out-dir", str(tmp_path / "grown")]) == 0
+                     "--out-dir", str(tmp_path / "grown"), "--format", fmt]) == 0
     grown = open_checkpoint(latest_checkpoint(tmp_path / "grown"))
+    assert (grown.store is not None) == (fmt == "sharded") and not list((tmp_path / "grown").glob(".grown-*"))
     assert grown.state["stage_index"] == 1 and grown.state["ramp"] == {"start_step": 10, "phi": 5}
     resumed = _run(raw, tmp_path / "grown")  # grows the second stage live at step 20
     assert {s: resumed.losses[s] for s in range(10, STEPS)} == {s: live.losses[s] for s in range(10, STEPS)}

@@ -285,3 +285,18 @@ def test_unit_view_shapes_are_what_the_tp_blocks_need():
     # the last vocabulary block of TP4 (rows 9..11 of 11, one padding row) is one box of 2 rows
     boxes = piece_boxes("embed.tok.weight", (11, 8), cfg, 4, 3)
     assert [(b.offsets, b.sizes) for b in boxes] == [((9, 0), (2, 8))]
+
+
+def test_msg_reshard_refuses_what_does_not_fit_in_one_line(two_saves, tmp_path, capsys):
+    ckpt = two_saves / "checkpoints" / "step_00000013"
+    assert msg_reshard([str(ckpt), "--out-dir", str(tmp_path / "a"), "--tp", "3", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == "msg-reshard: the checkpoint's heads=2 is not divisible by tp=3"
+    assert msg_reshard([str(ckpt), "--out-dir", str(two_saves), "--no-progress"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert msg_reshard([str(tmp_path / "none"), "--out-dir", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert not (tmp_path / "a" / "checkpoints").exists() or not any((tmp_path / "a" / "checkpoints").iterdir())
+    # --format logical and --verify: the per-tensor copy holds the same state, the logits agree exactly
+    assert msg_reshard([str(ckpt), "--out-dir", str(tmp_path / "l"), "--format", "logical", "--verify",
+                        "--no-progress"]) == 0
+    assert "largest logit difference on a fixed batch: 0.000e+00" in capsys.readouterr().out
+    _assert_same_state(_state(latest_checkpoint(tmp_path / "l")), _state(ckpt))

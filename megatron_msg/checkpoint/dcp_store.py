@@ -18,7 +18,9 @@ coverage check of a save, the file format.  What we add is small:
 * :class:`VerifyingReader`: DCP's file reader with every stored chunk checked
   against its CRC-32 (from our manifest) before it is deserialised, and the
   ``.metadata`` file too; chunks are read by byte range, never whole files.
-* :func:`chunk_checksums`: each rank's CRC-32 of the chunks it wrote.
+* :class:`_StreamingWriter`: DCP's file writer with a data loop that checksums each chunk as
+  it goes out and keeps none of them (the stock loop holds every written tensor until the file
+  is closed).
 
 The checkpoint directory, manifest, atomic commit and integrity rules stay in
 io.py; which pieces a rank holds is in rank_state.py.
@@ -26,6 +28,7 @@ io.py; which pieces a rank holds is in rank_state.py.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -37,10 +40,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo  # DCP's per-chunk location record
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
                                                    TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from megatron_msg.checkpoint.errors import CheckpointError, file_crc32
@@ -128,18 +133,76 @@ class _LoadPlanner(DefaultLoadPlanner):
         return obj.chunk_at(index.offset) if isinstance(obj, Boxes) else super().lookup_tensor(index)
 
 
-def save_boxes(path: Path, state_dict: dict, no_dist: bool = False) -> Metadata:
+class _Crc32Stream:
+    """Write-only stream that counts and CRC-32s the bytes ``torch.save`` writes through it."""
+
+    def __init__(self, f):
+        self._f, self.position, self.crc = f, 0, 0
+
+    def write(self, data) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.position += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+class _StreamingWriter(FileSystemWriter):
+    """DCP's file writer with its data loop replaced: one file per rank, each chunk's CRC-32 taken as
+    it is written, and no chunk kept once written.
+
+    Why not the stock loop: in torch 2.13 it keeps every tensor it has written in a dict (for its
+    safetensors option) until the file is closed, so a rank's save holds a copy of its whole state,
+    and an offline writer of a large model all of it; and its bytes can only be checksummed by
+    reading the file back.  Planning, metadata and ``finish`` stay DCP's.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+        self._dir = Path(path)
+        self.checksums: dict[str, list[list[int]]] = {}
+
+    def write_data(self, plan, planner) -> Future:
+        name = f"{plan.storage_data.prefix}0.distcp"
+        results, rows = [], []
+        with open(self._dir / name, "wb") as f:
+            out = _Crc32Stream(f)
+            for item in plan.items:
+                if item.type == WriteItemType.BYTE_IO:
+                    raise CheckpointError(f"{item.index.fqn}: only tensors are stored here")
+                t = planner.resolve_data(item).detach().cpu()
+                if t.untyped_storage().nbytes() != t.nbytes or not t.is_contiguous():
+                    t = t.clone()  # a view: store the piece, not its whole storage
+                offset, out.crc = out.position, 0
+                torch.save(t, out)
+                length = out.position - offset
+                rows.append([offset, length, out.crc])
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(name, offset, length)))
+                del t
+            f.flush()
+            os.fsync(f.fileno())
+        self.checksums = {name: rows}
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+
+def save_boxes(path: Path, state_dict: dict, no_dist: bool = False) -> tuple[Metadata, dict[str, list[list[int]]]]:
     """Write every rank's ``state_dict`` (names -> Boxes or tensors) under ``path``; collective unless ``no_dist``.
 
     Each rank writes one file (``__<rank>_0.distcp``), fsynced; the coordinator writes
-    ``.metadata`` once all are written.  Returns the global metadata (on every rank).
+    ``.metadata`` once all are written.  Returns the global metadata and this rank's chunk
+    checksums: relative path -> [[offset, length, crc32], ...].
     """
-    writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+    writer = _StreamingWriter(path)
     try:
         with _quiet(no_dist):
-            return dcp.save(state_dict, storage_writer=writer, planner=_SavePlanner(), no_dist=no_dist)
+            metadata = dcp.save(state_dict, storage_writer=writer, planner=_SavePlanner(), no_dist=no_dist)
     except (Exception, CheckpointException) as exc:  # e.g. a full disk on one rank, reported on every rank
         raise CheckpointError(_one_line(exc, f"{path}: cannot save")) from None
+    return metadata, writer.checksums
 
 
 @contextmanager
@@ -151,32 +214,11 @@ def _quiet(no_dist: bool):
         yield
 
 
-def chunk_checksums(path: Path, metadata: Metadata, rank: int) -> dict[str, list[list[int]]]:
-    """CRC-32 of every chunk in the files rank ``rank`` wrote: relative path -> [[offset, length, crc], ...].
-
-    Read back in file order right after the save (from the page cache): DCP's writer
-    streams each chunk through torch.save and offers no hook on the bytes.
-    """
-    mine: dict[str, list] = {}
-    for info in metadata.storage_data.values():
-        if info.relative_path.startswith(f"__{rank}_"):
-            mine.setdefault(info.relative_path, []).append((info.offset, info.length))
-    out = {}
-    for rel, spans in mine.items():
-        with open(Path(path) / rel, "rb") as f:
-            rows = []
-            for offset, length in sorted(spans):
-                f.seek(offset)
-                rows.append([offset, length, zlib.crc32(f.read(length))])
-        out[rel] = rows
-    return out
-
-
 class VerifyingReader(FileSystemReader):
     """DCP's file reader that checks every chunk (and ``.metadata``) against the manifest's CRC-32.
 
-    ``checksums``: relative path -> [[offset, length, crc], ...] (chunk_checksums of every
-    rank) and ``metadata_crc``; None for both skips the checks.  The metadata is read
+    ``checksums``: relative path -> [[offset, length, crc], ...] (what save_boxes returned on
+    every rank) and ``metadata_crc``; None for both skips the checks.  The metadata is read
     once and kept, so one reader serves many loads of single tensors.
     """
 

@@ -461,10 +461,14 @@ class _StoredTensors(Mapping):
         self._store, self._index, self._cfg = store, index, cfg
 
     def _load(self, name: str, part: str) -> torch.Tensor:
+        return self._load_parts(name, [part])[part]
+
+    def _load_parts(self, name: str, parts: list[str]) -> dict[str, torch.Tensor]:
+        """Several parts of one tensor (value, moments) in one read of the store."""
         shape = tuple(self._index[name]["shape"])
-        out = torch.empty(unit_view_shape(name, shape, self._cfg), dtype=torch.float32)
-        load_boxes(self._store, {f"{name}/{part}": out}, no_dist=True)
-        return out.reshape(shape)
+        out = {p: torch.empty(unit_view_shape(name, shape, self._cfg), dtype=torch.float32) for p in parts}
+        load_boxes(self._store, {f"{name}/{p}": t for p, t in out.items()}, no_dist=True)
+        return {p: t.reshape(shape) for p, t in out.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._index:
@@ -533,11 +537,14 @@ class Checkpoint(NamedTuple):
 
     def read_part(self, name: str, part: str) -> torch.Tensor:
         """One logical tensor: ``part`` "fp32" (the value) or a moment key ("exp_avg", ...)."""
-        if part == "fp32":
-            return self.model[name]
-        if isinstance(self.model, _StoredTensors):  # only that part's chunks are read
-            return self.model._load(name, part)
-        return self.optimizer[name][part]
+        return self.read_parts(name, [part])[part]
+
+    def read_parts(self, name: str, parts: list[str]) -> dict[str, torch.Tensor]:
+        """Several logical tensors of ``name`` (see read_part); a sharded store reads them in one pass."""
+        if isinstance(self.model, _StoredTensors):  # only those parts' chunks are read
+            return self.model._load_parts(name, parts)
+        moments = self.optimizer[name] if any(p != "fp32" for p in parts) else {}  # read once: one file each
+        return {p: self.model[name] if p == "fp32" else moments[p] for p in parts}
 
 
 def open_checkpoint(path: Path) -> Checkpoint:

@@ -11,9 +11,9 @@ chunks and no byte it does not keep.  The chunks are
   from the rank's parameter list on the meta device: nothing is built).
 
 Streaming: the chunks are declared up front (LazyBoxes) and produced when DCP's writer
-asks for them, in order, each cut from the one logical tensor read last (checkpoint
-io.Checkpoint.read_part), so the peak memory is about one logical tensor (three for a
-per-tensor source, whose moments come together) whatever the model size.  Values are
+asks for them, in order, each cut from the parts (value and moments) of the one logical
+tensor read last (io.Checkpoint.read_parts), so the peak memory is about one logical
+tensor's value and moments whatever the model size.  Values are
 copied, never recomputed: a round trip A -> B -> A is bit-exact, and its chunks are A's.
 
 ``fmt="logical"`` writes the per-tensor format instead (one directory per tensor), the
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from megatron_msg.checkpoint.boxes import piece_boxes, unit_view_shape
-from megatron_msg.checkpoint.dcp_store import METADATA, LazyBoxes, chunk_checksums, distcp_files, save_boxes
+from megatron_msg.checkpoint.dcp_store import METADATA, LazyBoxes, distcp_files, save_boxes
 from megatron_msg.checkpoint.errors import CheckpointError, file_crc32
 from megatron_msg.checkpoint.io import (SHARDED_FORMAT, STORE_DIR, Checkpoint, LogicalTensor, begin_save,
                                         commit_save, fsync_dir, open_checkpoint, remove_stale_temporaries,
@@ -115,20 +115,22 @@ def layout_chunks(cfg: ModelConfig, index: dict[str, dict], layout: Layout) -> d
 
 
 class _Source:
-    """The source checkpoint's logical tensors in unit view, one kept at a time."""
+    """The source checkpoint's logical tensors in unit view: every part (value, moments) of the one
+    tensor being written, read together and dropped when the writer moves to the next tensor."""
 
     def __init__(self, ckpt: Checkpoint, cfg: ModelConfig, on_bytes: Callable[[int], None]):
         self._ckpt, self._cfg, self._on_bytes = ckpt, cfg, on_bytes
-        self._key, self._view = None, None
+        self._name, self._views = None, {}
 
     def chunk(self, name: str, part: str, offsets: tuple, sizes: tuple) -> torch.Tensor:
-        if self._key != (name, part):
-            self._key = None
-            self._view = None  # drop the previous tensor before reading the next
-            t = self._ckpt.read_part(name, part)
-            self._view = t.reshape(unit_view_shape(name, tuple(t.shape), self._cfg))
-            self._key = (name, part)
-        piece = self._view[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+        if self._name != name:
+            self._name, self._views = None, {}  # drop the previous tensor before reading the next
+            entry = self._ckpt.index[name]
+            parts = ["fp32"] + list((entry.get("optimizer") or {}).get("keys", ()))
+            view = unit_view_shape(name, tuple(entry["shape"]), self._cfg)
+            self._views = {p: t.reshape(view) for p, t in self._ckpt.read_parts(name, parts).items()}
+            self._name = name
+        piece = self._views[part][tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
         self._on_bytes(piece.numel() * piece.element_size())
         return piece
 
@@ -184,8 +186,8 @@ def reshard(source: Path, out_dir: Path, layout: Layout, fmt: str = "sharded",
                                 lambda off, sizes, n=name, p=part: source_tensors.chunk(n, p, off, sizes))
     tmp, final = begin_save(out_dir, step)
     store = tmp / STORE_DIR
-    metadata = save_boxes(store, pieces, no_dist=True)
-    chunks = {f"{STORE_DIR}/{rel}": rows for rel, rows in chunk_checksums(store, metadata, 0).items()}
+    _, checksums = save_boxes(store, pieces, no_dist=True)
+    chunks = {f"{STORE_DIR}/{rel}": rows for rel, rows in checksums.items()}
     files = {f"{STORE_DIR}/{name}": {"bytes": (store / name).stat().st_size} for name in distcp_files(store)}
     files[f"{STORE_DIR}/{METADATA}"] = {"bytes": (store / METADATA).stat().st_size,
                                         "crc32": file_crc32(store / METADATA)}

@@ -18,7 +18,7 @@ fsync, rename, ``latest``, a step never saved twice.  The logical view (io.py's
 growth, ``msg-grow``, export and inspection need no process group.
 
 Saving: rank 0 creates the temporary directory; every rank writes its pieces
-through DCP (rank_state.py) and checksums what it wrote; rank 0 gathers the
+through DCP (rank_state.py), checksumming each chunk as it goes out; rank 0 gathers the
 index entries and the checksums (small objects), writes state.pt, meta.json and
 the manifest, and renames the directory into place.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_msg.checkpoint.dcp_store import METADATA, chunk_checksums, distcp_files, save_boxes
+from megatron_msg.checkpoint.dcp_store import METADATA, distcp_files, save_boxes
 from megatron_msg.checkpoint.errors import CheckpointError, file_crc32
 from megatron_msg.checkpoint.io import SHARDED_FORMAT, STORE_DIR, begin_save, commit_save, fsync_dir
 from megatron_msg.checkpoint.rank_state import rank_pieces
@@ -67,8 +67,8 @@ def save_sharded(out_dir: Path, step: int, state: dict, meta: dict, keep: int, m
     tmp, final = began
     pieces, index = rank_pieces(model, optimizer, ps)
     store = tmp / STORE_DIR
-    metadata = save_boxes(store, pieces, no_dist=not _distributed())
-    mine = (index, chunk_checksums(store, metadata, rank))
+    _, checksums = save_boxes(store, pieces, no_dist=not _distributed())
+    mine = (index, checksums)
     if _distributed():
         gathered = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)

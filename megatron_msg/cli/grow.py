@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="source", required=True, metavar="DIR",
                     help="a checkpoint directory, or a run directory (its latest checkpoint)")
     ap.add_argument("--out-dir", required=True, help="run directory for the grown checkpoint (must hold none)")
+    ap.add_argument("--format", choices=["logical", "sharded"], default="logical",
+                    help="logical: one file per tensor; sharded: cut for the stage's layout and the config's ZeRO "
+                         "stage, as msg-reshard does (each rank of the resumed run reads only its own chunks)")
     ap.add_argument("--verify", action="store_true",
                     help="evaluate the growth probe (validation batch 0, fp32, one process) on the source and the "
                          "grown checkpoint, print both and record them in the growth record; the whole model is "
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_msg.training.probe import checkpoint_probe_loss, probe_batch
             batch = probe_batch(cfg)  # once: the same batch before and after
             before = checkpoint_probe_loss(find_checkpoint(args.source), batch)
-        result = grow_checkpoint(cfg, args.source, args.out_dir)
+        result = grow_checkpoint(cfg, args.source, args.out_dir, args.format)
     except (OfflineGrowthError, CheckpointError, ConfigError) as exc:
         print(f"msg-grow: {exc}", file=sys.stderr)
         return 2

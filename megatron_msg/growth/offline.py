@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 from megatron_msg.checkpoint.io import (Checkpoint, CheckpointError, LogicalTensor, latest_checkpoint,
                                         open_checkpoint, remove_stale_temporaries, save_checkpoint)
+from megatron_msg.checkpoint.reshard import Layout, reshard
 from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
 from megatron_msg.growth.apply import spec_for_stage, stream_growth
 from megatron_msg.growth.operators import GrowthSpec, plan_growth
@@ -84,15 +86,22 @@ def next_stage(cfg: RunConfig, ckpt: Checkpoint) -> tuple[ModelConfig, ResolvedS
     return mcfg, stage
 
 
-def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path) -> OfflineGrowthResult:
+def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path, fmt: str = "logical") -> OfflineGrowthResult:
     """Apply the config's next growth stage to ``source`` (a checkpoint or run directory);
-    write the grown checkpoint into the run directory ``out_dir`` (which must hold none yet)."""
+    write the grown checkpoint into the run directory ``out_dir`` (which must hold none yet).
+
+    ``fmt="sharded"``: the grown checkpoint is cut for the stage's layout (and the config's ZeRO
+    stage) as msg-reshard does: grown per tensor into a scratch directory beside it first, then
+    resharded (twice the writing, still about one layer in memory).
+    """
     path = find_checkpoint(source)
     out_dir = Path(out_dir)
     if out_dir.resolve() == _run_dir_of(path).resolve():
         raise OfflineGrowthError(f"--out-dir {out_dir} is the source run directory: the grown checkpoint has the "
                                  f"same step and would replace the one it is grown from; choose another directory")
     remove_stale_temporaries(out_dir)  # what a killed msg-grow left in it
+    for scratch in out_dir.glob(".grown-*") if out_dir.is_dir() else ():
+        shutil.rmtree(scratch, ignore_errors=True)
     existing = out_dir / "checkpoints"
     if existing.is_dir() and any(p.name.startswith("step_") or p.name == "latest" for p in existing.iterdir()):
         raise OfflineGrowthError(f"--out-dir {out_dir} already holds checkpoints; choose an empty directory")
@@ -112,8 +121,17 @@ def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path) -> 
             "grown_offline_from": str(path)}
     # Read before anything is written: a source whose metrics cannot be read leaves no output behind.
     metrics = _carried_metrics(_run_dir_of(path), stage, new_cfg, parameters)
-    written = save_checkpoint(out_dir, state["step"], state, meta, cfg.train.keep_checkpoints,
-                              _grown_tensors(ckpt, mcfg, spec, rule))
+    if fmt == "sharded":
+        scratch = out_dir / f".grown-{os.getpid()}"
+        grown = save_checkpoint(scratch, state["step"], state, meta, 1, _grown_tensors(ckpt, mcfg, spec, rule))
+        tp, pp, dp = stage.layout
+        written = reshard(grown, out_dir, Layout(tp, pp, dp, cfg.parallel.zero_stage)).checkpoint
+        shutil.rmtree(scratch, ignore_errors=True)
+    elif fmt == "logical":
+        written = save_checkpoint(out_dir, state["step"], state, meta, cfg.train.keep_checkpoints,
+                                  _grown_tensors(ckpt, mcfg, spec, rule))
+    else:
+        raise OfflineGrowthError(f"unknown checkpoint format {fmt!r} (sharded or logical)")
     _write_metrics(out_dir, metrics)
     return OfflineGrowthResult(written, stage, parameters)
 
