@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from megatron_msg.checkpoint.errors import CheckpointError, file_crc32
+from megatron_msg.checkpoint.errors import CheckpointError, ChecksumStream, file_crc32
 
 METADATA = ".metadata"  # DCP's index file name
 
@@ -133,21 +133,6 @@ class _LoadPlanner(DefaultLoadPlanner):
         return obj.chunk_at(index.offset) if isinstance(obj, Boxes) else super().lookup_tensor(index)
 
 
-class _Crc32Stream:
-    """Write-only stream that counts and CRC-32s the bytes ``torch.save`` writes through it."""
-
-    def __init__(self, f):
-        self._f, self.position, self.crc = f, 0, 0
-
-    def write(self, data) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        self.position += len(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 class _StreamingWriter(FileSystemWriter):
     """DCP's file writer with its data loop replaced: one file per rank, each chunk's CRC-32 taken as
     it is written, and no chunk kept once written.
@@ -167,16 +152,16 @@ class _StreamingWriter(FileSystemWriter):
         name = f"{plan.storage_data.prefix}0.distcp"
         results, rows = [], []
         with open(self._dir / name, "wb") as f:
-            out = _Crc32Stream(f)
+            out = ChecksumStream(f)
             for item in plan.items:
                 if item.type == WriteItemType.BYTE_IO:
                     raise CheckpointError(f"{item.index.fqn}: only tensors are stored here")
                 t = planner.resolve_data(item).detach().cpu()
                 if t.untyped_storage().nbytes() != t.nbytes or not t.is_contiguous():
                     t = t.clone()  # a view: store the piece, not its whole storage
-                offset, out.crc = out.position, 0
+                offset, out.crc = out.bytes, 0
                 torch.save(t, out)
-                length = out.position - offset
+                length = out.bytes - offset
                 rows.append([offset, length, out.crc])
                 results.append(WriteResult(index=item.index, size_in_bytes=length,
                                            storage_data=_StorageInfo(name, offset, length)))

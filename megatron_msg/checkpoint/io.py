@@ -56,7 +56,7 @@ import torch
 
 from megatron_msg.checkpoint.boxes import unit_view_shape
 from megatron_msg.checkpoint.dcp_store import VerifyingReader, check_coverage, load_boxes
-from megatron_msg.checkpoint.errors import CheckpointError, file_crc32
+from megatron_msg.checkpoint.errors import CheckpointError, ChecksumStream, file_crc32
 from megatron_msg.config import ModelConfig
 
 FORMAT = "megatron_msg.logical/2"
@@ -84,25 +84,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class _ChecksumWriter:
-    """A write-only file wrapper that counts and CRC-32s what ``torch.save`` streams through it."""
-
-    def __init__(self, f):
-        self._f, self.bytes, self.crc = f, 0, 0
-
-    def write(self, data) -> int:
-        self.crc = zlib.crc32(data, self.crc)
-        self.bytes += len(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 def _save_file(obj, path: Path) -> dict:
     """``torch.save`` to a new file, fsynced; returns its manifest entry (size and CRC-32)."""
     with open(path, "xb") as f:
-        out = _ChecksumWriter(f)
+        out = ChecksumStream(f)
         torch.save(obj, out)
         f.flush()
         os.fsync(f.fileno())
