@@ -248,7 +248,7 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_checkpoint_taken_as_com
     kills = inside_a_save = 0
     # Start (or resume), kill -9 at a random moment, look at what is on disk; until at least three
     # kills have landed inside a save (a .tmp-* directory left behind: saves are most of this run).
-    while (inside_a_save < 3 or kills < 5) and kills < 15:
+    while (inside_a_save < 3 or kills < 5) and kills < 30:
         proc = subprocess.Popen(cmd + ["--out-dir", str(out)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         target = min(22, max(_losses(out), default=0) + 1 + kills % 3) if (out / "metrics.jsonl").exists() else 1
