@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
@@ -338,10 +337,6 @@ def _causes(exc: BaseException):
     yield exc
     if exc.__cause__ is not None:
         yield from _causes(exc.__cause__)
-
-
-def world_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def distcp_files(path: Path) -> list[str]:

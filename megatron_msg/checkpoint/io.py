@@ -497,8 +497,9 @@ def _open_store(root: Path, manifest: dict | None, index: dict[str, dict], cfg: 
                      if rel.startswith(prefix)}
         metadata_crc = _entry(manifest["files"], prefix + ".metadata")["crc32"]
     store = VerifyingReader(root / STORE_DIR, checksums, metadata_crc)
-    stored = store.read_metadata().state_dict_metadata
-    check_coverage(store.read_metadata())
+    metadata = store.read_metadata()
+    check_coverage(metadata)
+    stored = metadata.state_dict_metadata
     for name, entry in index.items():
         want = unit_view_shape(name, tuple(entry["shape"]), cfg)
         parts = ["fp32"] + (entry["optimizer"]["keys"] if entry.get("optimizer") else [])
@@ -561,7 +562,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{root}: state.pt is for step {state.get('step')}, the manifest for step "
                               f"{manifest.get('step')} (files from two checkpoints)")
     if fmt == SHARDED_FORMAT:
-        store = _open_store(root, manifest, index, ModelConfig(**state["model_config"]))
-        tensors = _StoredTensors(store, index, ModelConfig(**state["model_config"]))
+        cfg = ModelConfig(**state["model_config"])
+        store = _open_store(root, manifest, index, cfg)
+        tensors = _StoredTensors(store, index, cfg)
         return Checkpoint(root, state, tensors, _StoredMoments(tensors, index), store, index)
     return Checkpoint(root, state, _TensorFiles(root, index, files), _MomentFiles(root, index, files), None, index)
