@@ -100,6 +100,10 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     # How Adam's step count / bias correction treats entries created by growth.
     growth_step_rule: str = "per_entry"
+    # The steady-state update (tensors without per-entry offsets) as one fused kernel call
+    # (training/fused_adamw.py); false: the unfused update, bit-compatible with
+    # torch.optim.AdamW(foreach=False) (e.g. DeepSpeed's torch_adam).
+    fused: bool = True
 
 
 @dataclass
@@ -264,6 +268,10 @@ class TrainConfig:
     # stage, N = the first N of each stage.  Memory only: losses are identical either way.
     recompute: str = "none"
     recompute_layers: int = 0
+    # Training batches built this many steps ahead in a background thread (training/prefetch.py;
+    # pinned memory on CUDA); 0 builds each in the step; None: 2 on CUDA, 0 on CPU (where the
+    # thread shares the cores with the step: docs/benchmarks.md).  Batches are the same either way.
+    prefetch: int | None = None
     tensorboard: bool = True
     plot: bool = True
 
@@ -625,6 +633,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
            f"{t.params_dtype} needs train.dtype={t.params_dtype} (parameters are kept in fp32 or in the "
            f"compute dtype), got train.dtype={t.dtype}")
     _choice(t.recompute, RECOMPUTE_MODES, "train.recompute")
+    _check(t.prefetch is None or t.prefetch >= 0, "train.prefetch",
+           f"must be >= 0 (steps built ahead; 0: none) or null (2 on CUDA, 0 on CPU), got {t.prefetch}")
     _check(t.recompute_layers >= 0, "train.recompute_layers",
            f"must be >= 0 (0: every layer of a stage), got {t.recompute_layers}")
     _check(t.recompute_layers == 0 or t.recompute == "full", "train.recompute_layers",

@@ -8,8 +8,9 @@
 
 Both continuations are compared with our uninterrupted run.  Under ZeRO-1 bit for bit:
 DeepSpeed's engine wraps the same module, its ``torch.optim.AdamW`` (single-tensor path)
-computes the update with the same operations as ours (training/optimizer.py), it reduces the
-gradients once per step after accumulating the micro-batches, as we do, and with 2 ranks x 2
+computes the update with the same operations as our unfused one (``optimizer.fused: false``,
+training/optimizer.py), it reduces the gradients once per step after accumulating the
+micro-batches, as we do, and with 2 ranks x 2
 micro-batches its scaling (loss / 2, then the mean over 2 ranks) and ours (loss / 4, then the
 sum) differ by powers of two, which are exact; so its own steps equal ours too (asserted),
 which is what makes "continues the same run" checkable at all.  Under ZeRO-2 DeepSpeed reduces
@@ -45,7 +46,9 @@ HANDOVER, STEPS = 6, 12
 def _raw(zero: int = 1, **train) -> dict:
     return {
         "model": {"arch": "gpt", "hidden": 16, "ffn": 32, "heads": 2, "layers": 2, "head_dim": 8, "seq_len": 16},
-        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.01, "grad_clip": 0.0},
+        # fused: false: our unfused update is torch.optim.AdamW's single-tensor arithmetic, which
+        # DeepSpeed's torch_adam runs (the fused kernel rounds differently: training/fused_adamw.py)
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.01, "grad_clip": 0.0, "fused": False},
         "lr": {"warmup_steps": 2},
         "train": {"steps": STEPS, "batch_size": 2, "grad_accum": 4, "log_interval": 1, "eval_interval": 100,
                   "eval_iters": 1, "save_interval": HANDOVER, "keep_checkpoints": 3, "device": "cpu",

@@ -3,6 +3,8 @@
     msg-bench kernels [--out DIR] [--widths 768,1024,4096,10240] [--only triton,cuda,...]
     msg-bench kernel-sweep [--out DIR] [--widths ...]
     msg-bench mask-overhead [--out DIR] [--batch 16] [--steps 20] [--windows 5] [--compile]
+    msg-bench optimizer [--out DIR] [--hidden 256] [--layers 12] [--device cpu]
+    msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
 run); modules are imported only when their subcommand runs, so adding one is a
@@ -61,12 +63,57 @@ def _overhead_run(a: argparse.Namespace) -> None:
     run_mask_overhead(a.out, batch=a.batch, steps=a.steps, windows=a.windows, compile_model=a.compile)
 
 
+def _optimizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/bench", help="directory for optimizer.json/.md")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    p.add_argument("--windows", type=int, default=7, help="timing windows per variant (interleaved)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def _optimizer_run(a: argparse.Namespace) -> None:
+    import torch
+    from megatron_msg.training.step_bench import run_optimizer_bench
+    torch.set_num_threads(a.threads)
+    run_optimizer_bench(a.out, a.hidden, a.layers, a.vocab, a.steps, a.windows, a.device)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from megatron_msg.training.step_bench import TRAIN_SIZES
+    p.add_argument("--out", default="runs/bench", help="directory for train_<size>.json/.md")
+    p.add_argument("--size", default="tiny", choices=sorted(TRAIN_SIZES),
+                   help="tiny (CPU) or a GPT hidden size of the GPU shapes (768: 12 layers; 1024, 2048: 24)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per window")
+    p.add_argument("--windows", type=int, default=5, help="timing windows per variant (interleaved)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 1024 on GPU, 64 on CPU)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary (default 50304 on GPU, 261 on CPU)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the reference (default on GPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def _train_run(a: argparse.Namespace) -> None:
+    import torch
+    from megatron_msg.training.step_bench import run_train_bench
+    torch.set_num_threads(a.threads)
+    run_train_bench(a.out, a.size, a.device, a.steps, a.windows, a.compile, a.seq, a.vocab)
+
+
 SUBCOMMANDS = {
     "kernels": ("masked LayerNorm kernels: GB/s and time, fwd and fwd+bwd", _kernels_args, _kernels_run),
     "kernel-sweep": ("device time of each Triton launch configuration and CUDA forward kernel "
                      "(sets the heuristics)", _sweep_args, _sweep_run),
     "mask-overhead": ("GPT-2-small training step with ramp masks vs masks removed", _overhead_args,
                       _overhead_run),
+    "optimizer": ("one AdamW step: ours (fused, unfused, ZeRO, with offsets) vs torch AdamW(fused=True)",
+                  _optimizer_args, _optimizer_run),
+    "train": ("msg-train's real step vs a plain PyTorch loop and a nanoGPT-style reference: tokens/s, MFU",
+              _train_args, _train_run),
 }
 
 

@@ -32,6 +32,7 @@ import math
 import torch
 
 from megatron_msg.parallel.grads import accumulate_gradients_in_fp32, clear_gradients, grad_of
+from megatron_msg.training.fused_adamw import FusedAdamWBatch
 
 
 def _bias_corrections_settled(beta1: float, beta2: float, steps: int) -> bool:
@@ -110,13 +111,16 @@ class MSGAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) over named parameters with per-entry step support.
 
     ``params_dtype`` bf16/fp16: the parameters are lowered to it and the optimizer keeps
-    their fp32 master weights (module docstring).
+    their fp32 master weights (module docstring).  ``fused``: tensors without per-entry
+    offsets take one fused kernel call per parameter group (training/fused_adamw.py);
+    the tensors that carry offsets always take :func:`adamw_update_`.
     """
 
     def __init__(self, named_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, no_decay: set[str] | None = None,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, fused: bool = False):
         named_params = list(named_params)
+        self.fused = fused
         no_decay = no_decay or set()
         decay = [p for n, p in named_params if n not in no_decay]
         plain = [p for n, p in named_params if n in no_decay]
@@ -149,6 +153,8 @@ class MSGAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            batch = FusedAdamWBatch() if self.fused else None
+            lowered, masters = [], []  # parameters with an fp32 master, rounded from it after the update
             for p in group["params"]:
                 g = grad_of(p)
                 if g is None:
@@ -159,10 +165,18 @@ class MSGAdamW(torch.optim.Optimizer):
                     st.update(step=0, exp_avg=torch.zeros_like(target), exp_avg_sq=torch.zeros_like(target),
                               step_offset=None, max_offset=0)
                 advance_step(st, betas)
-                adamw_update_(target, g, st["exp_avg"], st["exp_avg_sq"], st["step"], st["step_offset"],
-                              lr, betas, eps, wd, st.get("offset_values", ()))
+                if batch is not None and st["step_offset"] is None:
+                    batch.add(target, g, st["exp_avg"], st["exp_avg_sq"], st["step"])
+                else:
+                    adamw_update_(target, g, st["exp_avg"], st["exp_avg_sq"], st["step"], st["step_offset"],
+                                  lr, betas, eps, wd, st.get("offset_values", ()))
                 if target is not p:
-                    p.copy_(target)
+                    lowered.append(p)
+                    masters.append(target)
+            if batch is not None:
+                batch.run(lr, betas, eps, wd)
+            if lowered:
+                torch._foreach_copy_(lowered, masters)
         return None
 
     # ------------------------------------------------------------------ logical (named) state

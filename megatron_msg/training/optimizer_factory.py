@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from megatron_msg.config import OptimizerConfig
+from megatron_msg.config import ConfigError, OptimizerConfig
 from megatron_msg.model.layout import tensor_spec
 from megatron_msg.parallel.topology import ParallelState
+from megatron_msg.training.fused_adamw import fused_adamw_available
 from megatron_msg.training.optimizer import MSGAdamW
 from megatron_msg.training.zero import ZeroAdamW
 
@@ -26,9 +27,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, zero_stage: in
     into the model afterwards must reach the masters too (``load_model(..., optimizer)``).
     """
     named = list(model.named_parameters())
+    device = named[0][1].device if named else torch.device("cpu")
+    if cfg.fused and not fused_adamw_available(device):
+        raise ConfigError(f"optimizer.fused: this torch ({torch.__version__}) has no fused AdamW kernel for "
+                          f"{device.type}; set optimizer.fused: false")
     no_decay = {n for n, _ in named if tensor_spec(n).no_weight_decay}
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                  no_decay=no_decay, params_dtype=params_dtype)
+                  no_decay=no_decay, params_dtype=params_dtype, fused=cfg.fused)
     if zero_stage:
         return ZeroAdamW(named, ps or ParallelState.single(next(model.parameters()).device), zero_stage, **kwargs)
     return MSGAdamW(named, **kwargs)

@@ -49,6 +49,7 @@ from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
 from megatron_msg.parallel.random import RNGTracker
 from megatron_msg.parallel.recompute import RecomputePolicy
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
+from megatron_msg.training.prefetch import PrefetchedBatches
 from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatches, IndexedBertBatches,
                                           IndexedGPTBatches, byte_token_streams)
@@ -168,6 +169,10 @@ class Trainer:
 
         self.train_batches, self.valid_batches = build_batches(cfg)
         t = cfg.train
+        prefetch = t.prefetch if t.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+        if prefetch:
+            self.train_batches = PrefetchedBatches(self.train_batches, self._my_micro_batches_at, prefetch,
+                                                   pin_memory=self.device.type == "cuda")
 
         if self.is_main:
             _check_writable(self.out_dir)  # now, not at the first save hours later
@@ -386,6 +391,12 @@ class Trainer:
             dist.all_reduce(total, group=ps.dp_group)
         return total
 
+    def _my_micro_batches_at(self, step: int) -> range:
+        """This rank's micro-batch ids at ``step`` (none past the run's last step)."""
+        if step >= self.cfg.train.steps:
+            return range(0)
+        return my_micro_batches(self.batch_schedule.at(step).grad_accum, self.ps)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, global gradient norm).  Under fp16 a step whose
         gradients overflowed is skipped (norm inf/nan) and lowers the loss scale."""
@@ -516,6 +527,22 @@ class Trainer:
                           if dist.get_backend() != "gloo" else dist.group.WORLD)
         return self._ctrl
 
+    def advance(self) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+        """One step of the run: the growth events due, the mask ramp, the LR, the optimizer step.
+
+        Returns (the step just run, its LR, loss, gradient norm); what ``run`` does per step
+        besides logging, evaluation and saving (``msg-bench train`` times exactly this).
+        """
+        while self.stage_index < len(self.stages) and self.stages[self.stage_index].at_step == self.step:
+            self.grow(self.stages[self.stage_index])
+            self.stage_index += 1
+        self.ramp = apply_ramp(self.model, self.ramp, self.step)
+        lr = lr_at(self.step, self.lr_segments, self.cfg.lr, self.cfg.train.steps)
+        self.optimizer.set_lr(lr)
+        loss, norm = self.train_step(self.step)
+        self.step += 1
+        return self.step - 1, lr, loss, norm
+
     def run(self, max_steps: int | None = None) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         total = t.steps
@@ -530,15 +557,7 @@ class Trainer:
                 if self._stop_agreed():
                     result.interrupted = True
                     break
-                while self.stage_index < len(self.stages) and self.stages[self.stage_index].at_step == self.step:
-                    self.grow(self.stages[self.stage_index])
-                    self.stage_index += 1
-                self.ramp = apply_ramp(self.model, self.ramp, self.step)
-                lr = lr_at(self.step, self.lr_segments, cfg.lr, total)
-                self.optimizer.set_lr(lr)
-                loss, norm = self.train_step(self.step)
-                step_run = self.step
-                self.step += 1
+                step_run, lr, loss, norm = self.advance()
                 result.steps_run += 1
                 if self._bar is not None:
                     self._bar.update(1)

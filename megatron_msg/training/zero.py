@@ -47,6 +47,7 @@ import torch.distributed as dist
 from megatron_msg.parallel.grads import accumulate_gradients_in_fp32, clear_gradients, counted_once, grad_of
 from megatron_msg.parallel.topology import ParallelState
 from megatron_msg.parallel.zero_layout import Fragment, partition  # noqa: F401 - partition: tests and tools
+from megatron_msg.training.fused_adamw import FusedAdamWBatch
 from megatron_msg.training.optimizer import adamw_update_, advance_step, offset_values, take_master_weights
 
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older releases have only those.
@@ -65,7 +66,7 @@ class ZeroAdamW:
 
     def __init__(self, named_params, ps: ParallelState, stage: int, lr: float, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, no_decay: set[str] | None = None,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, fused: bool = False):
         if stage not in (1, 2):
             raise ValueError(f"ZeroAdamW: stage must be 1 or 2, got {stage}")
         self.named = list(named_params)
@@ -77,7 +78,7 @@ class ZeroAdamW:
                              "the flat buffer needs one")
         self.ps, self.stage = ps, stage
         self.dp, self.dp_rank = ps.dp_size, ps.dp_rank
-        self.betas, self.eps = betas, eps
+        self.betas, self.eps, self.fused = betas, eps, fused
         no_decay = no_decay or set()
         self.weight_decay = {n: (0.0 if n in no_decay else weight_decay) for n, _ in self.named}
         self.param_groups = [{"lr": lr}]
@@ -97,6 +98,10 @@ class ZeroAdamW:
             self.master = self._my_chunk_of_parameters()
             accumulate_gradients_in_fp32(self.params.values())
         self.flat = self._flatten_parameters(params_dtype if self.master is not None else self.state_dtype)
+        # What my update of each fragment writes: its slice of the master, else of the flat buffer
+        # (both fixed from here on: loads copy into them), cut once rather than every step.
+        self._targets = {name: (self.flat[f.flat_start:f.flat_start + f.numel] if self.master is None
+                                else self.master[self._my_slice(f)]) for name, f in self.mine.items()}
         # name -> {step, max_offset, step_offset}, on every rank; step_offset is only a flag here
         # (True while the tensor has per-entry offsets: advance_step clears it when they settle).
         self.counts: dict[str, dict] = {}
@@ -207,7 +212,8 @@ class ZeroAdamW:
         for name in had_gradient:  # counts move on every rank, for every tensor
             counts = self.counts.setdefault(name, dict(step=0, max_offset=0, step_offset=None))
             advance_step(counts, self.betas)
-        for name, f in self.mine.items():
+        batches: dict[float, FusedAdamWBatch] = {}  # weight decay -> the fragments of one fused call
+        for name in self.mine:
             g = self._my_gradient(name)
             if g is None:
                 continue
@@ -218,10 +224,15 @@ class ZeroAdamW:
             counts = self.counts[name]
             if counts["step_offset"] is None:
                 m["step_offset"] = None  # settled: dropped on every rank at once
-            p = (self.params[name].data.view(-1)[f.start:f.end] if self.master is None
-                 else self.master[self._my_slice(f)])
-            adamw_update_(p, g, m["exp_avg"], m["exp_avg_sq"], counts["step"], m["step_offset"], lr,
-                          self.betas, self.eps, self.weight_decay[name], m.get("offset_values", ()))
+            p = self._targets[name]
+            wd = self.weight_decay[name]
+            if self.fused and m["step_offset"] is None:
+                batches.setdefault(wd, FusedAdamWBatch()).add(p, g, m["exp_avg"], m["exp_avg_sq"], counts["step"])
+            else:
+                adamw_update_(p, g, m["exp_avg"], m["exp_avg_sq"], counts["step"], m["step_offset"], lr,
+                              self.betas, self.eps, wd, m.get("offset_values", ()))
+        for wd, batch in batches.items():
+            batch.run(lr, self.betas, self.eps, wd)
         if self.master is not None:
             self.flat[self._chunk_range()].copy_(self.master)  # round the updated master into the buffer
         if self.dp > 1:
