@@ -298,6 +298,11 @@ class ParallelConfig:
     # an error on every other rank within this time (msg-train exit code 4), not a silent stall.
     # It must exceed the longest legitimate wait: a checkpoint save or a growth on rank 0.
     timeout_s: float = 1800.0
+    # Data-parallel gradient all-reduce in buckets of about bucket_mb, launched during backward as
+    # each bucket's gradients are final (parallel/grad_buckets.py); off: one all-reduce after it.
+    # ZeRO-2 keeps its reduce-scatter after backward either way.
+    overlap_grad_reduce: bool = True
+    bucket_mb: float = 25.0
 
     def layout_parts(self, tp: int | None = None) -> int:
         """Blocks for a growth into a layout with ``tp`` (default: this section's tp)."""
@@ -801,6 +806,7 @@ def _validate_parallel(cfg: RunConfig) -> None:
     _choice(p.backend, ("auto", "gloo", "nccl"), "parallel.backend")
     _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage!r}")
     _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
+    _check(p.bucket_mb > 0, "parallel.bucket_mb", f"must be > 0 (MB per gradient bucket), got {p.bucket_mb}")
     if p.sequence_parallel:
         _check(p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",

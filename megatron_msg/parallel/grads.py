@@ -73,8 +73,10 @@ def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
 
 
 @torch.no_grad()
-def sync_gradients(model: torch.nn.Module, ps: ParallelState, data_parallel: bool = True) -> None:
-    """Steps 1-3 above; ``data_parallel=False`` leaves out step 3 (ZeRO-2 reduce-scatters instead)."""
+def sync_gradients(model: torch.nn.Module, ps: ParallelState, data_parallel: bool = True,
+                   reduced: frozenset[str] = frozenset()) -> None:
+    """Steps 1-3 above; ``data_parallel=False`` leaves out step 3 (ZeRO-2 reduce-scatters instead);
+    ``reduced``: names whose step 3 is done (summed in buckets during backward: grad_buckets.py)."""
     grads = {n: g for n, p in model.named_parameters() if (g := grad_of(p)) is not None}
     if ps.pp_size > 1 and TIED in grads:
         dist.all_reduce(grads[TIED], group=ps.embed_group)
@@ -84,7 +86,19 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState, data_parallel: boo
         if sliced:
             _all_reduce_flat(sliced, ps.tp_group)
     if data_parallel and ps.dp_size > 1:
-        _all_reduce_flat(list(grads.values()), ps.dp_group)
+        rest = [g for n, g in grads.items() if n not in reduced]
+        if rest:
+            _all_reduce_flat(rest, ps.dp_group)
+
+
+def reduced_after_backward(model: torch.nn.Module, ps: ParallelState) -> set[str]:
+    """Names whose data-parallel sum must follow their other sums (steps 1-2), so it is not
+    done during backward: the tied embedding on a pipeline, sequence-parallel parameters."""
+    names = {TIED} if ps.pp_size > 1 else set()
+    partial = getattr(model, "sequence_parallel_grad_names", None)
+    if ps.tp_size > 1 and partial is not None:
+        names |= set(partial())
+    return names
 
 
 def counted_once(name: str, ps: ParallelState) -> bool:

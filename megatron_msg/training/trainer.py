@@ -45,10 +45,11 @@ from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
 from megatron_msg.model.placement import placement_for
-from megatron_msg.parallel.grads import clip_grad_norm, sync_gradients
+from megatron_msg.parallel.grads import clip_grad_norm, reduced_after_backward, sync_gradients
 from megatron_msg.parallel.random import RNGTracker
 from megatron_msg.parallel.recompute import RecomputePolicy
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
+from megatron_msg.parallel.grad_buckets import GradBuckets
 from megatron_msg.training.prefetch import PrefetchedBatches
 from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatches, IndexedBertBatches,
@@ -227,6 +228,13 @@ class Trainer:
 
     def _wrap_model(self) -> None:
         self.model.train()
+        if getattr(self, "grad_buckets", None) is not None:
+            self.grad_buckets.remove()  # the hooks of the model this one replaces
+        self.grad_buckets = None
+        p = self.cfg.parallel
+        if p.overlap_grad_reduce and self.ps.dp_size > 1 and self.zero_stage != 2:
+            self.grad_buckets = GradBuckets(self.model.named_parameters(), self.ps.dp_group, p.bucket_mb,
+                                            exclude=reduced_after_backward(self.model, self.ps))
         # The training and evaluation paths call stage_forward, so that is what gets compiled.
         self.stage_forward = (torch.compile(self.model.stage_forward) if self.cfg.train.compile
                               else self.model.stage_forward)
@@ -405,11 +413,17 @@ class Trainer:
         sizes = self.batch_schedule.at(step)
         accum = sizes.grad_accum
         loss_scale = self.scaler.scale if self.scaler else 1.0
-        total = self._run_micro_batches(lambda m: self.train_batches.get(step, m),
-                                        my_micro_batches(accum, self.ps), loss_scale / accum, False, step,
-                                        sizes.batch_size)
+        micro_ids = my_micro_batches(accum, self.ps)
+        buckets = self.grad_buckets
+        if buckets is not None:
+            buckets.begin_step(len(micro_ids))
+        total = self._run_micro_batches(lambda m: self.train_batches.get(step, m), micro_ids,
+                                        loss_scale / accum, False, step, sizes.batch_size)
+        if buckets is not None:
+            buckets.finish()
         partitioned = self.zero_stage == 2  # gradients reduce-scattered over DP, not all-reduced
-        sync_gradients(self.model, self.ps, data_parallel=not partitioned)
+        sync_gradients(self.model, self.ps, data_parallel=not partitioned,
+                       reduced=buckets.names if buckets is not None else frozenset())
         if partitioned:
             self.optimizer.reduce_scatter_gradients()
         if self.scaler:
