@@ -272,6 +272,9 @@ class TrainConfig:
     # pinned memory on CUDA); 0 builds each in the step; None: 2 on CUDA, 0 on CPU (where the
     # thread shares the cores with the step: docs/benchmarks.md).  Batches are the same either way.
     prefetch: int | None = None
+    # What a resume may find changed from the checkpoint's run (training/run_definition.py):
+    # names as the refusal prints them, e.g. [model.dropout, "growth.stages[2]"].  Empty: nothing.
+    resume_may_change: list[str] = field(default_factory=list)
     tensorboard: bool = True
     plot: bool = True
 

@@ -246,21 +246,30 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_checkpoint_taken_as_com
     cmd, env = _cli_and_reference(tmp_path)
     out, rng = tmp_path / "killed", random.Random(0)
     kills = inside_a_save = 0
-    # Start (or resume), kill -9 at a random moment, look at what is on disk; until at least three
-    # kills have landed inside a save (a .tmp-* directory left behind: saves are most of this run).
+    # Start (or resume), kill -9, look at what is on disk; until at least three kills have landed
+    # inside a save (a new .tmp-* directory left behind).  Every other kill is aimed at the moment a
+    # save's temporary directory appears (sharded saves are short: random kills alone hit few).
+    def temporaries() -> set[str]:
+        return {p.name for p in (out / "checkpoints").glob(".tmp-*")}
+
     while (inside_a_save < 3 or kills < 5) and kills < 30:
+        left = temporaries()  # by an earlier kill (the next start removes them)
         proc = subprocess.Popen(cmd + ["--out-dir", str(out)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         target = min(22, max(_losses(out), default=0) + 1 + kills % 3) if (out / "metrics.jsonl").exists() else 1
         deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None and not (
-                (out / "metrics.jsonl").exists() and max(_losses(out), default=-1) >= target):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.2))  # a save (every step) takes about 0.05 s here
+        if kills % 2:  # aimed
+            while time.time() < deadline and proc.poll() is None and not (temporaries() - left):
+                time.sleep(0.0005)
+        else:  # at a random moment after the target step
+            while time.time() < deadline and proc.poll() is None and not (
+                    (out / "metrics.jsonl").exists() and max(_losses(out), default=-1) >= target):
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.2))  # a save (every step) takes about 0.05 s here
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        inside_a_save += any((out / "checkpoints").glob(".tmp-*"))
+        inside_a_save += bool(temporaries() - left)
         found = find_latest(out)
         if found.path is not None:
             assert checkpoint_damage(found.path) is None and found.damaged == []

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -112,7 +111,9 @@ def _report(dist, t0: float, base: float) -> None:
 def _torchrun(a, job: str, env: dict) -> list:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", str(HERE), "--job", job,
            "--hidden", str(a.hidden), "--layers", str(a.layers), "--out", str(a.out)]
-    out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:  # say why (a start-up failure of one run was once lost here)
+        raise SystemExit(f"{job} exited with {out.returncode}:\n{out.stderr[-3000:]}")
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
     return json.loads(lines[-1]) if lines else []
 

@@ -26,6 +26,7 @@ from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
 from megatron_msg.model.placement import Placement
 from megatron_msg.model.transformer import ACTIVATIONS, MSGTransformerBase, make_dropout
+from megatron_msg.model.uninitialized import Embedding, Linear
 from megatron_msg.parallel.layers import (TensorParallel, VocabParallelEmbedding, gather_vocab_logits,
                                           vocab_parallel_cross_entropy)
 from megatron_msg.parallel.mappings import gather_sequence_for_replicated
@@ -48,15 +49,15 @@ class BertEmbedding(nn.Module):
         self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, tp)
         if full:  # the last stage's copy of the tied embedding needs tokens only
             if cfg.position_embedding == "learned":  # rotary positions live in attention
-                self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
-            self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden)
+                self.pos = Embedding(cfg.seq_len, cfg.hidden)
+            self.token_type = Embedding(cfg.type_vocab_size, cfg.hidden)
             self.ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
 
 
 class MLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dense = Linear(cfg.hidden, cfg.hidden)
         self.ln = MaskedLayerNorm(cfg.hidden, cfg.eps)
         self.bias = nn.Parameter(torch.zeros(tp.vocab_range(cfg.vocab_size)[1]))
 
@@ -64,7 +65,7 @@ class MLMHead(nn.Module):
 class Pooler(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dense = Linear(cfg.hidden, cfg.hidden)
 
 
 class BERT(MSGTransformerBase):
@@ -79,7 +80,7 @@ class BERT(MSGTransformerBase):
         if placement.last:
             self.mlm = MLMHead(cfg, placement.tp)
             self.pooler = Pooler(cfg)
-            self.nsp = nn.Linear(cfg.hidden, 2)
+            self.nsp = Linear(cfg.hidden, 2)
 
     @staticmethod
     def attention_mask(padding_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from megatron_msg.config import ModelConfig
 from megatron_msg.model.masked_norm import MaskedLayerNorm
 from megatron_msg.model.placement import Placement
 from megatron_msg.model.transformer import MSGTransformerBase, make_dropout
+from megatron_msg.model.uninitialized import Embedding as _UninitializedEmbedding
 from megatron_msg.parallel.layers import (TensorParallel, VocabParallelEmbedding, gather_vocab_logits,
                                           vocab_parallel_cross_entropy)
 
@@ -32,7 +33,7 @@ class Embedding(nn.Module):
         self.tok = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, tp)
         # The last stage's copy of a tied embedding needs tokens only; rotary positions live in attention.
         if positions and cfg.position_embedding == "learned":
-            self.pos = nn.Embedding(cfg.seq_len, cfg.hidden)
+            self.pos = _UninitializedEmbedding(cfg.seq_len, cfg.hidden)
 
 
 class GPT(MSGTransformerBase):

@@ -195,7 +195,10 @@ def import_universal(universal: Path, cfg: RunConfig, out_dir: Path) -> Path:
                 if t.numel() != torch.Size(want).numel():
                     raise CheckpointError(f"{d / key}.pt: {tuple(t.shape)}, this config's model has {want}")
                 parts[key] = t.detach().to(torch.float32).reshape(want).contiguous()
-            adam_step = int(_load(d / "step.pt")) if (d / "step.pt").is_file() else step
+            if not (d / "step.pt").is_file():  # Adam's count may differ from the global step (skipped steps)
+                raise CheckpointError(f"{d / 'step.pt'}: missing (the Adam step of {name}, which its bias "
+                                      "correction needs)")
+            adam_step = int(_load(d / "step.pt"))
             yield LogicalTensor(name, parts["fp32"], {"step": adam_step, "max_offset": 0, "step_offset": None,
                                                       "exp_avg": parts["exp_avg"], "exp_avg_sq": parts["exp_avg_sq"]})
 

@@ -51,6 +51,7 @@ from megatron_msg.parallel.recompute import RecomputePolicy
 from megatron_msg.parallel.step import forward_backward, my_micro_batches
 from megatron_msg.parallel.grad_buckets import GradBuckets
 from megatron_msg.training.prefetch import PrefetchedBatches
+from megatron_msg.training.run_definition import RunDefinitionError, run_definition_differences
 from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatches, IndexedBertBatches,
                                           IndexedGPTBatches, byte_token_streams)
@@ -188,6 +189,8 @@ class Trainer:
             self._use_layout(self.layout_of(ckpt.state["stage_index"]))  # the layout the run had reached
             try:
                 self._restore(ckpt)
+            except RunDefinitionError:
+                raise  # the config, not the files: an older checkpoint would not fit it either
             except CheckpointError as exc:  # a file whose contents are damaged: offer the one before
                 older = previous_complete(self.out_dir, ckpt_path)
                 offer = (f"; the newest complete checkpoint before it is {older}: resume it with --resume-from {older}"
@@ -297,7 +300,7 @@ class Trainer:
         diff = [k for k in saved if saved[k] != mine.get(k)]
         if diff:
             detail = "; ".join(f"{k}: checkpoint {saved[k]}, config {mine.get(k)}" for k in diff)
-            raise CheckpointError(
+            raise RunDefinitionError(
                 f"{ckpt.path}: the config's training settings at step {ckpt.state['step']} differ from the "
                 f"run's ({detail}); the batch and LR schedule of steps already trained (train.*, optimizer.*, "
                 f"lr.*, growth.stages[i].lr/min_lr/warmup_steps/batch_size/grad_accum) must stay as they were")
@@ -319,10 +322,15 @@ class Trainer:
         mcfg = ModelConfig(**state["model_config"])
         want = self.expected_shape(state["stage_index"])
         if mcfg.arch != self.cfg.model.arch:
-            raise CheckpointError(f"{path}: checkpoint is a {mcfg.arch} model, config says model.arch={self.cfg.model.arch}")
+            raise RunDefinitionError(f"{path}: checkpoint is a {mcfg.arch} model, config says model.arch={self.cfg.model.arch}")
         if mcfg.shape != want:
-            raise CheckpointError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
+            raise RunDefinitionError(f"{path}: checkpoint shape {mcfg.shape} after {state['stage_index']} growth "
                                   f"stage(s) does not match the config's schedule, which gives {want}")
+        differences = run_definition_differences(state, self.cfg, self.stages)
+        if differences:
+            raise RunDefinitionError(
+                f"{path}: the config describes another run than the checkpoint's: {'; '.join(differences)} "
+                "(grow with msg-grow, or list a deliberate change in train.resume_may_change)")
         self._check_settings(ckpt)
         self.model = build_model(mcfg, self.placement, initialize=False, device=self.device,
                                  params_dtype=self.params_dtype)
@@ -386,8 +394,13 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _run_micro_batches(self, get_batch, micro_ids, scale: float, forward_only: bool, step: int,
-                           batch_size: int) -> torch.Tensor:
-        """Sum over ``micro_ids`` of ``scale * loss``, summed over data-parallel replicas."""
+                           batch_size: int, after_backward=None) -> torch.Tensor:
+        """Sum over ``micro_ids`` of ``scale * loss``, summed over data-parallel replicas.
+
+        ``after_backward()`` runs before that sum: the gradient buckets' collectives must be
+        waited on before another collective is issued on the group (gloo would otherwise queue
+        it behind a bucket whose peer is gone, and a timed-out group does not time out again).
+        """
         ps = self.ps
         seed = self.cfg.train.seed
         total = forward_backward(
@@ -395,6 +408,8 @@ class Trainer:
             self.model.activation_shape(batch_size, self.cfg.model.seq_len),
             forward_only=forward_only, autocast=self._autocast, act_dtype=self.params_dtype,
             before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
+        if after_backward is not None:
+            after_backward()
         if ps.dp_size > 1:
             dist.all_reduce(total, group=ps.dp_group)
         return total
@@ -418,9 +433,8 @@ class Trainer:
         if buckets is not None:
             buckets.begin_step(len(micro_ids))
         total = self._run_micro_batches(lambda m: self.train_batches.get(step, m), micro_ids,
-                                        loss_scale / accum, False, step, sizes.batch_size)
-        if buckets is not None:
-            buckets.finish()
+                                        loss_scale / accum, False, step, sizes.batch_size,
+                                        after_backward=buckets.finish if buckets is not None else None)
         partitioned = self.zero_stage == 2  # gradients reduce-scattered over DP, not all-reduced
         sync_gradients(self.model, self.ps, data_parallel=not partitioned,
                        reduced=buckets.names if buckets is not None else frozenset())
