@@ -209,6 +209,31 @@ def test_tokenizer_mismatch_is_detected(corpus, spm_model, tmp_path):
     build_gpt_datasets(prefix, seq_len=8, splits="1", tokenizer=ByteTokenizer(), cache_dir=None)
 
 
+def test_ids_outside_the_vocabulary_are_found_at_open_even_with_a_matching_sidecar(corpus, tmp_path):
+    """Before: a sidecar naming the right tokenizer skipped the id scan, and a damaged .bin crashed
+    inside the embedding.  The scan is cached per .bin version."""
+    from megatron_msg.data import compat
+    prefix = run(corpus, tmp_path / "o").prefix  # byte tokenizer, sidecar written
+    build_gpt_datasets(prefix, seq_len=8, splits="1", tokenizer=ByteTokenizer(), cache_dir=str(tmp_path / "c"))
+    with open(prefix + ".bin", "r+b") as f:  # one id past the byte vocabulary (261), same size
+        dtype = IndexedDataset(prefix).dtype
+        f.seek(5 * np.dtype(dtype).itemsize)
+        f.write(np.array([300], dtype=dtype).tobytes())
+    with pytest.raises(TokenizerMismatchError, match=r"o_text_document\.bin: contains token id 300, .*damaged"):
+        build_gpt_datasets(prefix, seq_len=8, splits="1", tokenizer=ByteTokenizer(), cache_dir=str(tmp_path / "c"))
+    calls = []
+    real = IndexedDataset.max_token_id
+    IndexedDataset.max_token_id = lambda self: calls.append(1) or real(self)
+    try:
+        for _ in range(2):
+            with pytest.raises(TokenizerMismatchError):
+                compat.check_tokenizer_matches(IndexedDataset(prefix), ByteTokenizer(),
+                                               compat.IndexCache(str(tmp_path / "c")))
+    finally:
+        IndexedDataset.max_token_id = real
+    assert calls == []  # this version of the .bin was scanned by the open above: cached
+
+
 class _SmallVocab(ByteTokenizer):
     @property
     def vocab_size(self):

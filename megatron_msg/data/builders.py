@@ -124,10 +124,10 @@ def build_gpt_datasets(prefixes_and_weights: PrefixesAndWeights, seq_len: int, s
     ``None`` = no cache).  ``tokenizer``: when given, checked against the data.
     """
     corpora = [(IndexedDataset(p), w) for p, w in parse_prefixes_and_weights(prefixes_and_weights)]
+    cache = _cache_for(cache_dir, corpora[0][0].prefix)
     if tokenizer is not None:
         for ds, _ in corpora:
-            check_tokenizer_matches(ds, tokenizer)
-    cache = _cache_for(cache_dir, corpora[0][0].prefix)
+            check_tokenizer_matches(ds, tokenizer, cache)
 
     def make_one(ds, sequence_ids, n, name):
         config = GPTDatasetConfig(seq_len=seq_len, seed=seed, num_samples=n, backend=backend)
@@ -146,9 +146,9 @@ def build_bert_datasets(prefixes_and_weights: PrefixesAndWeights, tokenizer: Tok
     replaced by the arguments).  The tokenizer must have [CLS], [SEP], [MASK] and [PAD].
     """
     corpora = [(IndexedDataset(p), w) for p, w in parse_prefixes_and_weights(prefixes_and_weights)]
-    for ds, _ in corpora:
-        check_tokenizer_matches(ds, tokenizer)
     cache = _cache_for(cache_dir, corpora[0][0].prefix)
+    for ds, _ in corpora:
+        check_tokenizer_matches(ds, tokenizer, cache)
     base = config or BERTDatasetConfig()
 
     def make_one(ds, document_ids, n, name):

@@ -10,7 +10,9 @@ Compared (every difference named; the trainer refuses the resume):
   schedule separately);
 * the growth stages already applied (step, shape, operator, init, phi, depth rules);
 * a stage not yet applied whose step the checkpoint has passed (it would never apply);
-* the tokenizer (kind and files) and ``parallel.growth_layout_parts`` (where new units go).
+* the tokenizer (kind and files), and the ``parallel.growth_layout_parts`` in effect at each
+  stage still to come (where its new units go: 0 means the TP size, so a resume on another TP
+  size sets it to the run's).
 
 Not compared: the parallel layout (any layout resumes any checkpoint, bit for bit or within
 float noise: docs/parallel.md), and the batch and LR schedule, which the trainer checks
@@ -65,7 +67,9 @@ def run_definition_differences(state: dict, cfg: RunConfig, stages: list[Resolve
                 differ(f"growth.stages[{i}].{f}", _plain(getattr(saved_stages[i], f)), _plain(getattr(stages[i], f)))
         for f in TOKENIZER_FIELDS:
             differ(f"data.{f}", getattr(saved.data, f), getattr(cfg.data, f))
-        differ("parallel.growth_layout_parts", saved.parallel.growth_layout_parts, cfg.parallel.growth_layout_parts)
+        for i in range(applied, min(len(stages), len(saved_stages))):  # where the next growths put new units
+            differ(f"parallel.growth_layout_parts (in effect at growth.stages[{i}])",
+                   saved.parallel.layout_parts(saved_stages[i].layout[0]), cfg.parallel.layout_parts(stages[i].layout[0]))
     for stage in stages[applied:]:
         if stage.at_step < step:
             out.append(f"growth.stages[{stage.index}].at_step: {stage.at_step} is before the checkpoint's step "
