@@ -114,6 +114,9 @@ class LRConfig:
     decay_steps: int | None = None
     # Warm-up length after an LR rewind at a growth event (0: jump to the peak).
     rewind_warmup_steps: int = 0
+    # Steps that rewind the LR without a growth (training/lr.py): a full-size control run given
+    # the same rewinds as a growth schedule separates the operator from the LR schedule.
+    rewind_at: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -275,6 +278,10 @@ class TrainConfig:
     # What a resume may find changed from the checkpoint's run (training/run_definition.py):
     # names as the refusal prints them, e.g. [model.dropout, "growth.stages[2]"].  Empty: nothing.
     resume_may_change: list[str] = field(default_factory=list)
+    # Before any model is built, every stage still to run is estimated (the msg-plan memory model)
+    # against this rank's free device memory (host memory on CPU) and refused when it cannot fit
+    # (training/memory_check.py).  false: skip the check (the estimate is a model, not a measurement).
+    memory_check: bool = True
     tensorboard: bool = True
     plot: bool = True
 
@@ -661,6 +668,14 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     if lr.decay_steps is not None:
         _check(lr.decay_steps > lr.warmup_steps, "lr.decay_steps", "must exceed lr.warmup_steps")
     _check(lr.rewind_warmup_steps >= 0, "lr.rewind_warmup_steps", "must be >= 0")
+    _check(all(0 < r < t.steps for r in lr.rewind_at), "lr.rewind_at",
+           f"every step must be in (0, train.steps={t.steps}), got {lr.rewind_at}")
+    _check(list(lr.rewind_at) == sorted(set(lr.rewind_at)), "lr.rewind_at",
+           f"steps must be increasing and distinct, got {lr.rewind_at}")
+    for r, end in zip(lr.rewind_at, list(lr.rewind_at[1:]) + [t.steps]):
+        _check(r + lr.rewind_warmup_steps < end, "lr.rewind_warmup_steps",
+               f"a warm-up of {lr.rewind_warmup_steps} steps from the rewind at step {r} (lr.rewind_at) does not "
+               f"end before {'the next rewind at step ' + str(end) if end < t.steps else 'train.steps=' + str(end)}")
     stages = resolve_stages(cfg)
     first_rewind = next((s.at_step for s in stages if s.rewind_lr), None)
     if first_rewind is not None:

@@ -29,5 +29,6 @@ def test_iter_jsonl_raises_the_callers_error(tmp_path):
 def test_corpus_reader_names_the_bad_line(tmp_path, content, message):
     p = tmp_path / "c.jsonl"
     p.write_text(content)
-    with pytest.raises(ValueError, match=message):
+    from megatron_msg.data.errors import CorpusError  # msg-train: "data error: ...", exit 2
+    with pytest.raises(CorpusError, match=message):
         read_jsonl_texts(p, "text")

@@ -60,6 +60,37 @@ def test_lr_follows_each_segment_warmup_peak_and_decay_to_its_own_floor():
     assert min(lr[28:]) >= 2e-4 - 1e-12
 
 
+def test_lr_rewind_at_gives_a_run_without_growth_the_rewinds_of_a_growth_schedule():
+    """lr.rewind_at (issue 19): the full-size control of a growth benchmark gets the same LR as the
+    growth schedule, rewind for rewind, without a fake growth event."""
+    growth = config_from_dict(raw_config([{"at_step": 12, "ffn": 64, "rewind_lr": True},
+                                          {"at_step": 25, "layers": 4, "rewind_lr": True}]))
+    control_raw = raw_config([])
+    control_raw["lr"]["rewind_at"] = [12, 25]
+    control = config_from_dict(control_raw)
+    lr = lambda cfg: [lr_at(s, lr_segments(cfg), cfg.lr, cfg.train.steps) for s in range(cfg.train.steps)]  # noqa: E731
+    assert lr(control) == lr(growth)
+    assert lr(control)[12] == pytest.approx(4e-3 / 2)  # rewind_warmup_steps 2: half the peak, then the peak
+    # At a step that also starts a stage's own segment, the stage's settings win.
+    both_raw = raw_config([{"at_step": 12, "ffn": 64, "lr": 1e-3, "min_lr": 1e-4}])
+    both_raw["lr"]["rewind_at"] = [12, 25]
+    segs = lr_segments(config_from_dict(both_raw))
+    assert [(s.start, s.peak, s.floor) for s in segs] == [(0, 4e-3, 4e-4), (12, 1e-3, 1e-4), (25, 1e-3, 1e-4)]
+
+
+@pytest.mark.parametrize("rewinds, words", [
+    ([0], r"lr.rewind_at: every step must be in \(0, train.steps=40\)"),
+    ([40], r"lr.rewind_at: every step must be in"),
+    ([20, 10], r"lr.rewind_at: steps must be increasing and distinct"),
+    ([10, 11], r"lr.rewind_warmup_steps: a warm-up of 2 steps from the rewind at step 10 \(lr.rewind_at\) does not end"),
+])
+def test_bad_lr_rewinds_name_the_field(rewinds, words):
+    raw = raw_config([])
+    raw["lr"]["rewind_at"] = rewinds
+    with pytest.raises(ConfigError, match=words):
+        config_from_dict(raw)
+
+
 def test_batch_schedule_numbers_samples_cumulatively():
     cfg = config_from_dict(raw_config(FLM_LIKE))
     sched = BatchSchedule.from_config(cfg)

@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_msg.cli.outputs import removed_on_failure
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="msg-deepspeed", description=__doc__,
@@ -39,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_msg.training.deepspeed_universal import export_universal, import_universal
     try:
         if args.command == "export":
-            tag = export_universal(find_checkpoint(args.source), Path(args.out))
+            with removed_on_failure(args.out):
+                tag = export_universal(find_checkpoint(args.source), Path(args.out))
             print(f"wrote the DeepSpeed universal checkpoint {tag}")
         else:
             out = Path(args.out_dir)
             if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*")):
                 raise CheckpointError(f"{out} already holds checkpoints; import into a new run directory")
-            written = import_universal(Path(args.universal), load_config(args.config), out)
+            with removed_on_failure(out):
+                written = import_universal(Path(args.universal), load_config(args.config), out)
             print(f"wrote {written}; resume it with msg-train {args.config} --out-dir {out}")
     except (CheckpointError, OfflineGrowthError, ConfigError, OSError) as exc:
         print(f"msg-deepspeed: {exc}", file=sys.stderr)

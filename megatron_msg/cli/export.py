@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_msg.cli.outputs import removed_on_failure
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_msg.checkpoint.hf_export import ExportError, export_checkpoint
     from megatron_msg.checkpoint.io import CheckpointError
     try:
-        out = export_checkpoint(args.source, args.out, getattr(torch, DTYPES[args.dtype]))
+        with removed_on_failure(args.out):
+            out = export_checkpoint(args.source, args.out, getattr(torch, DTYPES[args.dtype]))
     except (ExportError, CheckpointError) as exc:
         print(f"msg-export: {exc}", file=sys.stderr)
         return 2

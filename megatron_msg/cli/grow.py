@@ -14,6 +14,7 @@ import sys
 
 from megatron_msg.checkpoint.io import CheckpointError
 from megatron_msg.cli.config_args import add_config_arguments, load_cli_config
+from megatron_msg.cli.outputs import removed_on_failure
 from megatron_msg.config import ConfigError
 
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_msg.training.probe import checkpoint_probe_loss, probe_batch
             batch = probe_batch(cfg)  # once: the same batch before and after
             before = checkpoint_probe_loss(find_checkpoint(args.source), batch)
-        result = grow_checkpoint(cfg, args.source, args.out_dir, args.format)
+        with removed_on_failure(args.out_dir):
+            result = grow_checkpoint(cfg, args.source, args.out_dir, args.format)
     except (OfflineGrowthError, CheckpointError, ConfigError) as exc:
         print(f"msg-grow: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_msg.cli.outputs import removed_on_failure
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="msg-reshard", description=__doc__,
@@ -41,11 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_progress and sys.stderr.isatty():
             from tqdm import tqdm
             bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="msg-reshard", file=sys.stderr)
-        result = reshard(source, Path(args.out_dir), layout, args.format,
-                         on_bytes=bar.update if bar is not None else (lambda n: None))
+        with removed_on_failure(args.out_dir):
+            result = reshard(source, Path(args.out_dir), layout, args.format,
+                             on_bytes=bar.update if bar is not None else (lambda n: None))
+            copy_metrics(source, Path(args.out_dir))
         if bar is not None:
             bar.close()
-        copy_metrics(source, Path(args.out_dir))
         print(f"wrote {result.checkpoint} ({args.format}, {layout.describe()}): "
               f"{result.bytes_written / 2**20:,.1f} MiB of tensors in {result.seconds:.2f} s "
               f"({result.bytes_written / 2**20 / max(result.seconds, 1e-9):,.1f} MiB/s)")

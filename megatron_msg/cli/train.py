@@ -34,6 +34,9 @@ def describe_schedule(cfg) -> str:
              f"tp{cfg.parallel.tp} x pp{cfg.parallel.pp} x dp{cfg.parallel.dp}; "
              f"{_batch(t.batch_size, t.grad_accum, seq)}; "
              f"{_lr(cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)} ({cfg.lr.decay})"]
+    if cfg.lr.rewind_at:
+        lines.append(f"  lr rewinds to the peak at steps {', '.join(map(str, cfg.lr.rewind_at))} (lr.rewind_at), "
+                     f"warmup {cfg.lr.rewind_warmup_steps}")
     prev_layout, prev_batch = cfg.parallel.layout, (t.batch_size, t.grad_accum)
     for st in cfg.resolved_stages():
         extra = []
@@ -100,6 +103,7 @@ def _train(cfg, args, ps, rank: int) -> int:
     """Build the trainer and run it; every failure a user can act on is one line and an exit code
     (docs/user_guide.md, "Exit codes").  Errors another rank may not see name this rank."""
     from megatron_msg.checkpoint.io import CheckpointError
+    from megatron_msg.data.errors import DataError
     from megatron_msg.parallel.failures import describe_peer_failure, is_peer_failure
     from megatron_msg.training.metrics import MetricsError
     from megatron_msg.training.trainer import Trainer, TrainingDivergedError
@@ -111,6 +115,9 @@ def _train(cfg, args, ps, rank: int) -> int:
         result = trainer.run(max_steps=args.max_steps)
     except ConfigError as exc:  # found while opening the data (e.g. a tokenizer that does not match it)
         print(f"msg-train: {who}config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:  # a corpus or .bin/.idx that cannot be read as training data
+        print(f"msg-train: {who}data error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except CheckpointError as exc:  # a damaged checkpoint, or one that does not fit the config
         print(f"msg-train: {who}checkpoint error: {exc}", file=sys.stderr)

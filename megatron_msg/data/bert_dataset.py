@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .errors import TooLittleDataError
 from .index_cache import IndexCache
 from .indexed_dataset import IndexedDataset
 from .tokenizer import Tokenizer
@@ -120,7 +121,7 @@ class BERTDataset:
             mapping = build_sample_mapping(indexed.sequence_lengths, indexed.document_indices, document_ids,
                                            max_tokens, config.short_seq_prob, config.seed)
             if len(mapping) == 0:
-                raise ValueError(f"{indexed.prefix} ({name} split): no document has the 2+ tokens a "
+                raise TooLittleDataError(f"{indexed.prefix} ({name} split): no document has the 2+ tokens a "
                                  "sentence-pair sample needs")
             wanted = config.num_samples if config.num_samples is not None else len(mapping)
             rng = np.random.RandomState(config.seed)

@@ -10,6 +10,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .errors import TooLittleDataError
 from .index_builders import build_blending_index, normalize_weights
 from .index_cache import IndexCache
 
@@ -33,7 +34,7 @@ class BlendedDataset:
         counts = np.bincount(np.asarray(dataset_index, dtype=np.int64), minlength=len(datasets))
         for d, (dataset, needed) in enumerate(zip(datasets, counts)):
             if needed and (dataset is None or len(dataset) < needed):
-                raise ValueError(f"blended dataset {d} has {0 if dataset is None else len(dataset)} samples, "
+                raise TooLittleDataError(f"blended dataset {d} has {0 if dataset is None else len(dataset)} samples, "
                                  f"the blend needs {int(needed)}")
         self.datasets = datasets
         self.dataset_index = dataset_index

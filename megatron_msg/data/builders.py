@@ -15,6 +15,7 @@ import numpy as np
 from .bert_dataset import BERTDataset, BERTDatasetConfig
 from .blended_dataset import BlendedDataset, blending_indices
 from .compat import check_tokenizer_matches
+from .errors import TooLittleDataError
 from .gpt_dataset import GPTDataset, GPTDatasetConfig
 from .index_cache import IndexCache
 from .indexed_dataset import IndexedDataset
@@ -92,7 +93,7 @@ def _build_split_datasets(corpora, splits, num_samples, cache, make_one, element
         if all(hi == lo for lo, hi in ranges):
             # Tiny corpora: a small split fraction can round to nothing.  Fine unless asked for.
             if wanted[s]:
-                raise ValueError(f"splits: the {name} split has no documents in {[ds.prefix for ds, _ in corpora]} "
+                raise TooLittleDataError(f"splits: the {name} split has no documents in {[ds.prefix for ds, _ in corpora]} "
                                  f"(split fractions {fractions}) but num_samples asks for {wanted[s]}")
             results.append(None)
             continue

@@ -25,9 +25,13 @@ def read_metadata(prefix: str) -> Optional[dict]:
         return None
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
+            meta = json.load(f)
     except ValueError as exc:
         raise IndexedFormatError(f"{path}: not valid JSON ({exc}); delete it or re-run msg-preprocess") from exc
+    if not isinstance(meta, dict):
+        raise IndexedFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}; delete it or re-run "
+                                 "msg-preprocess")
+    return meta
 
 
 def check_tokenizer_matches(indexed: IndexedDataset, tokenizer: Tokenizer, cache: IndexCache | None = None) -> None:

@@ -19,6 +19,14 @@ class BadInputError(DataError):
         super().__init__(f"{path}:{line_number}: {reason}")
 
 
+class CorpusError(DataError):
+    """A jsonl training corpus read directly (``data.format: jsonl``) holds no usable documents."""
+
+
+class TooLittleDataError(DataError, ValueError):
+    """A corpus, or one of its splits, holds less than what is asked of it (one sample, a split, a blend)."""
+
+
 class IndexedFormatError(DataError):
     """A .bin/.idx pair is not a valid (or not a consistent) Megatron mmap indexed dataset."""
 

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from .errors import TooLittleDataError
 from .index_builders import build_sample_index
 from .index_cache import IndexCache
 from .indexed_dataset import IndexedDataset
@@ -60,7 +61,7 @@ class GPTDataset:
         sizes = indexed.sequence_lengths
         tokens_per_epoch = int(sizes[sequence_ids].astype(np.int64).sum()) if len(sequence_ids) else 0
         if tokens_per_epoch < config.seq_len + 1:
-            raise ValueError(
+            raise TooLittleDataError(
                 f"{indexed.prefix} ({name} split): {tokens_per_epoch} tokens in {len(sequence_ids)} sequences, "
                 f"fewer than one sample of seq_len + 1 = {config.seq_len + 1} tokens; use more data or a different split")
         self.tokens_per_epoch = tokens_per_epoch

@@ -176,8 +176,13 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_path = os.path.abspath(model_path)
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_path)
-        except (RuntimeError, OSError) as exc:  # e.g. a file that is not a sentencepiece model
+        except (RuntimeError, OSError, UnicodeDecodeError) as exc:  # e.g. a file that is not a sentencepiece model
             raise ValueError(f"{model_path} is not a sentencepiece model ({str(exc).splitlines()[0]})") from None
+        try:  # a byte changed inside a piece loads, then fails in the middle of an encode
+            self._sp.id_to_piece(list(range(self._sp.get_piece_size())))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{model_path} is a damaged sentencepiece model (a piece is not UTF-8: {exc.reason})"
+                             ) from None
         self._special = SpecialTokens(
             eod=self._find(self._sp.eos_id(), EOD_PIECES),
             pad=self._find(self._sp.pad_id(), PAD_PIECES),

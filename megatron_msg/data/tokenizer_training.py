@@ -59,8 +59,15 @@ def iter_training_lines(config: TokenizerTrainConfig) -> Iterator[str]:
     """Lines sentencepiece trains on: each document split at newlines, blank lines dropped."""
     for path in config.inputs:
         is_jsonl = path.endswith((".jsonl", ".json"))
-        with open(path, "r", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:  # decoded line by line, so an error can name the line
+            for line_number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+                except UnicodeDecodeError as exc:
+                    if config.skip_bad_lines:
+                        continue
+                    raise BadInputError(path, line_number, f"not UTF-8 text ({exc.reason} at byte {exc.start} of "
+                                        "the line; use --skip-bad-lines to skip such lines)") from None
                 if is_jsonl:
                     text = _jsonl_text(path, line_number, line, config)
                     if text is None:

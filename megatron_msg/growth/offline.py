@@ -31,7 +31,7 @@ from megatron_msg.growth.apply import spec_for_stage, stream_growth
 from megatron_msg.growth.operators import GrowthSpec, plan_growth
 from megatron_msg.growth.optimizer_state import check_rule
 from megatron_msg.growth.ramp import MaskRamp
-from megatron_msg.jsonl import iter_jsonl
+from megatron_msg.metrics_file import iter_metrics
 from megatron_msg.model.init import logical_num_parameters, logical_shapes
 
 
@@ -162,8 +162,8 @@ def _carried_metrics(src_run: Path, stage: ResolvedStage, new_cfg: ModelConfig, 
     lines = []
     src = src_run / "metrics.jsonl"
     if src.is_file():
-        for _, rec in iter_jsonl(src, OfflineGrowthError, torn_tail_ok=True):
-            if isinstance(rec, dict) and rec.get("step", -1) < stage.at_step:
+        for _, rec in iter_metrics(src, OfflineGrowthError):
+            if rec.get("step", -1) < stage.at_step:
                 lines.append(json.dumps(rec))
     lines.append(json.dumps({"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
                              "shape": str(new_cfg.shape), "parameters": parameters,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_msg.data.errors import CorpusError
 from megatron_msg.jsonl import iter_jsonl
 
 EOD, CLS, SEP, MASK, PAD = 256, 257, 258, 259, 260
@@ -24,14 +25,14 @@ BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "corpus.jso
 
 def read_jsonl_texts(path: Path, text_key: str) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"data.path: corpus file {str(path)!r} does not exist")
+        raise CorpusError(f"data.path: corpus file {str(path)!r} does not exist")
     texts = []
-    for lineno, doc in iter_jsonl(path):
+    for lineno, doc in iter_jsonl(path, error=CorpusError):
         if not isinstance(doc, dict) or text_key not in doc:
-            raise ValueError(f"{path}:{lineno}: no {text_key!r} field (set data.text_key)")
+            raise CorpusError(f"{path}:{lineno}: no {text_key!r} field (set data.text_key)")
         texts.append(str(doc[text_key]))
     if not texts:
-        raise ValueError(f"{path}: no documents")
+        raise CorpusError(f"{path}: no documents")
     return texts
 
 
@@ -42,7 +43,7 @@ def byte_token_streams(path: str, text_key: str, valid_fraction: float, seed: in
     order = np.random.default_rng(seed).permutation(len(texts))
     n_valid = max(1, int(round(len(texts) * valid_fraction)))
     if n_valid >= len(texts):
-        raise ValueError(f"data.valid_fraction={valid_fraction} leaves no training documents "
+        raise CorpusError(f"data.valid_fraction={valid_fraction} leaves no training documents "
                          f"({len(texts)} documents)")
 
     def encode(idx) -> np.ndarray:

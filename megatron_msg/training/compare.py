@@ -17,7 +17,7 @@ from pathlib import Path
 from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, open_checkpoint
 from megatron_msg.config import RunConfig, config_from_dict
 from megatron_msg.growth.plan import StagePlan, plan_schedule
-from megatron_msg.jsonl import iter_jsonl
+from megatron_msg.metrics_file import iter_metrics
 from megatron_msg.training.plot import save_figure
 
 
@@ -62,9 +62,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunCurves:
     except CheckpointError as exc:
         raise CompareError(str(exc)) from None
     run = RunCurves(name or path.name, path, cfg, plan_schedule(cfg))
-    for line_no, rec in iter_jsonl(metrics, CompareError, torn_tail_ok=True):
-        if not isinstance(rec, dict):
-            raise CompareError(f"{metrics}:{line_no}: not a metrics record (a JSON object)")
+    for _, rec in iter_metrics(metrics, CompareError):
         kind = rec.get("kind")
         if kind == "train":
             run.train.append((rec["step"], rec["loss"]))

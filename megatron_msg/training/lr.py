@@ -29,11 +29,20 @@ class LRSegment:
 
 
 def lr_segments(cfg: RunConfig) -> list[LRSegment]:
-    """The run's LR segments in step order: step 0's, then one per stage that starts one."""
+    """The run's LR segments in step order: step 0's, one per stage that starts one, and one per
+    ``lr.rewind_at`` step (peak and floor of the stage in force there; a stage's own segment at
+    the same step wins)."""
+    stages = cfg.resolved_stages()
     segments = [LRSegment(0, cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)]
-    segments += [LRSegment(st.at_step, st.lr, st.min_lr, st.warmup_steps)
-                 for st in cfg.resolved_stages() if st.rewind_lr]
-    return segments
+    segments += [LRSegment(st.at_step, st.lr, st.min_lr, st.warmup_steps) for st in stages if st.rewind_lr]
+    taken = {s.start for s in segments}
+    for step in cfg.lr.rewind_at:
+        if step in taken:
+            continue
+        current = [st for st in stages if st.at_step <= step]
+        peak, floor = ((current[-1].lr, current[-1].min_lr) if current else (cfg.optimizer.lr, cfg.optimizer.min_lr))
+        segments.append(LRSegment(step, peak, floor, cfg.lr.rewind_warmup_steps))
+    return sorted(segments, key=lambda s: s.start)
 
 
 def segment_at(step: int, segments: list[LRSegment]) -> LRSegment:

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_msg.jsonl import iter_jsonl
+from megatron_msg.metrics_file import iter_metrics
 
 
 class MetricsError(ValueError):
@@ -46,7 +46,7 @@ class MetricsLog:
             return record.get("step", -1) < step
 
         # A last line cut by a kill is dropped (with a warning): the step it logged is rerun.
-        keep = [json.dumps(rec) for _, rec in iter_jsonl(self.path, MetricsError, torn_tail_ok=True) if kept(rec)]
+        keep = [json.dumps(rec) for _, rec in iter_metrics(self.path, MetricsError) if kept(rec)]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -65,7 +65,7 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [rec for _, rec in iter_jsonl(self.path, MetricsError, torn_tail_ok=True)]
+        return [rec for _, rec in iter_metrics(self.path, MetricsError)]
 
     def close(self) -> None:
         if self.writer is not None:

@@ -57,6 +57,7 @@ from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatche
                                           IndexedGPTBatches, byte_token_streams)
 from megatron_msg.training.lr import lr_at, lr_segments, segment_at
 from megatron_msg.training.loss_scale import DynamicLossScaler
+from megatron_msg.training.memory_check import available_bytes, check_memory
 from megatron_msg.training.metrics import MetricsLog
 from megatron_msg.training.optimizer_factory import build_optimizer
 from megatron_msg.training.plot import plot_loss_curve
@@ -169,23 +170,31 @@ class Trainer:
         self._stop_requested = False
         self._bar = None  # tqdm progress bar while run() is active
 
+        # The checks a user can act on come first, and write nothing: the data, the checkpoint to
+        # resume, whether every stage still to run fits memory, then whether the run directory is writable.
         self.train_batches, self.valid_batches = build_batches(cfg)
         t = cfg.train
+        starting_over = not resume and resume_from is None
+        ckpt_path = None if starting_over else self._checkpoint_to_resume(resume_from)
+        ckpt = open_checkpoint(ckpt_path) if ckpt_path is not None else None
+        if t.memory_check:
+            check_memory(cfg, ckpt.state["step"] if ckpt is not None else 0,
+                         available_bytes(self.device, _ranks_on_this_host(self.ps)),
+                         str(self.device) if self.device.type == "cuda" else "this host")
+        if self.is_main:
+            _check_writable(self.out_dir)  # now, not at the first save hours later
+        if starting_over:
+            self._remove_previous_checkpoints()
         prefetch = t.prefetch if t.prefetch is not None else (2 if self.device.type == "cuda" else 0)
         if prefetch:
             self.train_batches = PrefetchedBatches(self.train_batches, self._my_micro_batches_at, prefetch,
                                                    pin_memory=self.device.type == "cuda")
-
-        if self.is_main:
-            _check_writable(self.out_dir)  # now, not at the first save hours later
         self.metrics = MetricsLog(self.out_dir, t.tensorboard and self.is_main, enabled=self.is_main)
         if self.is_main:  # what killed saves left; nobody writes this directory yet
             for name in remove_stale_temporaries(self.out_dir):
                 self._log_console(f"removed {self.out_dir / 'checkpoints' / name}, left by an interrupted save")
-        ckpt_path = self._checkpoint_to_resume(resume, resume_from)
         self._saved_step = None  # the step of the last checkpoint this run wrote or resumed (never twice)
-        if ckpt_path is not None:
-            ckpt = open_checkpoint(ckpt_path)
+        if ckpt is not None:
             self._use_layout(self.layout_of(ckpt.state["stage_index"]))  # the layout the run had reached
             try:
                 self._restore(ckpt)
@@ -207,27 +216,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _checkpoint_to_resume(self, resume: bool, resume_from: str | Path | None) -> Path | None:
+    def _checkpoint_to_resume(self, resume_from: str | Path | None) -> Path | None:
         """``resume_from``, else the run directory's newest complete checkpoint (damaged newer ones
-        are named in a warning), else None (a fresh run)."""
+        are named in a warning), else None (a fresh run).  Reads only."""
         if resume_from is not None:
             path = Path(resume_from)
             why = checkpoint_damage(path) if path.is_dir() else f"{path} is not a checkpoint directory"
             if why is not None:
                 raise CheckpointError(f"--resume-from {path}: {why}")
             return path
-        if not resume:
-            if self.is_main:  # starting over: the previous run's checkpoints would be resumed by mistake later
-                removed = remove_checkpoints(self.out_dir)
-                if removed:
-                    self._log_console(f"starting over (--no-resume): removed the previous run's {len(removed)} "
-                                      f"checkpoint(s) in {self.out_dir / 'checkpoints'}")
-            self._barrier()  # nobody looks for checkpoints before they are gone
-            return None
         found = find_latest(self.out_dir)
         for message in found.warnings():
             self._log_console(f"warning: {message}")
         return found.path
+
+    def _remove_previous_checkpoints(self) -> None:
+        """--no-resume: the previous run's checkpoints would be resumed by mistake later."""
+        if self.is_main:
+            removed = remove_checkpoints(self.out_dir)
+            if removed:
+                self._log_console(f"starting over (--no-resume): removed the previous run's {len(removed)} "
+                                  f"checkpoint(s) in {self.out_dir / 'checkpoints'}")
+        self._barrier()  # nobody writes the directory before they are gone
 
     def _wrap_model(self) -> None:
         self.model.train()
@@ -641,6 +651,12 @@ class Trainer:
             mask = "" if rec["mask"] is None else f" mask {rec['mask']:.2f}"
             print(f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['shape']}{mask}"
                   f" | {rec['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+def _ranks_on_this_host(ps: ParallelState) -> int:
+    """How many ranks share this host's memory: the launcher's LOCAL_WORLD_SIZE (torchrun, the
+    deepspeed launcher), else every rank of a single-host run."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", ps.topology.world_size))
 
 
 def _check_writable(out_dir: Path) -> None:
