@@ -197,6 +197,12 @@ class GrowthOptions:
 class GrowthConfig:
     defaults: GrowthOptions = field(default_factory=GrowthOptions)
     stages: list[GrowthStage] = field(default_factory=list)
+    # sch1 | sch0: make the stages from the target shape (model.*) and train.steps by the MSG
+    # paper's rules (named_schedules.py); model.* then becomes the start shape.  Expanded when
+    # the config is built, so a run records (and resumes) the stages it made.
+    schedule: str | None = None
+    # What made the stages (set by the expansion: "sch1 from (h=..., ...) in N steps").
+    generated_from: str | None = None
 
 
 @dataclass
@@ -282,6 +288,13 @@ class TrainConfig:
     # against this rank's free device memory (host memory on CPU) and refused when it cannot fit
     # (training/memory_check.py).  false: skip the check (the estimate is a model, not a measurement).
     memory_check: bool = True
+    # Evaluate once before the first step (a valid record at step -1: no step run yet), so every
+    # curve starts at the initial loss and msg-compare can interpolate from zero FLOPs.
+    eval_at_start: bool = True
+    # Threads of torch's CPU ops in this process; None: torch's default for one process, and the
+    # host's cores divided among the ranks started on it for several (oversubscribed threads
+    # spin: two 2-thread jobs on 2 cores ran ~15x slower than one thread each).
+    threads: int | None = None
     tensorboard: bool = True
     plot: bool = True
 
@@ -549,15 +562,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_config_file(path) if path is not None else {}
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    cfg = _build(RunConfig, raw, "")
+    cfg = expand_named_schedule(_build(RunConfig, raw, ""))
     validate(cfg, check_files)
+    return cfg
+
+
+def expand_named_schedule(cfg: RunConfig) -> RunConfig:
+    """``growth.schedule: sch1 | sch0`` -> the start shape in model.* and the stages it makes."""
+    g = cfg.growth
+    if g.schedule is None:
+        return cfg
+    from megatron_msg.named_schedules import SCHEDULES, Dims, make_schedule
+    _choice(g.schedule, SCHEDULES, "growth.schedule")
+    _check(not g.stages, "growth.schedule", "makes the stages from model.* (the target) and train.steps: "
+           "give growth.schedule or growth.stages, not both")
+    m = cfg.model
+    for name in SHAPE_DIMS:
+        _check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    _check(cfg.train.steps >= 24, "train.steps", f"growth.schedule needs >= 24 steps, got {cfg.train.steps}")
+    made = make_schedule(g.schedule, Dims(m.hidden, m.ffn, m.heads, m.layers), cfg.train.steps, m.head_dim)
+    start = made.start
+    cfg.model = dataclasses.replace(m, hidden=start.hidden, ffn=start.ffn, heads=start.heads, layers=start.layers)
+    cfg.growth = dataclasses.replace(g, schedule=None, generated_from=(
+        f"{g.schedule} from {Shape(m.hidden, m.ffn, m.heads, m.layers)} in {cfg.train.steps} steps"), stages=[
+        GrowthStage(at_step=st.at_step, hidden=st.dims.hidden, ffn=st.dims.ffn, heads=st.dims.heads,
+                    layers=st.dims.layers, phi=made.phi, rewind_lr=st.rewind_lr) for st in made.stages])
     return cfg
 
 
 def config_from_dict(raw: dict, check: bool = True) -> RunConfig:
     """A RunConfig from nested dicts; ``check=False`` skips validation (e.g. a finished run's
     recorded config, whose data files may have moved since)."""
-    cfg = _build(RunConfig, raw, "")
+    cfg = expand_named_schedule(_build(RunConfig, raw, ""))
     if check:
         validate(cfg)
     return cfg
@@ -648,6 +684,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
            f"{t.params_dtype} needs train.dtype={t.params_dtype} (parameters are kept in fp32 or in the "
            f"compute dtype), got train.dtype={t.dtype}")
     _choice(t.recompute, RECOMPUTE_MODES, "train.recompute")
+    _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1 or null (automatic), got {t.threads}")
     _check(t.prefetch is None or t.prefetch >= 0, "train.prefetch",
            f"must be >= 0 (steps built ahead; 0: none) or null (2 on CUDA, 0 on CPU), got {t.prefetch}")
     _check(t.recompute_layers >= 0, "train.recompute_layers",

@@ -10,7 +10,7 @@ import pytest
 from megatron_msg.cli.compare import main as msg_compare
 from megatron_msg.config import config_from_dict
 from megatron_msg.growth.plan import plan_schedule
-from megatron_msg.training.compare import flops_to_reach, load_run
+from megatron_msg.training.compare import compare, flops_to_reach, format_comparison, load_run, loss_at
 from megatron_msg.training.trainer import Trainer
 from tests.test_zero import _raw
 
@@ -22,6 +22,12 @@ def test_flops_to_reach_interpolates_between_evaluations():
     assert flops_to_reach(curve, 2.0) == 30.0
     assert flops_to_reach(curve, 6.0) == 10.0   # reached at the first evaluation
     assert flops_to_reach(curve, 0.5) is None    # never reached
+
+
+def test_loss_at_interpolates_a_curve_and_says_none_past_its_end():
+    curve = [(0.0, 6.0), (10.0, 5.0), (20.0, 3.0)]
+    assert loss_at(curve, 15.0) == 4.0 and loss_at(curve, 0.0) == 6.0 and loss_at(curve, 20.0) == 3.0
+    assert loss_at(curve, 20.5) is None
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +70,37 @@ def test_msg_compare_reports_flops_to_the_same_loss(two_runs, capsys):
     assert msg_compare([str(root / "full"), str(root / "msg"), "--target", "0.01"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| run | growth events |") and "FLOPs to loss 0.0100" in table
-    assert table.count("| - | - |") == 2  # neither run reached it
+    assert table.count("| - | - | - |") == 2  # neither run reached it: no FLOPs, speed-up or wall speed-up
+
+
+def test_each_run_is_compared_at_its_own_final_loss_in_flops_and_wall_time(two_runs, capsys):
+    """Issue 19: the full-size run's FLOPs and training time to each run's own final loss ("not
+    reached" where it never gets there), and its loss at each run's budget."""
+    root, _, _ = two_runs
+    assert msg_compare([str(root / "full"), str(root / "msg"), "--json"]) == 0
+    full, msg = json.loads(capsys.readouterr().out)["runs"]
+    runs = {name: load_run(root / name) for name in ("full", "msg")}
+    ref_flops, ref_time = runs["full"].valid_by_flops(), runs["full"].valid_by_time()
+    assert ref_time is not None and [t for t, _ in ref_time] == sorted(t for t, _ in ref_time)
+    assert ref_flops[0] == (0, runs["full"].valid[0][1]) and runs["full"].valid[0][0] == -1  # evaluated at step 0
+    for row, run in ((full, runs["full"]), (msg, runs["msg"])):
+        final = run.valid[-1][1]
+        assert row["final_valid_loss"] == final and row["time_s"] == run.valid_by_time()[-1][0] > 0
+        assert row["reference_flops_to_final_loss"] == flops_to_reach(ref_flops, final)
+        assert row["reference_time_to_final_loss_s"] == flops_to_reach(ref_time, final)
+        assert row["reference_loss_at_budget"] == loss_at(ref_flops, row["flops"])
+        if row["reference_flops_to_final_loss"] is None:
+            assert row["speedup_at_final_loss"] is None
+        else:
+            assert row["speedup_at_final_loss"] == pytest.approx(row["reference_flops_to_final_loss"] / row["flops"])
+    assert full["reference_loss_at_budget"] == full["final_valid_loss"]  # the reference at its own budget
+    # A run that ends below anything the reference reached: "not reached", not a made-up speed-up.
+    better = copy.deepcopy(runs["msg"])
+    better.valid[-1] = (better.valid[-1][0], min(loss for _, loss in ref_flops) - 0.5)
+    _, rows = compare([runs["full"], better])
+    assert rows[1]["reference_flops_to_final_loss"] is None and rows[1]["speedup_at_final_loss"] is None
+    assert rows[1]["reference_time_to_final_loss_s"] is None and rows[1]["wall_speedup_at_final_loss"] is None
+    assert "| not reached | not reached / not reached |" in format_comparison(*compare([runs["full"], better]))
 
 
 def test_msg_compare_names_what_it_cannot_use(two_runs, tmp_path, capsys):

@@ -45,7 +45,7 @@ def test_growth_moves_the_run_to_a_new_layout(tmp_path):
         assert abs(g["loss_after"] - g["loss_before"]) <= 1e-5 * abs(g["loss_before"]), g
     assert _max_rel_diff(par[0]["losses"], single.losses) < 1e-3
     # 3 eval batches over DP2 at step 30 (shares of 1 and 2) and DP1 at 60: the same loss as one process
-    assert sorted(par[0]["valid"]) == [29, 59]  # keyed by the 0-based step just trained
+    assert sorted(par[0]["valid"]) == [-1, 29, 59]  # keyed by the 0-based step just trained (-1: before any)
     assert _max_rel_diff(par[0]["valid"], single.valid_losses) < 1e-3
 
 

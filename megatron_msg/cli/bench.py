@@ -5,6 +5,7 @@
     msg-bench mask-overhead [--out DIR] [--batch 16] [--steps 20] [--windows 5] [--compile]
     msg-bench optimizer [--out DIR] [--hidden 256] [--layers 12] [--device cpu]
     msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
+    msg-bench growth [--out DIR] [--size tiny|small|gpu] [--corpus FILE.jsonl] [--tokenizer-vocab N] [--seeds N]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
 run); modules are imported only when their subcommand runs, so adding one is a
@@ -104,6 +105,30 @@ def _train_run(a: argparse.Namespace) -> None:
     run_train_bench(a.out, a.size, a.device, a.steps, a.windows, a.compile, a.seq, a.vocab)
 
 
+def _growth_args(p: argparse.ArgumentParser) -> None:
+    from megatron_msg.training.growth_bench import SIZES
+    p.add_argument("--out", default="runs/bench/growth", help="directory for growth.json/.md/.png and runs/")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES),
+                   help="tiny (CPU, about a minute), small (CPU, under an hour), gpu (GPT-2-small's shape, one GPU)")
+    p.add_argument("--corpus", default=None, help="a jsonl corpus (default: the bundled one)")
+    p.add_argument("--tokenizer-vocab", type=int, default=0,
+                   help="train a sentencepiece tokenizer of this many pieces on the corpus (default 0: bytes)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds of every run (2+ to read the seed spread)")
+
+
+def _growth_run(a: argparse.Namespace) -> None:
+    from megatron_msg.config import ConfigError
+    from megatron_msg.data.errors import DataError
+    from megatron_msg.training.growth_bench import run_growth_bench
+    if a.seeds < 1:
+        raise SystemExit("msg-bench growth: --seeds must be >= 1")
+    try:
+        run_growth_bench(a.out, a.size, a.corpus, a.tokenizer_vocab, a.seeds)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        print(f"msg-bench growth: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 SUBCOMMANDS = {
     "kernels": ("masked LayerNorm kernels: GB/s and time, fwd and fwd+bwd", _kernels_args, _kernels_run),
     "kernel-sweep": ("device time of each Triton launch configuration and CUDA forward kernel "
@@ -114,6 +139,8 @@ SUBCOMMANDS = {
                   _optimizer_args, _optimizer_run),
     "train": ("msg-train's real step vs a plain PyTorch loop and a nanoGPT-style reference: tokens/s, MFU",
               _train_args, _train_run),
+    "growth": ("full size vs the sch1 schedule with each operator and the LR controls: FLOPs and wall time "
+               "to equal loss", _growth_args, _growth_run),
 }
 
 

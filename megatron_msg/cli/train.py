@@ -34,6 +34,8 @@ def describe_schedule(cfg) -> str:
              f"tp{cfg.parallel.tp} x pp{cfg.parallel.pp} x dp{cfg.parallel.dp}; "
              f"{_batch(t.batch_size, t.grad_accum, seq)}; "
              f"{_lr(cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)} ({cfg.lr.decay})"]
+    if cfg.growth.generated_from:
+        lines.append(f"  stages made by growth.schedule: {cfg.growth.generated_from}")
     if cfg.lr.rewind_at:
         lines.append(f"  lr rewinds to the peak at steps {', '.join(map(str, cfg.lr.rewind_at))} (lr.rewind_at), "
                      f"warmup {cfg.lr.rewind_warmup_steps}")

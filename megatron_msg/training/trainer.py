@@ -56,6 +56,7 @@ from megatron_msg.parallel.topology import ParallelState, Topology
 from megatron_msg.training.batches import (BatchSchedule, BertBatches, GPTBatches, IndexedBertBatches,
                                           IndexedGPTBatches, byte_token_streams)
 from megatron_msg.training.lr import lr_at, lr_segments, segment_at
+from megatron_msg.training.clock import RunClock
 from megatron_msg.training.loss_scale import DynamicLossScaler
 from megatron_msg.training.memory_check import available_bytes, check_memory
 from megatron_msg.training.metrics import MetricsLog
@@ -169,6 +170,10 @@ class Trainer:
         self.placement = placement_for(self.ps, self.rng, cfg.parallel.sequence_parallel, self.recompute)
         self._stop_requested = False
         self._bar = None  # tqdm progress bar while run() is active
+        self.clock = RunClock()
+        threads = cpu_threads(self.cfg.train.threads, self.device, _ranks_on_this_host(self.ps))
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide, like OMP_NUM_THREADS
 
         # The checks a user can act on come first, and write nothing: the data, the checkpoint to
         # resume, whether every stage still to run fits memory, then whether the run directory is writable.
@@ -292,6 +297,7 @@ class Trainer:
             "written_by": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp},
             "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
             "nonfinite_skipped": self.nonfinite_skipped,
+            "clock": self.clock.state_dict(),
             # What the schedule says for the next step: a resumed run must agree (_check_settings).
             "train_settings": self.train_settings(self.step),
             "config": self.cfg.to_dict(),
@@ -355,6 +361,7 @@ class Trainer:
             self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
+        self.clock = RunClock.from_state(state.get("clock"))
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
         if self.scaler is not None and state.get("loss_scaler"):  # absent: written by a bf16/fp32 run
             self.scaler.load_state_dict(state["loss_scaler"])
@@ -532,7 +539,8 @@ class Trainer:
         record = {"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
                   "shape": str(stage.shape), "parameters": self.model.num_parameters(),
                   "layout": "tp{} x pp{} x dp{}".format(*stage.layout),
-                  "loss_before": before, "loss_after": after, "phi": stage.phi, "rewind_lr": stage.rewind_lr}
+                  "loss_before": before, "loss_after": after, "phi": stage.phi, "rewind_lr": stage.rewind_lr,
+                  "time_s": self.clock.train_s}
         self.metrics.write(record)
         self._log_console(f"step {stage.at_step}: grew ({stage.operator}) to {stage.shape}, "
                           f"{record['parameters']:,} parameters; probe loss {before:.5f} -> {after:.5f}")
@@ -591,11 +599,14 @@ class Trainer:
             self._bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
         last_time, last_samples = time.perf_counter(), self.batch_schedule.samples_before(self.step)
         try:
+            if self.step == 0 and t.eval_at_start:
+                self._evaluate_and_record(-1, result)  # the initial loss, at zero FLOPs
             while self.step < total and (max_steps is None or result.steps_run < max_steps):
                 if self._stop_agreed():
                     result.interrupted = True
                     break
-                step_run, lr, loss, norm = self.advance()
+                with self.clock.timing("train"):
+                    step_run, lr, loss, norm = self.advance()
                 result.steps_run += 1
                 if self._bar is not None:
                     self._bar.update(1)
@@ -605,7 +616,8 @@ class Trainer:
                            "grad_norm": norm.item(), "stage": self.stage_index, "shape": str(self.model.cfg.shape),
                            "mask": None if self.ramp is None else self.ramp.value(step_run),
                            "global_batch": self.batch_schedule.at(step_run).global_batch,
-                           "tokens_per_s": (samples - last_samples) * cfg.model.seq_len / max(now - last_time, 1e-9)}
+                           "tokens_per_s": (samples - last_samples) * cfg.model.seq_len / max(now - last_time, 1e-9),
+                           "time_s": self.clock.train_s}
                     last_time, last_samples = now, samples
                     if self.scaler is not None:
                         rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped_steps)
@@ -615,11 +627,10 @@ class Trainer:
                     result.losses[step_run] = rec["loss"]
                     self._report(rec)
                 if self.step % t.eval_interval == 0 or self.step == total:
-                    vloss = self.evaluate()
-                    self.metrics.write({"kind": "valid", "step": step_run, "loss": vloss})
-                    result.valid_losses[step_run] = vloss
+                    self._evaluate_and_record(step_run, result)
                 if self.step % t.save_interval == 0 or self.step == total:
-                    self.save()
+                    with self.clock.timing("save"):
+                        self.save()
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
@@ -641,6 +652,13 @@ class Trainer:
         self.metrics.close()
         return result
 
+    def _evaluate_and_record(self, step_run: int, result: TrainResult) -> None:
+        with self.clock.timing("eval"):
+            vloss = self.evaluate()
+        self.metrics.write({"kind": "valid", "step": step_run, "loss": vloss, "time_s": self.clock.train_s,
+                            "eval_time_s": self.clock.eval_s})
+        result.valid_losses[step_run] = vloss
+
     def _report(self, rec: dict) -> None:
         if not self.is_main:
             return
@@ -651,6 +669,16 @@ class Trainer:
             mask = "" if rec["mask"] is None else f" mask {rec['mask']:.2f}"
             print(f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['shape']}{mask}"
                   f" | {rec['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+def cpu_threads(threads: int | None, device: torch.device, ranks_on_host: int) -> int | None:
+    """The thread count to set (None: leave torch's): ``train.threads`` when given; else, for
+    several ranks on one host, its cores divided among them."""
+    if threads is not None:
+        return threads
+    if ranks_on_host > 1:
+        return max(1, (os.cpu_count() or 1) // ranks_on_host)
+    return None
 
 
 def _ranks_on_this_host(ps: ParallelState) -> int:

@@ -1,0 +1,276 @@
+"""``msg-bench growth``: does growth pay on *this* corpus and hardware, and is it the operator or the
+LR schedule that pays?
+
+One command trains, one after another with the same data order, seed and LR recipe:
+
+* ``full``: the target shape from step 0;
+* ``full_rewinds``: the same, with the growth schedule's LR rewinds at the same steps
+  (``lr.rewind_at``), the control that separates the operator from the LR schedule;
+* the ``sch1`` schedule of the target (named_schedules.py) with each operator: ``msg``,
+  ``nomask``, ``net2net`` and ``stack`` (stack grows depth only; its width stages use ``nomask``,
+  direct growth without masks, so the pair is the usual stacking baseline);
+* ``msg_no_rewinds``: the MSG schedule without its LR rewinds, the other control.
+
+Every run is compared with both full-size references (training/compare.py): FLOPs and training
+wall time to its own final validation loss ("not reached" where the reference never gets there),
+the speed-ups they give, and the reference's loss at the run's own FLOP budget.  ``--seeds N``
+repeats the growth runs (and the references) with N seeds, so a difference can be read against
+the seed spread.  Output: ``growth.json`` (the report), ``growth.md`` (tables), ``growth.png``
+(validation loss against FLOPs and against wall time, growth events marked) and the run
+directories under ``runs/``.
+
+Sizes: ``tiny`` (CPU, about a minute: the CI smoke test), ``small`` (CPU, under an hour: the
+docs/benchmarks.md tables), ``gpu`` (GPT-2-small's shape, under 10 minutes on one H100/H200).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from megatron_msg.config import RunConfig, config_from_dict
+from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
+from megatron_msg.training.compare import compare, load_run
+
+
+@dataclass(frozen=True)
+class GrowthBenchSize:
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+    head_dim: int
+    seq_len: int
+    steps: int
+    batch_size: int
+    eval_interval: int
+    eval_iters: int
+    lr: float
+    device: str
+
+
+SIZES = {
+    "tiny": GrowthBenchSize(48, 128, 3, 4, 16, 32, 144, 8, 24, 2, 3e-3, "cpu"),
+    "small": GrowthBenchSize(128, 512, 4, 8, 32, 128, 1500, 16, 75, 8, 2e-3, "cpu"),
+    "gpu": GrowthBenchSize(768, 3072, 12, 12, 64, 512, 1200, 32, 100, 8, 6e-4, "cuda"),
+}
+OPERATORS = ("msg", "nomask", "net2net", "stack")
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    name: str
+    raw: dict
+    seed: int
+    operator: str | None  # None: full size from step 0
+    lr_policy: str        # "rewinds" (the schedule's) or "none"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    data: dict              # the config's data section
+    vocab_size: int | None  # None: the byte tokenizer's
+
+
+def target_raw(size: GrowthBenchSize, corpus: Corpus, seed: int) -> dict:
+    """The full-size run: the target from step 0, with the recipe every run shares."""
+    vocab = {} if corpus.vocab_size is None else {"vocab_size": corpus.vocab_size}
+    return {
+        "model": {"arch": "gpt", "hidden": size.hidden, "ffn": size.ffn, "heads": size.heads, "layers": size.layers,
+                  "head_dim": size.head_dim, "seq_len": size.seq_len, "dropout": 0.0, **vocab},
+        "optimizer": {"lr": size.lr, "min_lr": size.lr / 10, "weight_decay": 0.1, "beta2": 0.95, "grad_clip": 1.0},
+        "lr": {"warmup_steps": max(1, size.steps // 50), "decay": "cosine"},
+        "train": {"steps": size.steps, "batch_size": size.batch_size, "eval_interval": size.eval_interval,
+                  "eval_iters": size.eval_iters, "log_interval": max(1, size.eval_interval // 2),
+                  "save_interval": size.steps, "seed": seed, "device": size.device,
+                  "dtype": "bf16" if size.device == "cuda" else "fp32", "tensorboard": False, "plot": False},
+        "data": {**corpus.data, "seed": seed},
+    }
+
+
+def schedule_raw(full: dict, operator: str, rewinds: bool) -> dict:
+    """The sch1 schedule of ``full``'s target with ``operator`` (stack: depth only, nomask for width)."""
+    raw = copy.deepcopy(full)
+    raw["growth"] = {"schedule": "sch1", "defaults": {"operator": operator}}
+    made = config_from_dict(copy.deepcopy(raw), check=False)
+    stages = []
+    layers = made.model.layers
+    for st in made.growth.stages:
+        stage = {k: v for k, v in asdict(st).items() if v is not None}
+        if operator == "stack" and st.layers == layers:
+            stage["operator"] = "nomask"  # stacking grows depth; width needs another operator
+        if not rewinds:
+            stage["rewind_lr"] = False
+        stages.append(stage)
+        layers = st.layers
+    raw["model"].update(hidden=made.model.hidden, ffn=made.model.ffn, heads=made.model.heads,
+                        layers=made.model.layers)
+    raw["growth"] = {"defaults": {"operator": operator}, "stages": stages}
+    return raw
+
+
+def rewind_steps(raw: dict) -> list[int]:
+    return [s["at_step"] for s in raw["growth"]["stages"] if s.get("rewind_lr")]
+
+
+def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int) -> list[BenchRun]:
+    runs = []
+    for seed in range(seeds):
+        tag = f"_s{seed}" if seeds > 1 else ""
+        full = target_raw(size, corpus, seed)
+        msg = schedule_raw(full, "msg", rewinds=True)
+        with_rewinds = copy.deepcopy(full)
+        with_rewinds["lr"]["rewind_at"] = rewind_steps(msg)
+        runs += [BenchRun(f"full{tag}", full, seed, None, "none"),
+                 BenchRun(f"full_rewinds{tag}", with_rewinds, seed, None, "rewinds")]
+        runs += [BenchRun(f"{op}{tag}", schedule_raw(full, op, rewinds=True), seed, op, "rewinds")
+                 for op in OPERATORS]
+        runs.append(BenchRun(f"msg_no_rewinds{tag}", schedule_raw(full, "msg", rewinds=False), seed, "msg", "none"))
+    return runs
+
+
+def prepare_corpus(corpus: Path, out: Path, vocab: int) -> Corpus:
+    """The jsonl read directly (byte tokenizer), or with ``vocab`` > 0 a sentencepiece tokenizer
+    trained on it and the corpus preprocessed with it."""
+    if vocab <= 0:
+        return Corpus({"format": "jsonl", "path": str(corpus)}, None)
+    from megatron_msg.data.preprocessing import PreprocessConfig, preprocess_jsonl
+    from megatron_msg.data.tokenizer_training import TokenizerTrainConfig, train_sentencepiece
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    model = train_sentencepiece(TokenizerTrainConfig(inputs=[str(corpus)], model_prefix=str(data_dir / "spm"),
+                                                     vocab_size=vocab))
+    stats = preprocess_jsonl(PreprocessConfig(inputs=[str(corpus)], output_prefix=str(data_dir / "corpus"),
+                                              tokenizer="sentencepiece", tokenizer_model=model, progress=False))
+    return Corpus({"format": "indexed", "path": stats.prefix, "tokenizer": "sentencepiece",
+                   "tokenizer_model": model}, vocab)
+
+
+def _train(run: BenchRun, out: Path, log) -> None:
+    from megatron_msg.training.trainer import Trainer
+    cfg: RunConfig = config_from_dict(copy.deepcopy(run.raw))
+    run_dir = out / "runs" / run.name
+    start = time.perf_counter()
+    result = Trainer(cfg, out_dir=run_dir, resume=False, progress=False).run()
+    last = result.valid_losses[max(result.valid_losses)]
+    log(f"{run.name}: {len(cfg.growth.stages)} growth events, final validation loss {last:.4f}, "
+        f"{time.perf_counter() - start:.1f} s")
+
+
+def _row_summary(row: dict) -> dict:
+    keep = ("flops", "time_s", "final_valid_loss", "reference_flops_to_final_loss", "speedup_at_final_loss",
+            "reference_time_to_final_loss_s", "wall_speedup_at_final_loss", "reference_loss_at_budget")
+    return {k: row[k] for k in keep}
+
+
+def report(runs: list[BenchRun], out: Path, size_name: str, corpus: str) -> dict:
+    """Every run against ``full`` and ``full_rewinds`` of its seed."""
+    curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}
+    references = {(r.seed, r.lr_policy): r.name for r in runs if r.operator is None}
+    rows = []
+    for r in runs:
+        entry = {"run": r.name, "seed": r.seed, "operator": r.operator or "full size",
+                 "width_operator": "nomask" if r.operator == "stack" else r.operator,
+                 "lr_policy": r.lr_policy, "growth_events": len(curves[r.name].growths)}
+        for ref, policy in (("full", "none"), ("full_rewinds", "rewinds")):
+            _, cmp_rows = compare([curves[references[r.seed, policy]], curves[r.name]])
+            entry["vs_" + ref] = _row_summary(cmp_rows[1])
+        rows.append(entry)
+    first = runs[0].raw
+    schedule = config_from_dict(copy.deepcopy(next(r.raw for r in runs if r.operator == "msg")), check=False)
+    return {"size": size_name, "corpus": corpus, "device": first["train"]["device"],
+            "target": str(config_from_dict(copy.deepcopy(first), check=False).model.shape),
+            "steps": first["train"]["steps"], "start": str(schedule.model.shape),
+            "stages": [{"at_step": s.at_step, "shape": str(s.shape), "rewind_lr": s.rewind_lr, "phi": s.phi}
+                       for s in schedule.resolved_stages()],
+            "date": time.strftime("%Y-%m-%d"), "runs": rows}
+
+
+def _fmt(x, kind: str) -> str:
+    if x is None:
+        return "not reached"
+    return {"flops": f"{x:.3g}", "s": f"{x:.1f}", "x": f"{x:.2f}x", "loss": f"{x:.4f}"}[kind]
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"msg-bench growth --size {rep['size']} on {rep['corpus']} ({rep['device']}), {rep['date']}: "
+             f"target {rep['target']}, {rep['steps']} steps; sch1 from {rep['start']}, growth at "
+             + ", ".join(f"{s['at_step']} -> {s['shape']}" for s in rep["stages"]), ""]
+    for ref in ("full", "full_rewinds"):
+        lines += [f"Against `{ref}` (full size from step 0, LR policy: "
+                  f"{'the schedule' + chr(39) + 's rewinds' if ref == 'full_rewinds' else 'no rewinds'}):", "",
+                  "| run | operator (width) | LR rewinds | FLOPs | train s | final loss | ref FLOPs to it "
+                  "| speed-up FLOPs | ref s to it | speed-up wall | ref loss at this budget |",
+                  "|" + "---|" * 11]
+        for r in rep["runs"]:
+            v = r["vs_" + ref]
+            op = r["operator"] if r["width_operator"] in (None, r["operator"]) else f"{r['operator']} ({r['width_operator']})"
+            lines.append(f"| {r['run']} | {op} | {r['lr_policy']} | {_fmt(v['flops'], 'flops')} | "
+                         f"{_fmt(v['time_s'], 's')} | {_fmt(v['final_valid_loss'], 'loss')} | "
+                         f"{_fmt(v['reference_flops_to_final_loss'], 'flops')} | "
+                         f"{_fmt(v['speedup_at_final_loss'], 'x')} | {_fmt(v['reference_time_to_final_loss_s'], 's')} | "
+                         f"{_fmt(v['wall_speedup_at_final_loss'], 'x')} | {_fmt(v['reference_loss_at_budget'], 'loss')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_report(runs: list[BenchRun], out: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (by_flops, by_time) = plt.subplots(1, 2, figsize=(14, 5))
+    for r in runs:
+        curve = load_run(out / "runs" / r.name, r.name)
+        style = "--" if r.operator is None else "-"
+        (line,) = by_flops.plot(*zip(*curve.valid_by_flops()), style, lw=1.2, label=r.name)
+        timed = curve.valid_by_time()
+        if timed:
+            by_time.plot(*zip(*timed), style, lw=1.2, color=line.get_color(), label=r.name)
+        for g in curve.growths:
+            by_flops.axvline(curve.flops_after(g["step"] - 1), color=line.get_color(), ls=":", lw=0.6)
+            if "time_s" in g:
+                by_time.axvline(g["time_s"], color=line.get_color(), ls=":", lw=0.6)
+    by_flops.set_xlabel("training FLOPs")
+    by_time.set_xlabel("training wall time (s)")
+    for ax in (by_flops, by_time):
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+    fig.suptitle("msg-bench growth: validation loss per FLOP and per second (dotted: growth events)")
+    path = out / "growth.png"
+    tmp = out / ".growth.png.tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: int, seeds: int,
+                     log=lambda text: print(text, flush=True)) -> dict:
+    """Train every run of the benchmark into ``out_dir/runs`` and write the report beside it."""
+    from megatron_msg.training.batches import BUNDLED_CORPUS
+    size = SIZES[size_name]
+    out = Path(out_dir)
+    corpus_path = Path(corpus) if corpus else BUNDLED_CORPUS
+    if not corpus_path.is_file():
+        raise FileNotFoundError(f"--corpus: no such file {corpus_path}")
+    if (out / "runs").exists():
+        shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
+    runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds)
+    for i, run in enumerate(runs):
+        log(f"[{i + 1}/{len(runs)}] {run.name}")
+        _train(run, out, log)
+    rep = report(runs, out, size_name, "bundled" if corpus is None else str(corpus_path))
+    atomic_write_json(str(out / "growth.json"), rep)
+    text = format_report(rep)
+    atomic_write_bytes(str(out / "growth.md"), (text + "\n").encode("utf-8"))
+    plot_report(runs, out)
+    print(text, file=sys.stdout, flush=True)
+    return rep
+

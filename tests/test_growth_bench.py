@@ -1,0 +1,76 @@
+"""msg-bench growth --size tiny (issue 19): the report is complete and well-formed (a structure
+check, not a speed check: the tiny size trains too briefly to say which schedule wins)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_msg.cli.bench import main as msg_bench
+from megatron_msg.config import config_from_dict
+from megatron_msg.training.growth_bench import OPERATORS
+
+ROW_KEYS = {"flops", "time_s", "final_valid_loss", "reference_flops_to_final_loss", "speedup_at_final_loss",
+            "reference_time_to_final_loss_s", "wall_speedup_at_final_loss", "reference_loss_at_budget"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("growth_bench")
+    msg_bench(["growth", "--size", "tiny", "--out", str(out)])
+    return out, json.loads((out / "growth.json").read_text())
+
+
+def _config(out, name):
+    from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
+    return config_from_dict(open_checkpoint(latest_checkpoint(out / "runs" / name)).state["config"], check=False)
+
+
+def test_every_run_is_reported_against_both_full_size_references(bench):
+    out, rep = bench
+    names = [r["run"] for r in rep["runs"]]
+    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds"]
+    assert rep["size"] == "tiny" and rep["corpus"] == "bundled" and rep["steps"] == 144
+    assert [s["rewind_lr"] for s in rep["stages"]][:2] == [True, True] and len(rep["stages"]) >= 3
+    for row in rep["runs"]:
+        for ref in ("vs_full", "vs_full_rewinds"):
+            assert set(row[ref]) == ROW_KEYS
+            v = row[ref]
+            assert v["flops"] > 0 and v["time_s"] > 0 and v["final_valid_loss"] > 0
+            if v["reference_flops_to_final_loss"] is None:  # "not reached": no speed-up made up
+                assert v["speedup_at_final_loss"] is None
+            else:
+                assert v["speedup_at_final_loss"] == pytest.approx(v["reference_flops_to_final_loss"] / v["flops"])
+    by = {r["run"]: r for r in rep["runs"]}
+    assert by["full"]["vs_full"]["speedup_at_final_loss"] == 1.0
+    assert by["full_rewinds"]["vs_full_rewinds"]["speedup_at_final_loss"] == 1.0
+    growth_flops = {by[n]["vs_full"]["flops"] for n in (*OPERATORS, "msg_no_rewinds")}
+    assert len(growth_flops) == 1 and growth_flops.pop() < by["full"]["vs_full"]["flops"]  # one schedule
+    assert by["stack"]["width_operator"] == "nomask" and by["msg"]["growth_events"] == len(rep["stages"])
+    table = (out / "growth.md").read_text()
+    assert table.count("| msg_no_rewinds |") == 2 and "Against `full_rewinds`" in table
+    assert (out / "growth.png").stat().st_size > 10_000
+
+
+def test_the_controls_differ_from_the_schedule_only_by_what_they_control(bench):
+    out, _ = bench
+    msg, no_rewinds, full, full_rewinds = (_config(out, n) for n in ("msg", "msg_no_rewinds", "full", "full_rewinds"))
+    rewinds = [s.at_step for s in msg.resolved_stages() if s.rewind_lr]
+    assert rewinds and full_rewinds.lr.rewind_at == rewinds and full.lr.rewind_at == []
+    assert [s.shape for s in no_rewinds.resolved_stages()] == [s.shape for s in msg.resolved_stages()]
+    assert not any(s.rewind_lr for s in no_rewinds.resolved_stages())
+    assert full.model.shape == msg.resolved_stages()[-1].shape  # the target
+    stack = _config(out, "stack").resolved_stages()
+    for before, st in zip([_config(out, "stack").model.shape] + [s.shape for s in stack], stack):
+        assert st.operator == ("stack" if st.shape.layers != before.layers else "nomask")
+    for a, b in ((msg, full), (no_rewinds, full_rewinds)):
+        assert (a.train.seed, a.data.seed, a.optimizer, a.train.steps) == (b.train.seed, b.data.seed, b.optimizer,
+                                                                             b.train.steps)
+
+
+def test_a_missing_corpus_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        msg_bench(["growth", "--size", "tiny", "--out", str(tmp_path), "--corpus", str(tmp_path / "none.jsonl")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msg-bench growth: --corpus: no such file") and err.count("\n") == 1
