@@ -74,3 +74,16 @@ def test_thread_count_is_the_setting_else_the_cores_shared_among_the_ranks_on_th
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_resuming_a_finished_run_reports_its_last_validation_loss(tmp_path, capsys):
+    """Before: "last validation loss nan" (this invocation evaluated nothing)."""
+    import yaml
+    from megatron_msg.cli.train import main as msg_train
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_raw()))
+    assert msg_train([str(config), "--out-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert msg_train([str(config), "--out-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    again = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "nan" not in again and again.split("last validation loss ")[1] == first.split("last validation loss ")[1]

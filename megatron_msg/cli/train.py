@@ -137,7 +137,8 @@ def _train(cfg, args, ps, rank: int) -> int:
         print(f"msg-train: {describe_peer_failure(exc, rank, ps.timeout_s)}", file=sys.stderr)
         return 4
     if rank == 0:
-        last = result.valid_losses[max(result.valid_losses)] if result.valid_losses else float("nan")
+        valid = result.valid_losses or {r["step"]: r["loss"] for r in trainer.metrics.read() if r.get("kind") == "valid"}
+        last = valid[max(valid)] if valid else float("nan")  # a finished run resumed: its last evaluation
         print(f"done: step {result.final_step}/{cfg.train.steps}, final shape {result.shape}, "
               f"last validation loss {last:.4f}; run directory {result.out_dir}")
     return 0
