@@ -62,7 +62,7 @@ def _render(value) -> str:
     """A --set value as a user would type it: strings verbatim, everything else as YAML."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")  # a scalar's end mark
 
 
 OVERRIDES = st.lists(st.one_of(

@@ -65,9 +65,8 @@ def test_run_clock_state_round_trips_and_an_old_checkpoint_starts_at_zero():
 
 def test_thread_count_is_the_setting_else_the_cores_shared_among_the_ranks_on_the_host(tmp_path, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    cpu = torch.device("cpu")
-    assert cpu_threads(3, cpu, 1) == 3 and cpu_threads(None, cpu, 1) is None
-    assert cpu_threads(None, cpu, 4) == 4 and cpu_threads(None, cpu, 32) == 1
+    assert cpu_threads(3, 1) == 3 and cpu_threads(None, 1) is None
+    assert cpu_threads(None, 4) == 4 and cpu_threads(None, 32) == 1
     before = torch.get_num_threads()
     try:
         Trainer(config_from_dict(_raw(threads=1)), out_dir=tmp_path / "run", progress=False)

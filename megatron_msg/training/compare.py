@@ -90,7 +90,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunCurves:
 
 
 def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
-    """FLOPs at which a (FLOPs, loss) curve first reaches ``target``, interpolated; None if never."""
+    """FLOPs at which a (FLOPs, loss) curve first reaches ``target``, interpolated; None if never.
+    Any increasing x works: msg-compare also reads (training seconds, loss) curves with it."""
     prev = None
     for flops, loss in points:
         if loss <= target:

@@ -25,7 +25,6 @@ docs/benchmarks.md tables), ``gpu`` (GPT-2-small's shape, under 10 minutes on on
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import sys
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 
 from megatron_msg.config import RunConfig, config_from_dict
 from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
-from megatron_msg.training.compare import compare, load_run
+from megatron_msg.training.compare import RunCurves, compare, load_run
+from megatron_msg.training.plot import save_figure
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ SIZES = {
     "gpu": GrowthBenchSize(768, 3072, 12, 12, 64, 512, 1200, 32, 100, 8, 6e-4, "cuda"),
 }
 OPERATORS = ("msg", "nomask", "net2net", "stack")
+STACK_WIDTH_OPERATOR = "nomask"  # stacking grows depth only; its width stages use this
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def schedule_raw(full: dict, operator: str, rewinds: bool) -> dict:
     for st in made.growth.stages:
         stage = {k: v for k, v in asdict(st).items() if v is not None}
         if operator == "stack" and st.layers == layers:
-            stage["operator"] = "nomask"  # stacking grows depth; width needs another operator
+            stage["operator"] = STACK_WIDTH_OPERATOR
         if not rewinds:
             stage["rewind_lr"] = False
         stages.append(stage)
@@ -167,14 +168,13 @@ def _row_summary(row: dict) -> dict:
     return {k: row[k] for k in keep}
 
 
-def report(runs: list[BenchRun], out: Path, size_name: str, corpus: str) -> dict:
+def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, corpus: str) -> dict:
     """Every run against ``full`` and ``full_rewinds`` of its seed."""
-    curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}
     references = {(r.seed, r.lr_policy): r.name for r in runs if r.operator is None}
     rows = []
     for r in runs:
         entry = {"run": r.name, "seed": r.seed, "operator": r.operator or "full size",
-                 "width_operator": "nomask" if r.operator == "stack" else r.operator,
+                 "width_operator": STACK_WIDTH_OPERATOR if r.operator == "stack" else r.operator,
                  "lr_policy": r.lr_policy, "growth_events": len(curves[r.name].growths)}
         for ref, policy in (("full", "none"), ("full_rewinds", "rewinds")):
             _, cmp_rows = compare([curves[references[r.seed, policy]], curves[r.name]])
@@ -218,7 +218,7 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(runs: list[BenchRun], out: Path) -> Path | None:
+def plot_report(runs: list[BenchRun], curves: dict[str, RunCurves], path: Path) -> Path | None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -227,7 +227,7 @@ def plot_report(runs: list[BenchRun], out: Path) -> Path | None:
         return None
     fig, (by_flops, by_time) = plt.subplots(1, 2, figsize=(14, 5))
     for r in runs:
-        curve = load_run(out / "runs" / r.name, r.name)
+        curve = curves[r.name]
         style = "--" if r.operator is None else "-"
         (line,) = by_flops.plot(*zip(*curve.valid_by_flops()), style, lw=1.2, label=r.name)
         timed = curve.valid_by_time()
@@ -239,16 +239,12 @@ def plot_report(runs: list[BenchRun], out: Path) -> Path | None:
                 by_time.axvline(g["time_s"], color=line.get_color(), ls=":", lw=0.6)
     by_flops.set_xlabel("training FLOPs")
     by_time.set_xlabel("training wall time (s)")
-    for ax in (by_flops, by_time):
-        ax.set_ylabel("validation loss")
-        ax.legend(fontsize=7)
+    by_flops.set_ylabel("validation loss")
+    by_time.set_ylabel("validation loss")
+    by_time.legend(loc="upper right")
+    by_time.grid(alpha=0.3)
     fig.suptitle("msg-bench growth: validation loss per FLOP and per second (dotted: growth events)")
-    path = out / "growth.png"
-    tmp = out / ".growth.png.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, by_flops, path)
 
 
 def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: int, seeds: int,
@@ -266,11 +262,12 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
     for i, run in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {run.name}")
         _train(run, out, log)
-    rep = report(runs, out, size_name, "bundled" if corpus is None else str(corpus_path))
+    curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}  # read once: report and plot
+    rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path))
     atomic_write_json(str(out / "growth.json"), rep)
     text = format_report(rep)
     atomic_write_bytes(str(out / "growth.md"), (text + "\n").encode("utf-8"))
-    plot_report(runs, out)
+    plot_report(runs, curves, out / "growth.png")
     print(text, file=sys.stdout, flush=True)
     return rep
 

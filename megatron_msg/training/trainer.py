@@ -171,7 +171,7 @@ class Trainer:
         self._stop_requested = False
         self._bar = None  # tqdm progress bar while run() is active
         self.clock = RunClock()
-        threads = cpu_threads(self.cfg.train.threads, self.device, _ranks_on_this_host(self.ps))
+        threads = cpu_threads(self.cfg.train.threads, _ranks_on_this_host(self.ps))
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide, like OMP_NUM_THREADS
 
@@ -671,7 +671,7 @@ class Trainer:
                   f" | {rec['tokens_per_s']:.0f} tok/s", flush=True)
 
 
-def cpu_threads(threads: int | None, device: torch.device, ranks_on_host: int) -> int | None:
+def cpu_threads(threads: int | None, ranks_on_host: int) -> int | None:
     """The thread count to set (None: leave torch's): ``train.threads`` when given; else, for
     several ranks on one host, its cores divided among them."""
     if threads is not None:
