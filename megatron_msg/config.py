@@ -326,6 +326,11 @@ class ParallelConfig:
     # ZeRO-2 keeps its reduce-scatter after backward either way.
     overlap_grad_reduce: bool = True
     bucket_mb: float = 25.0
+    # Model chunks per pipeline stage: > 1 runs Megatron's interleaved 1F1B (parallel/schedule.py),
+    # bubble about (pp - 1) / (virtual_stages * micro-batches) instead of (pp - 1) / micro-batches,
+    # for a little more activation memory and v times the p2p transfers. Needs every stage's layers
+    # divisible by pp * virtual_stages and its micro-batches per replica by pp; no effect at pp = 1.
+    virtual_stages: int = 1
 
     def layout_parts(self, tp: int | None = None) -> int:
         """Blocks for a growth into a layout with ``tp`` (default: this section's tp)."""
@@ -862,6 +867,8 @@ def _validate_parallel(cfg: RunConfig) -> None:
     _check(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage!r}")
     _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     _check(p.bucket_mb > 0, "parallel.bucket_mb", f"must be > 0 (MB per gradient bucket), got {p.bucket_mb}")
+    _check(isinstance(p.virtual_stages, int) and p.virtual_stages >= 1, "parallel.virtual_stages",
+           f"must be an integer >= 1 (model chunks per pipeline stage), got {p.virtual_stages!r}")
     if p.sequence_parallel:
         _check(p.tp > 1, "parallel.sequence_parallel", "needs parallel.tp > 1")
         _check(cfg.model.seq_len % p.tp == 0, "parallel.sequence_parallel",
@@ -896,6 +903,14 @@ def _validate_parallel(cfg: RunConfig) -> None:
         _check(shape.ffn % tp == 0, f"{where}.ffn", f"{shape.ffn} is not divisible by {tp_txt}")
         _check(shape.layers % pp == 0, f"{where}.layers",
                f"{shape.layers} is not divisible by {pp_txt} (pipeline stages hold equal numbers of layers)")
+        v = p.virtual_stages
+        if pp > 1 and v > 1:
+            _check(shape.layers % (pp * v) == 0, f"{where}.layers",
+                   f"{shape.layers} is not divisible by {pp_txt} x parallel.virtual_stages={v} "
+                   "(interleaved pipeline chunks hold equal numbers of layers)")
+            _check((accum // dp) % pp == 0, accum_field,
+                   f"{accum} micro-batches over {dp_txt} give {accum // dp} per pipeline, not a multiple of "
+                   f"{pp_txt} (interleaved 1F1B runs micro-batches in groups of pp; parallel.virtual_stages={v})")
         # A growth into this stage appends new units inside `parts` blocks of the old and new sizes.
         parts = p.layout_parts(tp)
         for dim in ("ffn", "heads"):

@@ -64,7 +64,7 @@ def _run(rank, world, arch, tp, pp, dp, dropout):
 
     loss = forward_backward(model.stage_forward, ps, lambda m: batches[m], my_micro_batches(MICRO, ps), 1.0 / MICRO,
                             (BATCH, SEQ, SHAPE.hidden),
-                            before_micro=lambda m: rng.seed_micro_batch(11, 0, m, ps.pp_rank, ps.tp_rank))
+                            before_micro=lambda m, stage: rng.seed_micro_batch(11, 0, m, stage, ps.tp_rank))
     if dp > 1:
         dist.all_reduce(loss, group=ps.dp_group)
     sync_gradients(model, ps)

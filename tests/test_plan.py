@@ -75,6 +75,16 @@ def test_first_stage_activations_under_1f1b_and_recomputation():
     assert activation_bytes(cfg, 1, 16, 2, 4, True, "full", 1) == 4 * (layer_input + layer) + layer
 
 
+def test_first_stage_activations_under_interleaved_1f1b():
+    # pp 4 x 2 virtual, 8 layers: 1-layer chunks; the first stage holds 2 (p - 1) + (v - 1) p + 1
+    # = 11 chunk-forwards at its peak (Megatron: 1 + (p - 1) / (p v) = 1.375x plain 1F1B's 4 x 2).
+    cfg = ModelConfig(hidden=1024, ffn=4096, heads=16, head_dim=64, seq_len=2048, layers=8)
+    layer = layer_activation_bytes(cfg, 1, 2, True)
+    assert activation_bytes(cfg, 1, 16, 2, 4, True, virtual=2) == 11 * layer
+    assert activation_bytes(cfg, 1, 16, 2, 4, True, virtual=2) / activation_bytes(cfg, 1, 16, 2, 4, True) == 1.375
+    assert activation_bytes(cfg, 1, 16, 2, 1, True, virtual=2) == activation_bytes(cfg, 1, 16, 2, 1, True)
+
+
 def test_layer_activation_estimate_matches_what_autograd_saves():
     # fp32 on CPU (fused attention kernel, no s^2 matrices), no dropout: the estimate, which also
     # counts dropout masks, lands within 30% of the bytes the layers really save (measured: 0.84).

@@ -49,7 +49,7 @@ def _run(rank, world, arch, tp, pp, dp, model_kw=None):
 
     act_shape = model.activation_shape(BATCH, SEQ)
     loss = forward_backward(model.stage_forward, ps, lambda m: batches[m], my_micro_batches(MICRO, ps), 1.0 / MICRO,
-                            act_shape, before_micro=lambda m: rng.seed_micro_batch(11, 0, m, ps.pp_rank, ps.tp_rank))
+                            act_shape, before_micro=lambda m, stage: rng.seed_micro_batch(11, 0, m, stage, ps.tp_rank))
     if dp > 1:
         dist.all_reduce(loss, group=ps.dp_group)
     partial = model.sequence_parallel_grad_names()

@@ -34,7 +34,7 @@ def _gather_tensor(name: str, local: torch.Tensor | None, shape: tuple, cfg, ps:
 
     Collectives run on ``ps.device`` (NCCL cannot move CPU tensors); the result is on the CPU.
     """
-    owner = owner_stage(name, cfg.layers, ps.pp_size)
+    owner = owner_stage(name, cfg.layers, ps.pp_size, ps.vpp_size)
     if ps.pp_rank == owner:
         t = local.detach().to(ps.device, torch.float32)
         if ps.tp_size > 1 and tensor_spec(name).tp_split_dim() is not None:
@@ -119,7 +119,7 @@ def gather_optimizer(optimizer, model: torch.nn.Module, ps: ParallelState, names
     for name, shape in shapes.items():
         if tensor_spec(name).is_mask:  # buffers have no optimizer state
             continue
-        owner = owner_stage(name, cfg.layers, ps.pp_size)
+        owner = owner_stage(name, cfg.layers, ps.pp_size, ps.vpp_size)
         st = optimizer.block_state(name) if ps.pp_rank == owner else None
         meta = [None]
         if ps.pp_rank == owner:

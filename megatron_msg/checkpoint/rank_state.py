@@ -59,7 +59,7 @@ def rank_pieces(model: torch.nn.Module, optimizer, ps) -> tuple[dict[str, Boxes]
     canonical = ps.tp_rank == 0 and ps.dp_rank == 0
     sd, index = {}, {}
     for name, shape in logical_shapes(cfg).items():
-        if ps.pp_rank != owner_stage(name, cfg.layers, ps.pp_size):
+        if ps.pp_rank != owner_stage(name, cfg.layers, ps.pp_size, ps.vpp_size):
             continue
         t = local[name].detach()
         is_param = name in params

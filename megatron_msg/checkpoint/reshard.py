@@ -48,9 +48,16 @@ class Layout:
     pp: int = 1
     dp: int = 1
     zero: int = 0
+    virtual: int = 1  # model chunks per pipeline stage (parallel.virtual_stages)
+
+    @property
+    def chunks(self) -> int:
+        """Chunks per stage in effect: ``virtual`` under pipeline parallelism, else 1."""
+        return self.virtual if self.pp > 1 else 1
 
     def describe(self) -> str:
-        return f"tp{self.tp} x pp{self.pp} x dp{self.dp}" + (f", ZeRO-{self.zero}" if self.zero else "")
+        return (f"tp{self.tp} x pp{self.pp} x dp{self.dp}" + (f" x {self.virtual} virtual" if self.chunks > 1 else "")
+                + (f", ZeRO-{self.zero}" if self.zero else ""))
 
 
 @dataclasses.dataclass
@@ -71,13 +78,19 @@ def check_layout(cfg: ModelConfig, layout: Layout) -> None:
     for what, n in (("heads", s.heads), ("ffn", s.ffn)):
         if n % layout.tp:
             raise CheckpointError(f"the checkpoint's {what}={n} is not divisible by tp={layout.tp}")
+    if layout.virtual < 1:
+        raise CheckpointError(f"--virtual-stages must be >= 1, got {layout.virtual}")
     if s.layers % layout.pp:
         raise CheckpointError(f"the checkpoint's layers={s.layers} is not divisible by pp={layout.pp}")
+    if s.layers % (layout.pp * layout.chunks):
+        raise CheckpointError(f"the checkpoint's layers={s.layers} is not divisible by pp={layout.pp} x "
+                              f"virtual stages={layout.virtual}")
 
 
 def _fragments(cfg: ModelConfig, layout: Layout, tp_rank: int, pp_rank: int) -> dict[str, list[tuple[int, int]]]:
     """name -> the [start, end) ranges of its block that ZeRO gives each DP rank, for one (TP, PP) rank."""
-    placement = Placement(tp=TensorParallel(layout.tp, tp_rank), stage=pp_rank, stages=layout.pp)
+    placement = Placement(tp=TensorParallel(layout.tp, tp_rank), stage=pp_rank, stages=layout.pp,
+                          virtual=layout.chunks)
     with torch.device("meta"):
         model = build_model(cfg, placement, initialize=False)
     _, frags = partition([(n, p.numel()) for n, p in model.named_parameters()], layout.dp)
@@ -102,7 +115,7 @@ def layout_chunks(cfg: ModelConfig, index: dict[str, dict], layout: Layout) -> d
                  } if layout.zero else {}
     for name, entry in index.items():  # the index's (logical) order: names stay together in the store
         shape = tuple(entry["shape"])
-        stage = owner_stage(name, cfg.layers, layout.pp)
+        stage = owner_stage(name, cfg.layers, layout.pp, layout.chunks)
         split = tensor_spec(name).tp_split_dim() is not None
         for tp_rank in range(layout.tp) if split else [0]:  # a replicated tensor: the same box on every TP rank
             put(f"{name}/fp32", piece_boxes(name, shape, cfg, layout.tp, tp_rank))

@@ -5,6 +5,7 @@
     msg-bench mask-overhead [--out DIR] [--batch 16] [--steps 20] [--windows 5] [--compile]
     msg-bench optimizer [--out DIR] [--hidden 256] [--layers 12] [--device cpu]
     msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
+    msg-bench pipeline [--out DIR] [--stages 2] [--virtual 1,2,4] [--micro-batches 2,4,8] [--schedule-only]
     msg-bench growth [--out DIR] [--size tiny|small|gpu] [--corpus FILE.jsonl] [--tokenizer-vocab N] [--seeds N]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
@@ -129,6 +130,25 @@ def _growth_run(a: argparse.Namespace) -> None:
         raise SystemExit(2) from None
 
 
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/bench", help="directory for pipeline.json and pipeline.md")
+    p.add_argument("--stages", type=int, default=2, help="pipeline ranks of the measured runs (default 2)")
+    p.add_argument("--virtual", default="1,2,4", help="comma-separated chunks per stage to measure")
+    p.add_argument("--micro-batches", default="2,4,8", help="comma-separated micro-batches per step to measure")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per case (median)")
+    p.add_argument("--schedule-only", action="store_true", help="only the table from the schedule")
+
+
+def _pipeline_run(a: argparse.Namespace) -> None:
+    from megatron_msg.parallel.pipeline_bench import run_pipeline_bench
+    try:
+        run_pipeline_bench(a.out, a.stages, _widths(a.virtual), _widths(a.micro_batches), a.repeats,
+                           measure_steps=not a.schedule_only)
+    except ValueError as exc:
+        print(f"msg-bench pipeline: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 SUBCOMMANDS = {
     "kernels": ("masked LayerNorm kernels: GB/s and time, fwd and fwd+bwd", _kernels_args, _kernels_run),
     "kernel-sweep": ("device time of each Triton launch configuration and CUDA forward kernel "
@@ -139,6 +159,8 @@ SUBCOMMANDS = {
                   _optimizer_args, _optimizer_run),
     "train": ("msg-train's real step vs a plain PyTorch loop and a nanoGPT-style reference: tokens/s, MFU",
               _train_args, _train_run),
+    "pipeline": ("pipeline bubble of plain vs interleaved 1F1B: from the schedule and measured on gloo ranks",
+                 _pipeline_args, _pipeline_run),
     "growth": ("full size vs the sch1 schedule with each operator and the LR controls: FLOPs and wall time "
                "to equal loss", _growth_args, _growth_run),
 }

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("tp", "pp", "dp"):
         ap.add_argument(f"--{name}", type=int, default=1, help=f"target {name} size (default 1)")
     ap.add_argument("--zero", type=int, default=0, help="target ZeRO stage: cuts the Adam state per DP rank")
+    ap.add_argument("--virtual-stages", type=int, default=1,
+                    help="target model chunks per pipeline stage (parallel.virtual_stages, default 1)")
     ap.add_argument("--format", choices=["sharded", "logical"], default="sharded")
     ap.add_argument("--verify", action="store_true",
                     help="compare the logits of a fixed batch before and after (builds the whole model here)")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_msg.checkpoint.reshard import Layout, reshard
     from megatron_msg.config import ConfigError
     from megatron_msg.growth.offline import OfflineGrowthError, find_checkpoint
-    layout = Layout(args.tp, args.pp, args.dp, args.zero)
+    layout = Layout(args.tp, args.pp, args.dp, args.zero, args.virtual_stages)
     try:
         source = find_checkpoint(args.source)
         bar = None

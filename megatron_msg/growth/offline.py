@@ -125,7 +125,7 @@ def grow_checkpoint(cfg: RunConfig, source: str | Path, out_dir: str | Path, fmt
         scratch = out_dir / f".grown-{os.getpid()}"
         grown = save_checkpoint(scratch, state["step"], state, meta, 1, _grown_tensors(ckpt, mcfg, spec, rule))
         tp, pp, dp = stage.layout
-        written = reshard(grown, out_dir, Layout(tp, pp, dp, cfg.parallel.zero_stage)).checkpoint
+        written = reshard(grown, out_dir, Layout(tp, pp, dp, cfg.parallel.zero_stage, cfg.parallel.virtual_stages)).checkpoint
         shutil.rmtree(scratch, ignore_errors=True)
     elif fmt == "logical":
         written = save_checkpoint(out_dir, state["step"], state, meta, cfg.train.keep_checkpoints,

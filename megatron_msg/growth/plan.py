@@ -139,20 +139,28 @@ def layer_activation_bytes(cfg: ModelConfig, micro_batch: int, tp: int, sequence
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, micro_batches: int, tp: int, pp: int,
                      sequence_parallel: bool, recompute: str = "none", recompute_layers: int = 0,
-                     act_bytes: int = 2) -> int:
+                     act_bytes: int = 2, virtual: int = 1) -> int:
     """Activations the first pipeline stage keeps at its 1F1B peak (an estimate: module docstring).
 
     ``micro_batches``: per DP replica and step.  A recomputed layer keeps only its input
     (``2 s b h`` in 16-bit, split by SP), and one layer's whole activations are live
-    while it is recomputed in backward.
+    while it is recomputed in backward.  With ``virtual`` chunks per stage (interleaved 1F1B)
+    the peak is the schedule's own count of chunk-forwards in flight on the first stage
+    (parallel/schedule.py): ``1 + (p - 1) / (p v)`` times plain 1F1B's when ``m >= p``.
     """
     per_layer = layer_activation_bytes(cfg, micro_batch, tp, sequence_parallel, act_bytes)
     layer_input = cfg.seq_len * micro_batch * cfg.hidden // (tp if sequence_parallel else 1) * act_bytes
-    stage_layers = cfg.layers // pp
-    recomputed = 0 if recompute == "none" else (stage_layers if recompute_layers == 0
-                                                 else min(recompute_layers, stage_layers))
-    per_micro = recomputed * layer_input + (stage_layers - recomputed) * per_layer
-    return min(pp, micro_batches) * per_micro + (per_layer if recomputed else 0)
+    virtual = virtual if pp > 1 else 1
+    chunk_layers = cfg.layers // (pp * virtual)
+    recomputed = 0 if recompute == "none" else (chunk_layers if recompute_layers == 0
+                                                 else min(recompute_layers, chunk_layers))
+    per_chunk = recomputed * layer_input + (chunk_layers - recomputed) * per_layer
+    if virtual == 1:
+        in_flight = min(pp, micro_batches)
+    else:
+        from megatron_msg.parallel.schedule import simulated
+        in_flight = simulated(pp, virtual, micro_batches).peak_in_flight(0)
+    return in_flight * per_chunk + (per_layer if recomputed else 0)
 
 
 def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
@@ -181,7 +189,7 @@ def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
             rank_bytes=weights + grads + optimizer,
             activation_bytes=activation_bytes(mcfg, micro, accum // dp, tp, pp,
                                               cfg.parallel.sequence_parallel, t.recompute,
-                                              t.recompute_layers, act_bytes),
+                                              t.recompute_layers, act_bytes, cfg.parallel.virtual_stages),
             weight_bytes=weights, gradient_bytes=grads, optimizer_bytes=optimizer,
             logits_bytes=logits_bytes(mcfg, micro, tp), micro_batch=micro, global_batch=micro * accum))
     return plans

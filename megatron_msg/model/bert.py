@@ -124,13 +124,14 @@ class BERT(MSGTransformerBase):
         total = mlm if nsp is None else (nsp if mlm is None else mlm + nsp)
         return total, mlm, nsp
 
-    def stage_forward(self, x: torch.Tensor | None, batch: dict) -> torch.Tensor:
-        """One pipeline stage: tokens (first stage) or hidden states in; hidden states or the loss out."""
+    def stage_forward(self, x: torch.Tensor | None, batch: dict, chunk: int = 0) -> torch.Tensor:
+        """One pipeline stage (one ``chunk`` of it under interleaving): tokens (the first block) or
+        hidden states in; hidden states or the loss (the last block) out."""
         c = self.hidden_mask_or_none()
-        if self.placement.first:
+        if self.placement.first_chunk(chunk):
             x = self.embed_tokens(batch["tokens"], batch.get("token_types"), c)
-        x = self.run_layers(x, c, self.attention_mask(batch.get("padding_mask")))
-        if not self.placement.last:
+        x = self.run_layers(x, c, self.attention_mask(batch.get("padding_mask")), chunk=chunk)
+        if not self.placement.last_chunk(chunk):
             return x
         return self.losses(*self.heads(x, c), batch.get("mlm_labels"), batch.get("nsp_labels"))[0]
 

@@ -68,13 +68,14 @@ class GPT(MSGTransformerBase):
         weight = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(self.placement.tp.enter(x), weight)
 
-    def stage_forward(self, x: torch.Tensor | None, batch: dict) -> torch.Tensor:
-        """One pipeline stage: tokens (first stage) or hidden states in; hidden states or the loss out."""
+    def stage_forward(self, x: torch.Tensor | None, batch: dict, chunk: int = 0) -> torch.Tensor:
+        """One pipeline stage (one ``chunk`` of it under interleaving): tokens (the first block) or
+        hidden states in; hidden states or the loss (the last block) out."""
         c = self.hidden_mask_or_none()
-        if self.placement.first:
+        if self.placement.first_chunk(chunk):
             x = self.embed_tokens(batch["tokens"], c)
-        x = self.run_layers(x, c)
-        if not self.placement.last:
+        x = self.run_layers(x, c, chunk=chunk)
+        if not self.placement.last_chunk(chunk):
             return x
         return vocab_parallel_cross_entropy(self.local_logits(x, c), batch["targets"],
                                             self.placement.tp, self.cfg.vocab_size)

@@ -225,10 +225,16 @@ class MSGTransformerBase(nn.Module):
         return logical_num_parameters(self.cfg)
 
     def run_layers(self, x: torch.Tensor, c: torch.Tensor | None,
-                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+        """This stage's layers (only those of ``chunk`` under interleaving; None: all of them)."""
         policy, rng = self.placement.recompute, self.placement.rng
         random = self.training and (self.cfg.dropout > 0 or self.cfg.attention_dropout > 0)
-        for position, layer in enumerate(self.layers):
+        layers = list(self.layers)
+        if chunk is not None and self.placement.virtual > 1:
+            # position counts from the chunk's first layer: recompute_layers=N recomputes the
+            # first N layers of every chunk, each chunk being a small stage of its own.
+            layers = [self.layers[i] for i in self.placement.chunk_layer_indices(self.cfg.layers, chunk)]
+        for position, layer in enumerate(layers):
             if policy.recomputes(position) and torch.is_grad_enabled():
                 x = recompute(layer, x, c, attn_mask, rng=rng, random=random)
             else:

@@ -62,14 +62,14 @@ def init_parallel(cfg: ParallelConfig, device_name: str, env: LaunchEnv) -> Para
                             f"{topo.world_size} (torchrun --nproc-per-node {topo.world_size}) or change parallel.*")
     device = pick_device(device_name, env.local_rank)
     if env.world_size == 1:
-        return ParallelState(topology=topo, device=device, timeout_s=cfg.timeout_s)
+        return ParallelState(topology=topo, device=device, timeout_s=cfg.timeout_s, virtual=cfg.virtual_stages)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=cfg.timeout_s))
-    return ParallelState.create(topo, device, cfg.timeout_s)
+    return ParallelState.create(topo, device, cfg.timeout_s, virtual=cfg.virtual_stages)
 
 
 def shutdown() -> None:

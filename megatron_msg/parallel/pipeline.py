@@ -180,7 +180,7 @@ class _P2P:
         return x.requires_grad_(self.requires_grad)
 
 
-def _backward(x: torch.Tensor | None, y: torch.Tensor, gy: torch.Tensor | None) -> torch.Tensor | None:
+def stage_backward(x: torch.Tensor | None, y: torch.Tensor, gy: torch.Tensor | None) -> torch.Tensor | None:
     """Backward of one micro-batch on this stage; returns the gradient for the previous stage."""
     if gy is None:  # last stage: y is the (already scaled) loss
         y.backward()
@@ -244,7 +244,7 @@ def run_pipeline(stage_fn: Callable[[int, torch.Tensor | None], torch.Tensor], n
         gy = p2p.send_forward_recv_backward(y)
         in_flight.append((x, y))
         old_x, old_y = in_flight.popleft()
-        gx = _backward(old_x, old_y, gy)
+        gx = stage_backward(old_x, old_y, gy)
         del old_x, old_y  # free this micro-batch's activations now, not at the next iteration
         if i == num_steady - 1:
             p2p.send_backward(gx)
@@ -255,7 +255,7 @@ def run_pipeline(stage_fn: Callable[[int, torch.Tensor | None], torch.Tensor], n
     while in_flight:
         gy = p2p.recv_backward()
         old_x, old_y = in_flight.popleft()
-        p2p.send_backward(_backward(old_x, old_y, gy))
+        p2p.send_backward(stage_backward(old_x, old_y, gy))
         del old_x, old_y
 
     return losses

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_msg.parallel.interleaved import run_scheduled_pipeline
 from megatron_msg.parallel.pipeline import PipeComm, run_pipeline
 from megatron_msg.parallel.topology import ParallelState
 
@@ -34,35 +35,48 @@ def my_micro_batches(grad_accum: int, ps: ParallelState) -> range:
     return range(ps.dp_rank * n, (ps.dp_rank + 1) * n)
 
 
-def forward_backward(stage_forward: Callable[[torch.Tensor | None, dict], torch.Tensor], ps: ParallelState, get_batch: Callable[[int], dict], micro_ids: range,
-                     scale: float, act_shape: tuple[int, ...], forward_only: bool = False,
-                     before_micro: Callable[[int], None] | None = None,
+def forward_backward(stage_forward: Callable[..., torch.Tensor], ps: ParallelState,
+                     get_batch: Callable[[int], dict], micro_ids: range, scale: float,
+                     act_shape: tuple[int, ...], forward_only: bool = False,
+                     before_micro: Callable[[int, int], None] | None = None,
                      autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                      act_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Run ``micro_ids`` through this rank's pipeline; return the replica's summed scaled loss.
 
-    ``stage_forward`` is the stage model's ``stage_forward`` (or a compiled version of it).
-    ``get_batch(micro)`` gives the micro-batch (every stage loads it: later stages need
-    the attention mask, the last one the labels); ``before_micro(micro)`` runs before
-    each forward (RNG seeding).  The returned loss is known on every stage of the
+    ``stage_forward(x, batch, chunk)`` is the stage model's ``stage_forward`` (or a compiled
+    version of it). ``get_batch(micro)`` gives the micro-batch (every stage loads it: later
+    stages need the attention mask, the last one the labels; with several chunks per stage it
+    is loaded once and shared by them). ``before_micro(micro, vstage)`` runs before each forward
+    of a chunk (RNG seeding); ``vstage`` is the virtual stage ``chunk * pp + pp_rank``, the
+    pipeline rank when there is one chunk. The returned loss is known on every stage of the
     pipeline (broadcast from the last), not yet summed over data-parallel replicas.
-    ``act_dtype``: the residual stream's dtype, sent between stages (the parameters'
-    dtype: fp32 under autocast from fp32 weights, bf16/fp16 with 16-bit parameters).
+    ``act_dtype``: the residual stream's dtype, sent between stages (the parameters' dtype:
+    fp32 under autocast from fp32 weights, bf16/fp16 with 16-bit parameters).
+    ``ps.vpp_size > 1`` runs interleaved 1F1B (parallel/interleaved.py), else plain 1F1B.
     """
     autocast = autocast or contextlib.nullcontext
+    virtual = ps.vpp_size
+    batches: dict[int, dict] = {}
 
-    def stage_fn(i: int, x: torch.Tensor | None) -> torch.Tensor:
+    def chunk_fn(i: int, chunk: int, x: torch.Tensor | None) -> torch.Tensor:
         micro = micro_ids[i]
         if before_micro is not None:
-            before_micro(micro)
+            before_micro(micro, chunk * ps.pp_size + ps.pp_rank)
+        if i not in batches:
+            batches[i] = get_batch(micro)
+        batch = batches[i] if chunk < virtual - 1 else batches.pop(i)  # the last chunk is its last use
         with autocast():
-            out = stage_forward(x, get_batch(micro))
-        return out * scale if ps.is_last_stage else out
+            out = stage_forward(x, batch, chunk) if virtual > 1 else stage_forward(x, batch)
+        return out * scale if ps.is_last_stage and chunk == virtual - 1 else out
 
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with ctx:
-        losses = run_pipeline(stage_fn, len(micro_ids), pipe_comm(ps), act_shape, act_dtype,
-                              ps.device, forward_only=forward_only)
+        if virtual > 1:
+            losses = run_scheduled_pipeline(chunk_fn, len(micro_ids), ps.pipeline_ranks(), ps.pp_rank, virtual,
+                                            act_shape, act_dtype, ps.device, forward_only=forward_only)
+        else:
+            losses = run_pipeline(lambda i, x: chunk_fn(i, 0, x), len(micro_ids), pipe_comm(ps), act_shape,
+                                  act_dtype, ps.device, forward_only=forward_only)
     total = torch.stack(losses).float().sum() if losses else torch.zeros((), device=ps.device)
     if ps.pp_size > 1:
         dist.all_reduce(total, group=ps.pp_group)  # only the last stage holds a non-zero value

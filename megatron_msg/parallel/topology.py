@@ -88,13 +88,17 @@ class ParallelState:
     mp_group: object = None
     embed_group: object = None  # first + last pipeline stage (tied embedding), pp > 1 only
     timeout_s: float = 1800.0   # every group's collective timeout (parallel.timeout_s)
+    # Model chunks per pipeline stage (parallel.virtual_stages, interleaved 1F1B); in effect
+    # only with pp > 1 (see vpp_size).
+    virtual: int = 1
 
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "ParallelState":
         return cls(device=torch.device(device))
 
     @classmethod
-    def create(cls, topology: Topology, device: torch.device | str, timeout_s: float = 1800.0) -> "ParallelState":
+    def create(cls, topology: Topology, device: torch.device | str, timeout_s: float = 1800.0,
+               virtual: int = 1) -> "ParallelState":
         """Build every process group of ``topology`` (torch.distributed must be initialised), each
         with collectives that fail after ``timeout_s`` seconds."""
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -102,10 +106,10 @@ class ParallelState:
             raise TopologyError(f"world size {world} != parallel.tp * pp * dp = {topology.tp} * "
                                 f"{topology.pp} * {topology.dp} = {topology.world_size}")
         if world == 1:
-            return cls(topology=topology, device=torch.device(device), timeout_s=timeout_s)
+            return cls(topology=topology, device=torch.device(device), timeout_s=timeout_s, virtual=virtual)
         rank = dist.get_rank()
         t = topology
-        state = cls(topology=t, rank=rank, device=torch.device(device), timeout_s=timeout_s)
+        state = cls(topology=t, rank=rank, device=torch.device(device), timeout_s=timeout_s, virtual=virtual)
         state.tp_group = _new_groups(t.tp_groups(), rank, timeout_s)
         state.pp_group = _new_groups(t.pp_groups(), rank, timeout_s)
         state.dp_group = _new_groups(t.dp_groups(), rank, timeout_s)
@@ -134,6 +138,16 @@ class ParallelState:
     @property
     def pp_rank(self) -> int:
         return self.coords.pp
+
+    @property
+    def vpp_size(self) -> int:
+        """Model chunks per pipeline stage: ``virtual`` under pipeline parallelism, else 1."""
+        return self.virtual if self.topology.pp > 1 else 1
+
+    def pipeline_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline, stage 0 first."""
+        c, t = self.coords, self.topology
+        return [t.rank_of(c.tp, s, c.dp) for s in range(t.pp)]
 
     @property
     def dp_size(self) -> int:

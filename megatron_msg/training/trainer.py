@@ -154,7 +154,9 @@ class Trainer:
                  resume_from: str | Path | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir or cfg.train.out_dir)
-        self.ps = parallel or ParallelState.single(resolve_device(cfg.train.device))
+        ps = parallel or ParallelState.single(resolve_device(cfg.train.device))
+        # The chunks per stage come from the config, whoever built the groups.
+        self.ps = dataclasses.replace(ps, virtual=cfg.parallel.virtual_stages)
         self.device = self.ps.device
         self.is_main = self.ps.rank == 0  # logs, writes checkpoints and plots
         self.stages: list[ResolvedStage] = cfg.resolved_stages()
@@ -277,7 +279,7 @@ class Trainer:
         old = self.ps
         topo = Topology(*layout)
         if topo != self.ps.topology:
-            self.ps = ParallelState.create(topo, self.device, self.ps.timeout_s)
+            self.ps = ParallelState.create(topo, self.device, self.ps.timeout_s, virtual=self.ps.virtual)
             self.placement = placement_for(self.ps, self.rng, self.cfg.parallel.sequence_parallel, self.recompute)
         return old
 
@@ -424,7 +426,7 @@ class Trainer:
             self.stage_forward, ps, lambda m: self._to_device(get_batch(m)), micro_ids, scale,
             self.model.activation_shape(batch_size, self.cfg.model.seq_len),
             forward_only=forward_only, autocast=self._autocast, act_dtype=self.params_dtype,
-            before_micro=lambda m: self.rng.seed_micro_batch(seed, step, m, ps.pp_rank, ps.tp_rank))
+            before_micro=lambda m, stage: self.rng.seed_micro_batch(seed, step, m, stage, ps.tp_rank))
         if after_backward is not None:
             after_backward()
         if ps.dp_size > 1:
