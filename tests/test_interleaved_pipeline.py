@@ -14,9 +14,9 @@ from megatron_msg.parallel.interleaved import run_scheduled_pipeline
 from megatron_msg.parallel.schedule import (Op, bubble, interleaved_1f1b, one_f_one_b, orders, simulate,
                                             virtual_stage)
 from tests.dist_harness import run_distributed
-from tests.test_pipeline_schedule import expected_order
+from tests.test_pipeline_schedule import BATCH, DIM, expected_order, make_blocks, make_data, reference, run_blocks
 
-NUM_BLOCKS, DIM, BATCH = 8, 8, 3
+NUM_BLOCKS = 8  # divisible by every stages x chunks below
 TIMEOUT = 120.0
 
 
@@ -88,35 +88,9 @@ def test_interleaving_needs_micro_batches_in_groups_of_p():
 
 # ------------------------------------------------------------------ the executor on gloo ranks
 
-def make_blocks() -> torch.nn.ModuleList:
-    torch.manual_seed(1234)
-    return torch.nn.ModuleList(torch.nn.Linear(DIM, DIM) for _ in range(NUM_BLOCKS))
-
-
-def make_data(num_micro: int, replica: int):
-    g = torch.Generator().manual_seed(100 + replica)
-    return [(torch.randn(BATCH, DIM, generator=g), torch.randn(BATCH, DIM, generator=g)) for _ in range(num_micro)]
-
-
-def run_blocks(blocks, h):
-    for blk in blocks:
-        h = torch.tanh(blk(h))
-    return h
-
-
-def reference(num_micro: int, replica: int = 0):
-    blocks = make_blocks()
-    losses = []
-    for x, t in make_data(num_micro, replica):
-        loss = F.mse_loss(run_blocks(blocks, x), t) / num_micro
-        loss.backward()
-        losses.append(loss.detach())
-    return losses, {n: p.grad.clone() for n, p in blocks.named_parameters()}
-
-
 def interleaved_worker(rank: int, world_size: int, p: int, v: int, num_micro: int, forward_only: bool):
     replica, stage = divmod(rank, p)
-    blocks, data = make_blocks(), make_data(num_micro, replica)
+    blocks, data = make_blocks(NUM_BLOCKS), make_data(num_micro, replica)
     per = NUM_BLOCKS // (p * v)
     chunk_blocks = {c: list(range(virtual_stage(c, stage, p) * per, (virtual_stage(c, stage, p) + 1) * per))
                     for c in range(v)}
@@ -140,7 +114,7 @@ def interleaved_worker(rank: int, world_size: int, p: int, v: int, num_micro: in
 
 def check(results, p: int, v: int, num_micro: int, forward_only: bool = False):
     for replica in range(len(results) // p):
-        ref_losses, ref_grads = reference(num_micro, replica)
+        ref_losses, ref_grads = reference(num_micro, replica, NUM_BLOCKS)
         ranks = results[replica * p:(replica + 1) * p]
         assert all(r["losses"] == [] for r in ranks[:-1])
         # Same fp32 ops in the same order as the plain loop: bit for bit.
@@ -172,3 +146,33 @@ def test_two_interleaved_pipelines_side_by_side():
 @pytest.mark.parametrize("p,v,m", [(2, 2, 3), (4, 2, 1)])
 def test_forward_only_any_number_of_micro_batches(p, v, m):
     check(run_distributed(interleaved_worker, p, (p, v, m, True), timeout=TIMEOUT), p, v, m, forward_only=True)
+
+
+# ------------------------------------------------------------------ msg-bench pipeline
+
+def test_msg_bench_pipeline_report(tmp_path):
+    import json
+    from megatron_msg.parallel.pipeline_bench import run_pipeline_bench
+    report = run_pipeline_bench(str(tmp_path), stages=2, virtuals=(1, 2), micro_batches=(2,), repeats=1)
+    saved = json.loads((tmp_path / "pipeline.json").read_text())
+    assert saved["schedule"] == report["schedule"] and len(saved["measured"]) == 2
+    plain = {(r["stages"], r["micro_batches"]): r["bubble"] for r in saved["schedule"] if r["virtual"] == 1}
+    for r in saved["schedule"]:
+        assert r["bubble"] == pytest.approx((r["stages"] - 1) / (r["virtual"] * r["micro_batches"]))
+        assert r["bubble"] <= plain[(r["stages"], r["micro_batches"])]
+    for r in saved["measured"]:
+        assert r["step_s"] > 0 and r["alone_s"] > 0 and r["schedule_bubble"] == pytest.approx(0.5 / r["virtual"])
+    md = (tmp_path / "pipeline.md").read_text()
+    assert "## Pipeline bubble, from the schedule" in md and "## Measured: 2 ranks" in md
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--micro-batches", "3"], "interleaved 1F1B needs multiples of --stages 2"),
+    (["--device", "cuda", "--stages", "64"], "needs 64 GPUs"),
+])
+def test_msg_bench_pipeline_bad_arguments_exit_2(args, message, capsys, tmp_path):
+    from megatron_msg.cli.bench import main
+    with pytest.raises(SystemExit) as exc:
+        main(["pipeline", "--out", str(tmp_path), *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "pipeline.json").exists()

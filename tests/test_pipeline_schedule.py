@@ -19,9 +19,9 @@ TIMEOUT = 120.0
 TOL = dict(rtol=1e-6, atol=1e-7)  # same fp32 ops in the same order: should be (near) exact
 
 
-def make_blocks() -> torch.nn.ModuleList:
+def make_blocks(num_blocks: int = NUM_BLOCKS) -> torch.nn.ModuleList:
     torch.manual_seed(1234)
-    return torch.nn.ModuleList(torch.nn.Linear(DIM, DIM) for _ in range(NUM_BLOCKS))
+    return torch.nn.ModuleList(torch.nn.Linear(DIM, DIM) for _ in range(num_blocks))
 
 
 def make_data(num_micro: int, replica: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -36,9 +36,9 @@ def run_blocks(blocks, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def reference(num_micro: int, replica: int = 0):
+def reference(num_micro: int, replica: int = 0, num_blocks: int = NUM_BLOCKS):
     """Losses and per-parameter grads of a plain grad-accumulation loop over the whole stack."""
-    blocks = make_blocks()
+    blocks = make_blocks(num_blocks)
     losses = []
     for x, t in make_data(num_micro, replica):
         loss = F.mse_loss(run_blocks(blocks, x), t) / num_micro

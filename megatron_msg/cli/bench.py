@@ -5,7 +5,7 @@
     msg-bench mask-overhead [--out DIR] [--batch 16] [--steps 20] [--windows 5] [--compile]
     msg-bench optimizer [--out DIR] [--hidden 256] [--layers 12] [--device cpu]
     msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
-    msg-bench pipeline [--out DIR] [--stages 2] [--virtual 1,2,4] [--micro-batches 2,4,8] [--schedule-only]
+    msg-bench pipeline [--out DIR] [--stages 2] [--virtual 1,2,4] [--micro-batches 2,4,8] [--device cpu|cuda]
     msg-bench growth [--out DIR] [--size tiny|small|gpu] [--corpus FILE.jsonl] [--tokenizer-vocab N] [--seeds N]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
@@ -137,13 +137,15 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", default="2,4,8", help="comma-separated micro-batches per step to measure")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per case (median)")
     p.add_argument("--schedule-only", action="store_true", help="only the table from the schedule")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: gloo ranks; cuda: NCCL ranks, one GPU each (needs --stages GPUs)")
 
 
 def _pipeline_run(a: argparse.Namespace) -> None:
     from megatron_msg.parallel.pipeline_bench import run_pipeline_bench
     try:
         run_pipeline_bench(a.out, a.stages, _widths(a.virtual), _widths(a.micro_batches), a.repeats,
-                           measure_steps=not a.schedule_only)
+                           measure_steps=not a.schedule_only, device_type=a.device)
     except ValueError as exc:
         print(f"msg-bench pipeline: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -53,33 +53,44 @@ def _run(blocks, h):
     return h
 
 
-def _timed(f, repeats: int, barrier) -> float:
+def _timed(f, repeats: int, sync) -> float:
     """Median seconds of ``f`` over ``repeats`` runs, each ending when the slowest rank ends."""
     f()  # warm-up
     samples = []
     for _ in range(repeats):
-        barrier()
+        sync()
         t0 = time.perf_counter()
         f()
-        barrier()
+        sync()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
 
-def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repeats: int, out: str) -> None:
+def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repeats: int, out: str,
+            device_type: str) -> None:
     import torch.distributed as dist
     from megatron_msg.parallel.interleaved import run_scheduled_pipeline
     from megatron_msg.parallel.pipeline import PipeComm, run_pipeline
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    blocks = _blocks()
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{tmp}/rendezvous",
+                            rank=rank, world_size=world)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier()
+
+    blocks = _blocks().to(device)
     results = []
     for v, m in cases:
         per = BLOCKS // (world * v)
         chunk = {c: [blocks[i] for i in range(virtual_stage(c, rank, world) * per,
                                                (virtual_stage(c, rank, world) + 1) * per)] for c in range(v)}
         g = torch.Generator().manual_seed(1)
-        data = [torch.randn(BATCH, DIM, generator=g) for _ in range(m)]
+        data = [torch.randn(BATCH, DIM, generator=g).to(device) for _ in range(m)]
         last = world * v - 1
 
         def fn(i, c, x):
@@ -96,13 +107,12 @@ def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repea
         def step():
             if v == 1:
                 run_pipeline(lambda i, x: fn(i, 0, x), m, PipeComm.from_ranks(range(world), rank),
-                             (BATCH, DIM), torch.float32, torch.device("cpu"))
+                             (BATCH, DIM), torch.float32, device)
             else:
-                run_scheduled_pipeline(fn, m, range(world), rank, v, (BATCH, DIM), torch.float32,
-                                       torch.device("cpu"))
+                run_scheduled_pipeline(fn, m, range(world), rank, v, (BATCH, DIM), torch.float32, device)
 
-        results.append({"virtual": v, "micro_batches": m, "alone_s": _timed(alone, repeats, dist.barrier),
-                         "step_s": _timed(step, repeats, dist.barrier)})
+        results.append({"virtual": v, "micro_batches": m, "alone_s": _timed(alone, repeats, sync),
+                         "step_s": _timed(step, repeats, sync)})
         for b in blocks:
             b.zero_grad(set_to_none=True)
     if rank == 0:
@@ -110,12 +120,13 @@ def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repea
     dist.destroy_process_group()
 
 
-def measure(stages: int, virtuals, micro_batches, repeats: int) -> list[dict]:
+def measure(stages: int, virtuals, micro_batches, repeats: int, device_type: str = "cpu") -> list[dict]:
     import torch.multiprocessing as mp
     cases = [(v, m) for m in micro_batches for v in virtuals]
     with tempfile.TemporaryDirectory(prefix="msg-pipe-") as tmp:
         out = f"{tmp}/rank0.json"
-        mp.start_processes(_worker, args=(stages, tmp, cases, repeats, out), nprocs=stages, start_method="spawn")
+        mp.start_processes(_worker, args=(stages, tmp, cases, repeats, out, device_type), nprocs=stages,
+                           start_method="spawn")
         rows = json.loads(Path(out).read_text())
     base = {r["micro_batches"]: r["step_s"] for r in rows if r["virtual"] == 1}
     # Every v does the same compute for a given m (chunking only regroups the blocks): the
@@ -128,7 +139,7 @@ def measure(stages: int, virtuals, micro_batches, repeats: int) -> list[dict]:
     return rows
 
 
-def render(schedule: list[dict], measured: list[dict], stages: int) -> str:
+def render(schedule: list[dict], measured: list[dict], stages: int, device_type: str = "cpu") -> str:
     lines = ["## Pipeline bubble, from the schedule (backward = 2 forwards, free transfers)", "",
              "| p | m | v | bubble (idle / compute) | (p-1)/(v m) | idle share | first-stage activations vs plain |",
              "|---|---|---|---|---|---|---|"]
@@ -137,7 +148,9 @@ def render(schedule: list[dict], measured: list[dict], stages: int) -> str:
         lines.append(f"| {p} | {m} | {v} | {r['bubble']:.3f} | {(p - 1) / (v * m):.3f} | "
                      f"{r['idle_fraction']:.1%} | {r['activation_peak_vs_plain']:.3f}x |")
     if measured:
-        lines += ["", f"## Measured: {stages} ranks, {BLOCKS} blocks Linear({DIM})+tanh, micro-batch {BATCH}", "",
+        where = "gloo, one CPU thread each" if device_type == "cpu" else "NCCL, one GPU each"
+        lines += ["", f"## Measured: {stages} ranks ({where}), {BLOCKS} blocks Linear({DIM})+tanh, "
+                      f"micro-batch {BATCH}", "",
                   "| m | v | step ms | compute alone ms | measured bubble | schedule bubble | speed-up vs v=1 |",
                   "|---|---|---|---|---|---|---|"]
         for r in measured:
@@ -149,7 +162,12 @@ def render(schedule: list[dict], measured: list[dict], stages: int) -> str:
 
 
 def run_pipeline_bench(out_dir: str, stages: int = 2, virtuals=(1, 2, 4), micro_batches=(2, 4, 8),
-                       repeats: int = 7, measure_steps: bool = True) -> dict:
+                       repeats: int = 7, measure_steps: bool = True, device_type: str = "cpu") -> dict:
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device_type!r}: cpu or cuda")
+    if measure_steps and device_type == "cuda" and torch.cuda.device_count() < stages:
+        raise ValueError(f"--device cuda with --stages {stages} needs {stages} GPUs (one per pipeline rank; "
+                         f"NCCL refuses two ranks on one GPU), this machine has {torch.cuda.device_count()}")
     if stages < 2 or BLOCKS % (stages * max(virtuals)):
         raise ValueError(f"--stages {stages} with virtual {max(virtuals)}: need >= 2 stages and "
                          f"{BLOCKS} blocks divisible by stages x virtual")
@@ -157,14 +175,14 @@ def run_pipeline_bench(out_dir: str, stages: int = 2, virtuals=(1, 2, 4), micro_
     if bad:
         raise ValueError(f"--micro-batches {bad}: interleaved 1F1B needs multiples of --stages {stages}")
     sched = schedule_rows()
-    measured = measure(stages, virtuals, micro_batches, repeats) if measure_steps else []
-    report = {"date": date.today().isoformat(), "device": "cpu", "torch": torch.__version__,
+    measured = measure(stages, virtuals, micro_batches, repeats, device_type) if measure_steps else []
+    report = {"date": date.today().isoformat(), "device": device_type, "torch": torch.__version__,
               "schedule": sched, "measured": measured, "stages": stages}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
     atomic_write_json(str(out / "pipeline.json"), report)
-    text = render(sched, measured, stages)
+    text = render(sched, measured, stages, device_type)
     atomic_write_bytes(str(out / "pipeline.md"), text.encode())
     print(text)
     return report
