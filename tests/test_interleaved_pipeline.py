@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_msg.model.placement import Placement
 from megatron_msg.parallel.interleaved import run_scheduled_pipeline
 from megatron_msg.parallel.schedule import (Op, bubble, interleaved_1f1b, one_f_one_b, orders, simulate,
                                             virtual_stage)
@@ -91,9 +92,8 @@ def test_interleaving_needs_micro_batches_in_groups_of_p():
 def interleaved_worker(rank: int, world_size: int, p: int, v: int, num_micro: int, forward_only: bool):
     replica, stage = divmod(rank, p)
     blocks, data = make_blocks(NUM_BLOCKS), make_data(num_micro, replica)
-    per = NUM_BLOCKS // (p * v)
-    chunk_blocks = {c: list(range(virtual_stage(c, stage, p) * per, (virtual_stage(c, stage, p) + 1) * per))
-                    for c in range(v)}
+    placement = Placement(stage=stage, stages=p, virtual=v)
+    chunk_blocks = {c: list(placement.chunk_layer_indices(NUM_BLOCKS, c)) for c in range(v)}
     order: list[str] = []
 
     def stage_fn(micro: int, chunk: int, x):

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_msg.parallel.pipeline import stage_backward
+from megatron_msg.parallel.pipeline import PipeComm, run_pipeline, stage_backward
 from megatron_msg.parallel.schedule import Op, rank_and_chunk, simulated, virtual_stage
 
 
@@ -141,3 +141,19 @@ def run_scheduled_pipeline(stage_fn: Callable[[int, int, torch.Tensor | None], t
         raise AssertionError(f"pipeline stage {stage}: schedule left {len(received)} transfers and "
                              f"{len(in_flight)} activations unused")
     return [losses[m] for m in sorted(losses)]
+
+
+def run_chunked_pipeline(chunk_fn: Callable[[int, int, torch.Tensor | None], torch.Tensor], num_micro: int,
+                         pipeline_ranks: Sequence[int], stage: int, virtual: int, act_shape: tuple[int, ...],
+                         act_dtype: torch.dtype, device: torch.device,
+                         forward_only: bool = False) -> list[torch.Tensor]:
+    """``chunk_fn`` through plain 1F1B (pipeline.py) with one chunk per stage, else interleaved 1F1B.
+
+    Same contract as :func:`run_scheduled_pipeline`; with ``virtual == 1`` the chunk is always 0.
+    """
+    if virtual > 1:
+        return run_scheduled_pipeline(chunk_fn, num_micro, pipeline_ranks, stage, virtual, act_shape, act_dtype,
+                                      device, forward_only=forward_only)
+    return run_pipeline(lambda i, x: chunk_fn(i, 0, x), num_micro,
+                        PipeComm.from_ranks(pipeline_ranks, pipeline_ranks[stage]), act_shape, act_dtype, device,
+                        forward_only=forward_only)

@@ -69,8 +69,8 @@ def _timed(f, repeats: int, sync) -> float:
 def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repeats: int, out: str,
             device_type: str) -> None:
     import torch.distributed as dist
-    from megatron_msg.parallel.interleaved import run_scheduled_pipeline
-    from megatron_msg.parallel.pipeline import PipeComm, run_pipeline
+    from megatron_msg.model.placement import Placement
+    from megatron_msg.parallel.interleaved import run_chunked_pipeline
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -86,9 +86,8 @@ def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repea
     blocks = _blocks().to(device)
     results = []
     for v, m in cases:
-        per = BLOCKS // (world * v)
-        chunk = {c: [blocks[i] for i in range(virtual_stage(c, rank, world) * per,
-                                               (virtual_stage(c, rank, world) + 1) * per)] for c in range(v)}
+        placement = Placement(stage=rank, stages=world, virtual=v)
+        chunk = {c: [blocks[i] for i in placement.chunk_layer_indices(BLOCKS, c)] for c in range(v)}
         g = torch.Generator().manual_seed(1)
         data = [torch.randn(BATCH, DIM, generator=g).to(device) for _ in range(m)]
         last = world * v - 1
@@ -105,11 +104,7 @@ def _worker(rank: int, world: int, tmp: str, cases: list[tuple[int, int]], repea
                     _run(chunk[c], x).square().mean().backward()
 
         def step():
-            if v == 1:
-                run_pipeline(lambda i, x: fn(i, 0, x), m, PipeComm.from_ranks(range(world), rank),
-                             (BATCH, DIM), torch.float32, device)
-            else:
-                run_scheduled_pipeline(fn, m, range(world), rank, v, (BATCH, DIM), torch.float32, device)
+            run_chunked_pipeline(fn, m, range(world), rank, v, (BATCH, DIM), torch.float32, device)
 
         results.append({"virtual": v, "micro_batches": m, "alone_s": _timed(alone, repeats, sync),
                          "step_s": _timed(step, repeats, sync)})

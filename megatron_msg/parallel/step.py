@@ -17,14 +17,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_msg.parallel.interleaved import run_scheduled_pipeline
-from megatron_msg.parallel.pipeline import PipeComm, run_pipeline
+from megatron_msg.parallel.interleaved import run_chunked_pipeline
 from megatron_msg.parallel.topology import ParallelState
-
-
-def pipe_comm(ps: ParallelState) -> PipeComm:
-    prev, nxt = ps.stage_neighbours()
-    return PipeComm(prev, nxt, stage=ps.pp_rank, num_stages=ps.pp_size)
 
 
 def my_micro_batches(grad_accum: int, ps: ParallelState) -> range:
@@ -71,12 +65,8 @@ def forward_backward(stage_forward: Callable[..., torch.Tensor], ps: ParallelSta
 
     ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     with ctx:
-        if virtual > 1:
-            losses = run_scheduled_pipeline(chunk_fn, len(micro_ids), ps.pipeline_ranks(), ps.pp_rank, virtual,
-                                            act_shape, act_dtype, ps.device, forward_only=forward_only)
-        else:
-            losses = run_pipeline(lambda i, x: chunk_fn(i, 0, x), len(micro_ids), pipe_comm(ps), act_shape,
-                                  act_dtype, ps.device, forward_only=forward_only)
+        losses = run_chunked_pipeline(chunk_fn, len(micro_ids), ps.pipeline_ranks(), ps.pp_rank, virtual,
+                                      act_shape, act_dtype, ps.device, forward_only=forward_only)
     total = torch.stack(losses).float().sum() if losses else torch.zeros((), device=ps.device)
     if ps.pp_size > 1:
         dist.all_reduce(total, group=ps.pp_group)  # only the last stage holds a non-zero value

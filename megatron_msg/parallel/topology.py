@@ -164,10 +164,3 @@ class ParallelState:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.topology.pp - 1
-
-    def stage_neighbours(self) -> tuple[int | None, int | None]:
-        """Global ranks of the previous and next pipeline stage (None at the ends)."""
-        c, t = self.coords, self.topology
-        prev = None if self.is_first_stage else t.rank_of(c.tp, c.pp - 1, c.dp)
-        nxt = None if self.is_last_stage else t.rank_of(c.tp, c.pp + 1, c.dp)
-        return prev, nxt
