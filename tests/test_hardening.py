@@ -102,6 +102,21 @@ def test_a_config_error_is_reported_once_per_launch(tmp_path):
     assert err.count("msg-train: config error: growth.stages[0].hidden") == 1, err[-2000:]
 
 
+def test_a_config_error_only_one_rank_sees_is_reported_by_that_rank(tmp_path, capsys):
+    """Rank 0 may not share the failure (a file missing on another node): the rank waits out the grace
+    period that lets rank 0 speak for the launch, then names itself, and never exits silently."""
+    import argparse
+    from megatron_msg.cli.train import _load_config_on_rank
+    args = argparse.Namespace(config=None, overrides=[f"data.path={tmp_path}/missing.jsonl"])
+    started = time.monotonic()
+    assert _load_config_on_rank(args, rank=3, grace_s=0.2) is None
+    assert time.monotonic() - started >= 0.2
+    err = capsys.readouterr().err
+    assert err.startswith("msg-train: rank 3: config error: data.path: no such file") and err.count("\n") == 1
+    assert _load_config_on_rank(args, rank=0) is None  # rank 0 reports at once, without a rank
+    assert capsys.readouterr().err.startswith("msg-train: config error: data.path: no such file")
+
+
 def test_timeout_s_is_validated():
     with pytest.raises(ConfigError, match=r"^parallel.timeout_s: must be > 0 seconds"):
         load_config(None, ["parallel.timeout_s=0"])

@@ -27,15 +27,12 @@ def add_config_arguments(ap: argparse.ArgumentParser, optional: bool = True) -> 
                     help="override a config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
 
 
-def load_cli_config(prog: str, args: argparse.Namespace, check_files: bool = True,
-                    quiet: bool = False) -> RunConfig | None:
+def load_cli_config(prog: str, args: argparse.Namespace, check_files: bool = True) -> RunConfig | None:
     """The validated config, or None after printing ``prog: config error: ...`` (exit code 2).
 
-    ``check_files=False``: the data and tokenizer files need not exist yet (msg-plan).
-    ``quiet``: print nothing (every rank but 0 of a launch reads the same config)."""
+    ``check_files=False``: the data and tokenizer files need not exist yet (msg-plan)."""
     try:
         return load_config(resolve_config_path(args.config), args.overrides, check_files=check_files)
     except ConfigError as exc:
-        if not quiet:
-            print(f"{prog}: config error: {exc}", file=sys.stderr)
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
         return None

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from megatron_msg.cli.config_args import add_config_arguments, load_cli_config
-from megatron_msg.config import ConfigError
+from megatron_msg.cli.config_args import add_config_arguments, load_cli_config, resolve_config_path
+from megatron_msg.config import ConfigError, load_config
 
 def _batch(micro: int, accum: int, seq_len: int) -> str:
     tokens = micro * accum * seq_len
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"msg-train: launch error: {exc}", file=sys.stderr)
         return 2
     main_rank = env.rank == 0
-    # Every rank reads the same config: one of them says what is wrong with it.
-    cfg = load_cli_config("msg-train", args, quiet=not main_rank)
+    cfg = _load_config_on_rank(args, env.rank)
     if cfg is None:
         return 2
     if main_rank:
@@ -99,6 +99,28 @@ def main(argv: list[str] | None = None) -> int:
         return _train(cfg, args, ps, env.rank)
     finally:
         shutdown()
+
+
+# How long a rank other than 0 waits before it reports a config error of its own.  torchrun stops every
+# worker as soon as one exits, so a rank that exits at once can cut rank 0 off before it prints.
+CONFIG_ERROR_GRACE_S = 10.0
+
+
+def _load_config_on_rank(args, rank: int, grace_s: float = CONFIG_ERROR_GRACE_S):
+    """The validated config, or None after the error was reported.
+
+    Every rank reads the same config, so a bad one fails the same way everywhere: rank 0 says so once
+    for the launch and exits, and the launcher stops the others while they wait out ``grace_s``.  A
+    rank that is still running after that reports its own error, named by rank: the failure was then
+    its alone (a file missing on its node), and it must not exit silently."""
+    if rank == 0:
+        return load_cli_config("msg-train", args)
+    try:
+        return load_config(resolve_config_path(args.config), args.overrides)
+    except ConfigError as exc:
+        time.sleep(grace_s)
+        print(f"msg-train: rank {rank}: config error: {exc}", file=sys.stderr, flush=True)
+        return None
 
 
 def _train(cfg, args, ps, rank: int) -> int:
