@@ -150,10 +150,11 @@ class GrowthStage:
     """One growth event: at ``at_step`` the model grows to the given shape.
 
     Dimensions left out keep the previous stage's value; options left out take
-    ``growth.defaults``.
+    ``growth.defaults``.  ``at_step: auto``: the trainer decides the step from the run's own
+    measurements (growth.auto, growth/auto_timing.py).
     """
 
-    at_step: int
+    at_step: int | str
     hidden: int | None = None
     ffn: int | None = None
     heads: int | None = None
@@ -193,10 +194,32 @@ class GrowthOptions:
     rewind_lr: bool = False
 
 
+AUTO = "auto"  # growth.stages[i].at_step: decided by the trainer
+TIMINGS = ("fixed", AUTO)
+
+
+@dataclass
+class AutoTimingConfig:
+    """Self-adaptive growth timing (``at_step: auto``; the rule: growth/auto_timing.py, docs/growth.md).
+
+    Omitted values scale with ``train.steps``, so one setting serves any budget and corpus."""
+
+    check_every: int | None = None  # steps between growth checks (default: train.steps // 24)
+    probe_steps: int | None = None  # the lookahead a check trains the grown model for (default: check_every // 2)
+    # Every stage still to come keeps this fraction of train.steps: stage k of n grows at the
+    # latest at steps * (1 - (n - k) * reserve), whatever the measurements say.
+    reserve: float = 0.125
+    eval_iters: int | None = None   # validation batches per probe loss (default: train.eval_iters)
+
+
 @dataclass
 class GrowthConfig:
     defaults: GrowthOptions = field(default_factory=GrowthOptions)
     stages: list[GrowthStage] = field(default_factory=list)
+    # fixed: every stage at its at_step; auto: every stage of growth.schedule at a step the trainer
+    # decides (hand-listed stages say at_step: auto one by one).
+    timing: str = "fixed"
+    auto: AutoTimingConfig = field(default_factory=AutoTimingConfig)
     # sch1 | sch0: make the stages from the target shape (model.*) and train.steps by the MSG
     # paper's rules (named_schedules.py); model.* then becomes the start shape.  Expanded when
     # the config is built, so a run records (and resumes) the stages it made.
@@ -210,7 +233,7 @@ class ResolvedStage:
     """A growth stage with every option filled in: what the trainer executes."""
 
     index: int
-    at_step: int
+    at_step: int | None  # None: at_step auto, not decided yet (the trainer decides it)
     shape: Shape
     operator: str
     init: str
@@ -226,6 +249,7 @@ class ResolvedStage:
     warmup_steps: int = 0  # of the LR segment this stage starts (when rewind_lr)
     batch_size: int = 16
     grad_accum: int = 1
+    auto: bool = False  # at_step: auto (decided or not)
 
     @property
     def uses_masks(self) -> bool:
@@ -351,8 +375,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def resolved_stages(self) -> list[ResolvedStage]:
-        return resolve_stages(self)
+    def resolved_stages(self, decided: dict[int, int] | None = None) -> list[ResolvedStage]:
+        return resolve_stages(self, decided)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -590,8 +614,9 @@ def expand_named_schedule(cfg: RunConfig) -> RunConfig:
     cfg.model = dataclasses.replace(m, hidden=start.hidden, ffn=start.ffn, heads=start.heads, layers=start.layers)
     cfg.growth = dataclasses.replace(g, schedule=None, generated_from=(
         f"{g.schedule} from {Shape(m.hidden, m.ffn, m.heads, m.layers)} in {cfg.train.steps} steps"), stages=[
-        GrowthStage(at_step=st.at_step, hidden=st.dims.hidden, ffn=st.dims.ffn, heads=st.dims.heads,
-                    layers=st.dims.layers, phi=made.phi, rewind_lr=st.rewind_lr) for st in made.stages])
+        GrowthStage(at_step=AUTO if g.timing == AUTO else st.at_step, hidden=st.dims.hidden, ffn=st.dims.ffn,
+                    heads=st.dims.heads, layers=st.dims.layers, phi=made.phi, rewind_lr=st.rewind_lr)
+        for st in made.stages])
     return cfg
 
 
@@ -615,8 +640,12 @@ def _choice(value: str, choices: tuple, path: str) -> None:
     _check(value in choices, path, f"{value!r} is not one of {', '.join(choices)}")
 
 
-def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
-    """Fill every stage's shape and options from the previous stage and the defaults."""
+def resolve_stages(cfg: RunConfig, decided: dict[int, int] | None = None) -> list[ResolvedStage]:
+    """Fill every stage's shape and options from the previous stage and the defaults.
+
+    ``decided``: the steps the trainer chose for ``at_step: auto`` stages so far (stage index ->
+    step); an auto stage not in it resolves with ``at_step=None``."""
+    decided = decided or {}
     d = cfg.growth.defaults
     prev = cfg.model.shape
     layout = cfg.parallel.layout
@@ -632,11 +661,13 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
         settings.update({n: getattr(s, n) for n in settings if getattr(s, n) is not None})
         new_segment = any(getattr(s, n) is not None for n in LR_STAGE_FIELDS)
         warmup = s.warmup_steps if s.warmup_steps is not None else cfg.lr.rewind_warmup_steps
-        out.append(ResolvedStage(index=i, at_step=s.at_step, shape=shape, operator=pick("operator"),
+        auto = s.at_step == AUTO
+        at_step = decided.get(i) if auto else s.at_step
+        out.append(ResolvedStage(index=i, at_step=at_step, shape=shape, operator=pick("operator"),
                                  init=pick("init"), init_std=pick("init_std"), phi=pick("phi"),
                                  depth_placement=pick("depth_placement"), depth_init=pick("depth_init"),
                                  rewind_lr=bool(pick("rewind_lr")) or new_segment, layout=layout,
-                                 warmup_steps=warmup, **settings))
+                                 warmup_steps=warmup, auto=auto, **settings))
         prev = shape
     return out
 
@@ -719,7 +750,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
                f"a warm-up of {lr.rewind_warmup_steps} steps from the rewind at step {r} (lr.rewind_at) does not "
                f"end before {'the next rewind at step ' + str(end) if end < t.steps else 'train.steps=' + str(end)}")
     stages = resolve_stages(cfg)
-    first_rewind = next((s.at_step for s in stages if s.rewind_lr), None)
+    _validate_timing(cfg, stages)
+    first_rewind = next((s.at_step for s in stages if s.rewind_lr and not s.auto), None)
     if first_rewind is not None:
         _check(lr.warmup_steps < first_rewind, "lr.warmup_steps",
                f"{lr.warmup_steps} does not end before the first LR rewind at step {first_rewind}")
@@ -733,9 +765,10 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     for st in stages:
         path = f"growth.stages[{st.index}]"
         _validate_options(st.operator, st.init, st.init_std, st.phi, st.depth_placement, st.depth_init, path)
-        _check(st.at_step >= 1, f"{path}.at_step", "must be >= 1 (the model at step 0 is model.*)")
-        _check(st.at_step < t.steps, f"{path}.at_step", f"{st.at_step} is not before train.steps={t.steps}")
-        if prev is not None:
+        if not st.auto:
+            _check(st.at_step >= 1, f"{path}.at_step", "must be >= 1 (the model at step 0 is model.*)")
+            _check(st.at_step < t.steps, f"{path}.at_step", f"{st.at_step} is not before train.steps={t.steps}")
+        if prev is not None and not st.auto:
             _check(st.at_step > prev.at_step, f"{path}.at_step",
                    f"{st.at_step} is not after stage {prev.index}'s at_step={prev.at_step} (stages must be in order)")
             if prev.uses_masks:
@@ -938,14 +971,54 @@ def _validate_stage_settings(cfg: RunConfig, st: ResolvedStage, stages: list[Res
     _check(st.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {st.warmup_steps}")
     for name in ("batch_size", "grad_accum"):
         _check(getattr(st, name) >= 1, f"{path}.{name}", f"must be >= 1, got {getattr(st, name)}")
-    if st.rewind_lr:
+    if st.rewind_lr and not st.auto:  # an auto stage's warm-up is checked when its step is decided
         # The segment's warm-up must end before the next segment starts (or the run ends).
-        later = [s.at_step for s in stages[st.index + 1:] if s.rewind_lr]
+        later = [s.at_step for s in stages[st.index + 1:] if s.rewind_lr and not s.auto]
         end = later[0] if later else cfg.train.steps
         _check(st.at_step + st.warmup_steps < end,
                f"{path}.warmup_steps" if "warmup_steps" in given else "lr.rewind_warmup_steps",
                f"a warm-up of {st.warmup_steps} steps from step {st.at_step} does not end before "
                f"{'the next LR segment at step ' + str(end) if later else 'train.steps=' + str(end)}")
+
+
+# What an at_step: auto stage may not change: the data position and the ranks' groups must not
+# depend on a decision taken during the run (the datasets are sized, and the groups built, up front).
+AUTO_FIXED_FIELDS = ("batch_size", "grad_accum", "tp", "pp", "dp")
+
+
+def _validate_timing(cfg: RunConfig, stages: list[ResolvedStage]) -> None:
+    """growth.timing, every at_step: auto, and growth.auto."""
+    g = cfg.growth
+    _choice(g.timing, TIMINGS, "growth.timing")
+    after_auto = None
+    for raw, st in zip(g.stages, stages):
+        path = f"growth.stages[{st.index}]"
+        if isinstance(raw.at_step, str):
+            _check(raw.at_step == AUTO, f"{path}.at_step", f"expected an integer or 'auto', got {raw.at_step!r}")
+        if g.timing == AUTO:
+            _check(st.auto, "growth.timing", f"auto decides every stage's step, but {path}.at_step is "
+                   f"{raw.at_step} (give at_step: auto, or growth.timing: fixed)")
+        if st.auto:
+            for name in AUTO_FIXED_FIELDS:
+                _check(getattr(raw, name) is None, f"{path}.{name}",
+                       "an at_step: auto stage cannot change it: the batch schedule and the layout must be "
+                       "known before the run (give the stage a fixed at_step)")
+            after_auto = st.index
+        elif after_auto is not None:
+            _check(False, f"{path}.at_step", f"a fixed step after the at_step: auto stage {after_auto} may come "
+                   "before it: stages after an auto stage are auto too")
+    a = g.auto
+    for name in ("check_every", "probe_steps", "eval_iters"):
+        value = getattr(a, name)
+        _check(value is None or value >= 1, f"growth.auto.{name}", f"must be >= 1, got {value}")
+    if a.check_every is not None and a.probe_steps is not None:
+        _check(a.probe_steps <= a.check_every, "growth.auto.probe_steps",
+               f"{a.probe_steps} exceeds growth.auto.check_every={a.check_every} (the loss the current shape "
+               "is measured by is probe_steps before each check)")
+    autos = sum(st.auto for st in stages)
+    _check(0 < a.reserve and autos * a.reserve < 1, "growth.auto.reserve",
+           f"{a.reserve} x {max(autos, 1)} auto stage(s) must leave part of train.steps for the first "
+           f"(reserve in (0, 1/{max(autos, 1)}))")
 
 
 def _validate_options(operator, init, init_std, phi, placement, depth_init, path):

@@ -7,6 +7,7 @@
     msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
     msg-bench pipeline [--out DIR] [--stages 2] [--virtual 1,2,4] [--micro-batches 2,4,8] [--device cpu|cuda]
     msg-bench growth [--out DIR] [--size tiny|small|gpu] [--corpus FILE.jsonl] [--tokenizer-vocab N] [--seeds N]
+                     [--runs full,msg,msg_auto,...] [--growth-budget F]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
 run); modules are imported only when their subcommand runs, so adding one is a
@@ -115,6 +116,11 @@ def _growth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-vocab", type=int, default=0,
                    help="train a sentencepiece tokenizer of this many pieces on the corpus (default 0: bytes)")
     p.add_argument("--seeds", type=int, default=1, help="seeds of every run (2+ to read the seed spread)")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated subset of full,full_rewinds,msg,nomask,net2net,stack,msg_no_rewinds,msg_auto "
+                        "(default: all; full is always run)")
+    p.add_argument("--growth-budget", type=float, default=1.0,
+                   help="steps of the growth runs as a multiple of the full-size runs' (default 1)")
 
 
 def _growth_run(a: argparse.Namespace) -> None:
@@ -124,7 +130,9 @@ def _growth_run(a: argparse.Namespace) -> None:
     if a.seeds < 1:
         raise SystemExit("msg-bench growth: --seeds must be >= 1")
     try:
-        run_growth_bench(a.out, a.size, a.corpus, a.tokenizer_vocab, a.seeds)
+        from megatron_msg.training.growth_bench import RUN_KINDS
+        kinds = RUN_KINDS if a.runs is None else tuple(k.strip() for k in a.runs.split(",") if k.strip())
+        run_growth_bench(a.out, a.size, a.corpus, a.tokenizer_vocab, a.seeds, kinds=kinds, budget=a.growth_budget)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"msg-bench growth: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -40,8 +40,15 @@ def describe_schedule(cfg) -> str:
     if cfg.lr.rewind_at:
         lines.append(f"  lr rewinds to the peak at steps {', '.join(map(str, cfg.lr.rewind_at))} (lr.rewind_at), "
                      f"warmup {cfg.lr.rewind_warmup_steps}")
+    stages = cfg.resolved_stages()
+    if any(st.auto for st in stages):
+        from megatron_msg.growth.auto_timing import AutoTiming
+        a = AutoTiming.from_config(cfg, stages)
+        lines.append(f"  at_step auto: a {a.probe_steps}-step lookahead every {a.check_every} steps once the shape "
+                     f"has settled, {a.eval_iters} validation batches per probe loss; latest steps "
+                     + ", ".join(f"stage {k} {a.latest(k)}" for k in a.auto_positions))
     prev_layout, prev_batch = cfg.parallel.layout, (t.batch_size, t.grad_accum)
-    for st in cfg.resolved_stages():
+    for st in stages:
         extra = []
         if st.layout != prev_layout:
             extra.append("layout tp{} x pp{} x dp{}".format(*st.layout))
@@ -54,7 +61,8 @@ def describe_schedule(cfg) -> str:
         placement, depth_init = GrowthSpec(st.shape, st.shape, cfg.model.head_dim, operator=st.operator,
                                            depth_placement=st.depth_placement,
                                            depth_init=st.depth_init).effective_depth
-        lines.append(f"  stage {st.index}: step {st.at_step:>7} -> {st.shape} operator={st.operator} "
+        at = "auto" if st.at_step is None else st.at_step
+        lines.append(f"  stage {st.index}: step {at:>7} -> {st.shape} operator={st.operator} "
                      f"init={st.init} phi={st.phi} depth={placement}/{depth_init}"
                      + "".join(f"; {e}" for e in extra))
     return "\n".join(lines)

@@ -163,9 +163,12 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, micro_batches: int, tp:
     return in_flight * per_chunk + (per_layer if recomputed else 0)
 
 
-def plan_schedule(cfg: RunConfig) -> list[StagePlan]:
+def plan_schedule(cfg: RunConfig, decided: dict[int, int] | None = None) -> list[StagePlan]:
+    """Per stage of the schedule; ``decided``: the steps a run chose for its ``at_step: auto``
+    stages (undecided ones are planned at their earliest check: growth/auto_timing.py)."""
+    from megatron_msg.growth.auto_timing import planned_stages
     t = cfg.train
-    stages = cfg.resolved_stages()
+    stages = planned_stages(cfg, decided)
     starts = [0] + [s.at_step for s in stages]
     ends = starts[1:] + [t.steps]
     shapes = [cfg.model] + [cfg.model.with_shape(s.shape) for s in stages]

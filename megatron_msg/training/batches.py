@@ -95,6 +95,8 @@ class BatchSchedule:
         t = cfg.train
         segments = [BatchSegment(0, t.batch_size, t.grad_accum, 0)]
         for st in cfg.resolved_stages():
+            if st.auto:  # an auto stage keeps the batch (config.AUTO_FIXED_FIELDS)
+                continue
             last = segments[-1]
             if (st.batch_size, st.grad_accum) != (last.batch_size, last.grad_accum):
                 consumed = last.first_sample + (st.at_step - last.start) * last.global_batch

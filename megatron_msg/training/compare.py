@@ -40,12 +40,17 @@ class RunCurves:
     valid: list[tuple[int, float]] = field(default_factory=list)
     valid_time: dict[int, float] = field(default_factory=dict)  # step -> training seconds (when recorded)
     growths: list[dict] = field(default_factory=list)
+    # at_step: auto: (step, FLOPs) of every lookahead the run trained and rolled back, and the checks.
+    lookaheads: list[tuple[int, int]] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
 
     def flops_after(self, step: int) -> int:
-        """Training FLOPs spent by steps 0..step (the schedule's, whatever the run logged)."""
+        """Training FLOPs spent by steps 0..step (the schedule's, whatever the run logged), with the
+        lookaheads of at_step: auto run before them."""
         done = step + 1
-        return sum(p.flops // (p.last_step - p.first_step) * max(0, min(done, p.last_step) - p.first_step)
-                   for p in self.plans if p.last_step > p.first_step)
+        return (sum(p.flops // (p.last_step - p.first_step) * max(0, min(done, p.last_step) - p.first_step)
+                    for p in self.plans if p.last_step > p.first_step)
+                + sum(flops for at, flops in self.lookaheads if at <= step))
 
     def shape_at(self, step: int) -> str:
         return next(p.shape for p in reversed(self.plans) if p.first_step <= step)
@@ -70,10 +75,12 @@ def load_run(path: str | Path, name: str | None = None) -> RunCurves:
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise CompareError(f"{path}: no checkpoint, so no record of the run's config and schedule")
-        cfg = config_from_dict(open_checkpoint(ckpt).state["config"], check=False)
+        state = open_checkpoint(ckpt).state
+        cfg = config_from_dict(state["config"], check=False)
     except CheckpointError as exc:
         raise CompareError(str(exc)) from None
-    run = RunCurves(name or path.name, path, cfg, plan_schedule(cfg))
+    decided = {int(k): v for k, v in state.get("growth_decisions", {}).items()}  # at_step: auto
+    run = RunCurves(name or path.name, path, cfg, plan_schedule(cfg, decided))
     for _, rec in iter_metrics(metrics, CompareError):
         kind = rec.get("kind")
         if kind == "train":
@@ -84,6 +91,10 @@ def load_run(path: str | Path, name: str | None = None) -> RunCurves:
                 run.valid_time[rec["step"]] = float(rec["time_s"])
         elif kind == "growth":
             run.growths.append(rec)
+        elif kind == "growth_check":
+            run.checks.append(rec)
+            if rec.get("probe_flops"):
+                run.lookaheads.append((rec["step"], int(rec["probe_flops"])))
     if not run.valid:
         raise CompareError(f"{metrics}: no validation losses (train.eval_interval larger than the run?)")
     return run

@@ -9,11 +9,18 @@ One command trains, one after another with the same data order, seed and LR reci
 * the ``sch1`` schedule of the target (named_schedules.py) with each operator: ``msg``,
   ``nomask``, ``net2net`` and ``stack`` (stack grows depth only; its width stages use ``nomask``,
   direct growth without masks, so the pair is the usual stacking baseline);
-* ``msg_no_rewinds``: the MSG schedule without its LR rewinds, the other control.
+* ``msg_no_rewinds``: the MSG schedule without its LR rewinds, the other control;
+* ``msg_auto``: the sch1 shapes with MSG, every step decided by the trainer (``at_step: auto``,
+  growth/auto_timing.py); its lookaheads' FLOPs and time count in its totals.
+
+``--runs`` picks a subset; ``--growth-budget F`` gives the growth runs F times the references'
+steps (their schedules made for that budget), so a grown run can go on until it reaches the
+full-size run's final loss (the paper's Sch1-G trains longer than its full-size baseline).
 
 Every run is compared with both full-size references (training/compare.py): FLOPs and training
 wall time to its own final validation loss ("not reached" where the reference never gets there),
-the speed-ups they give, and the reference's loss at the run's own FLOP budget.  ``--seeds N``
+the speed-ups they give, the reference's loss at the run's own FLOP budget, and the FLOPs and time
+the run needed to reach the reference's final loss.  ``--seeds N``
 repeats the growth runs (and the references) with N seeds, so a difference can be read against
 the seed spread.  Output: ``growth.json`` (the report), ``growth.md`` (tables), ``growth.png``
 (validation loss against FLOPs and against wall time, growth events marked) and the run
@@ -59,6 +66,7 @@ SIZES = {
     "gpu": GrowthBenchSize(768, 3072, 12, 12, 64, 512, 1200, 32, 100, 8, 6e-4, "cuda"),
 }
 OPERATORS = ("msg", "nomask", "net2net", "stack")
+RUN_KINDS = ("full", "full_rewinds", *OPERATORS, "msg_no_rewinds", "msg_auto")
 STACK_WIDTH_OPERATOR = "nomask"  # stacking grows depth only; its width stages use this
 
 
@@ -69,6 +77,8 @@ class BenchRun:
     seed: int
     operator: str | None  # None: full size from step 0
     lr_policy: str        # "rewinds" (the schedule's) or "none"
+    kind: str = ""        # one of RUN_KINDS
+    timing: str = "fixed"  # "auto": at_step auto
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,12 @@ def target_raw(size: GrowthBenchSize, corpus: Corpus, seed: int) -> dict:
     }
 
 
-def schedule_raw(full: dict, operator: str, rewinds: bool) -> dict:
-    """The sch1 schedule of ``full``'s target with ``operator`` (stack: depth only, nomask for width)."""
+def schedule_raw(full: dict, operator: str, rewinds: bool, budget: float = 1.0, auto: bool = False) -> dict:
+    """The sch1 schedule of ``full``'s target with ``operator`` (stack: depth only, nomask for width),
+    made for ``budget`` times ``full``'s steps; ``auto``: the same shapes at steps the trainer decides."""
     raw = copy.deepcopy(full)
+    raw["train"]["steps"] = round(full["train"]["steps"] * budget)
+    raw["train"]["save_interval"] = raw["train"]["steps"]
     raw["growth"] = {"schedule": "sch1", "defaults": {"operator": operator}}
     made = config_from_dict(copy.deepcopy(raw), check=False)
     stages = []
@@ -106,6 +119,8 @@ def schedule_raw(full: dict, operator: str, rewinds: bool) -> dict:
             stage["operator"] = STACK_WIDTH_OPERATOR
         if not rewinds:
             stage["rewind_lr"] = False
+        if auto:
+            stage["at_step"] = "auto"
         stages.append(stage)
         layers = st.layers
     raw["model"].update(hidden=made.model.hidden, ffn=made.model.ffn, heads=made.model.heads,
@@ -118,19 +133,26 @@ def rewind_steps(raw: dict) -> list[int]:
     return [s["at_step"] for s in raw["growth"]["stages"] if s.get("rewind_lr")]
 
 
-def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int) -> list[BenchRun]:
+def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int, kinds: tuple[str, ...] = RUN_KINDS,
+               budget: float = 1.0) -> list[BenchRun]:
+    """The runs of ``kinds`` for every seed; ``full`` always (every run is compared with it)."""
     runs = []
     for seed in range(seeds):
         tag = f"_s{seed}" if seeds > 1 else ""
         full = target_raw(size, corpus, seed)
-        msg = schedule_raw(full, "msg", rewinds=True)
+        msg = schedule_raw(full, "msg", rewinds=True, budget=budget)
         with_rewinds = copy.deepcopy(full)
-        with_rewinds["lr"]["rewind_at"] = rewind_steps(msg)
-        runs += [BenchRun(f"full{tag}", full, seed, None, "none"),
-                 BenchRun(f"full_rewinds{tag}", with_rewinds, seed, None, "rewinds")]
-        runs += [BenchRun(f"{op}{tag}", schedule_raw(full, op, rewinds=True), seed, op, "rewinds")
-                 for op in OPERATORS]
-        runs.append(BenchRun(f"msg_no_rewinds{tag}", schedule_raw(full, "msg", rewinds=False), seed, "msg", "none"))
+        # The growth schedule's rewinds, scaled back to the references' steps.
+        with_rewinds["lr"]["rewind_at"] = sorted({max(1, round(r / budget)) for r in rewind_steps(msg)})
+        made = {"full": BenchRun(f"full{tag}", full, seed, None, "none", "full"),
+                "full_rewinds": BenchRun(f"full_rewinds{tag}", with_rewinds, seed, None, "rewinds", "full_rewinds")}
+        for op in OPERATORS:
+            made[op] = BenchRun(f"{op}{tag}", schedule_raw(full, op, True, budget), seed, op, "rewinds", op)
+        made["msg_no_rewinds"] = BenchRun(f"msg_no_rewinds{tag}", schedule_raw(full, "msg", False, budget), seed,
+                                          "msg", "none", "msg_no_rewinds")
+        made["msg_auto"] = BenchRun(f"msg_auto{tag}", schedule_raw(full, "msg", True, budget, auto=True), seed,
+                                    "msg", "rewinds", "msg_auto", timing="auto")
+        runs += [made[k] for k in RUN_KINDS if k == "full" or k in kinds]
     return runs
 
 
@@ -162,29 +184,45 @@ def _train(run: BenchRun, out: Path, log) -> None:
         f"{time.perf_counter() - start:.1f} s")
 
 
-def _row_summary(row: dict) -> dict:
+def _row_summary(row: dict, to_reference: dict) -> dict:
+    """``row``: the run at its own final loss; ``to_reference``: the run at the reference's."""
     keep = ("flops", "time_s", "final_valid_loss", "reference_flops_to_final_loss", "speedup_at_final_loss",
             "reference_time_to_final_loss_s", "wall_speedup_at_final_loss", "reference_loss_at_budget")
-    return {k: row[k] for k in keep}
+    out = {k: row[k] for k in keep}
+    out.update(flops_to_reference_final_loss=to_reference["flops_to_target"],
+               speedup_to_reference_final_loss=to_reference["speedup"],
+               time_to_reference_final_loss_s=to_reference["time_to_target_s"],
+               wall_speedup_to_reference_final_loss=to_reference["wall_speedup"])
+    return out
 
 
-def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, corpus: str) -> dict:
+def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, corpus: str,
+           budget: float = 1.0) -> dict:
     """Every run against ``full`` and ``full_rewinds`` of its seed."""
     references = {(r.seed, r.lr_policy): r.name for r in runs if r.operator is None}
     rows = []
     for r in runs:
+        curve = curves[r.name]
         entry = {"run": r.name, "seed": r.seed, "operator": r.operator or "full size",
                  "width_operator": STACK_WIDTH_OPERATOR if r.operator == "stack" else r.operator,
-                 "lr_policy": r.lr_policy, "growth_events": len(curves[r.name].growths)}
+                 "lr_policy": r.lr_policy, "timing": r.timing, "steps": r.raw["train"]["steps"],
+                 "growth_events": len(curve.growths),
+                 "growth_steps": [g["step"] for g in curve.growths],
+                 "lookaheads": len(curve.lookaheads), "lookahead_flops": sum(f for _, f in curve.lookaheads)}
         for ref, policy in (("full", "none"), ("full_rewinds", "rewinds")):
-            _, cmp_rows = compare([curves[references[r.seed, policy]], curves[r.name]])
-            entry["vs_" + ref] = _row_summary(cmp_rows[1])
+            if (r.seed, policy) not in references:
+                continue
+            reference = curves[references[r.seed, policy]]
+            _, cmp_rows = compare([reference, curve])
+            _, to_ref = compare([reference, curve], target=reference.valid[-1][1])
+            entry["vs_" + ref] = _row_summary(cmp_rows[1], to_ref[1])
         rows.append(entry)
     first = runs[0].raw
-    schedule = config_from_dict(copy.deepcopy(next(r.raw for r in runs if r.operator == "msg")), check=False)
+    schedule = config_from_dict(copy.deepcopy(schedule_raw(first, "msg", True, budget)), check=False)
     return {"size": size_name, "corpus": corpus, "device": first["train"]["device"],
             "target": str(config_from_dict(copy.deepcopy(first), check=False).model.shape),
-            "steps": first["train"]["steps"], "start": str(schedule.model.shape),
+            "steps": first["train"]["steps"], "growth_budget": budget, "growth_steps": schedule.train.steps,
+            "start": str(schedule.model.shape),
             "stages": [{"at_step": s.at_step, "shape": str(s.shape), "rewind_lr": s.rewind_lr, "phi": s.phi}
                        for s in schedule.resolved_stages()],
             "date": time.strftime("%Y-%m-%d"), "runs": rows}
@@ -197,23 +235,39 @@ def _fmt(x, kind: str) -> str:
 
 
 def format_report(rep: dict) -> str:
+    budget = rep.get("growth_budget", 1.0)
     lines = [f"msg-bench growth --size {rep['size']} on {rep['corpus']} ({rep['device']}), {rep['date']}: "
-             f"target {rep['target']}, {rep['steps']} steps; sch1 from {rep['start']}, growth at "
+             f"target {rep['target']}, {rep['steps']} steps"
+             + (f" (growth runs {rep['growth_steps']} steps, --growth-budget {budget:g})" if budget != 1.0 else "")
+             + f"; sch1 from {rep['start']}, growth at "
              + ", ".join(f"{s['at_step']} -> {s['shape']}" for s in rep["stages"]), ""]
+    for r in rep["runs"]:
+        if r.get("timing") == "auto":
+            lines += [f"`{r['run']}` (at_step auto) grew at steps {', '.join(map(str, r['growth_steps']))}; "
+                      f"{r['lookaheads']} lookaheads spent {_fmt(r['lookahead_flops'], 'flops')} FLOPs "
+                      "(counted in its FLOPs and time).", ""]
     for ref in ("full", "full_rewinds"):
+        if not any("vs_" + ref in r for r in rep["runs"]):
+            continue
         lines += [f"Against `{ref}` (full size from step 0, LR policy: "
                   f"{'the schedule' + chr(39) + 's rewinds' if ref == 'full_rewinds' else 'no rewinds'}):", "",
-                  "| run | operator (width) | LR rewinds | FLOPs | train s | final loss | ref FLOPs to it "
-                  "| speed-up FLOPs | ref s to it | speed-up wall | ref loss at this budget |",
-                  "|" + "---|" * 11]
+                  "| run | operator (width) | LR rewinds | timing | FLOPs | train s | final loss | ref FLOPs to it "
+                  "| speed-up FLOPs | ref s to it | speed-up wall | ref loss at this budget "
+                  "| FLOPs to ref's final loss | speed-up | s to it | speed-up wall |",
+                  "|" + "---|" * 16]
         for r in rep["runs"]:
             v = r["vs_" + ref]
             op = r["operator"] if r["width_operator"] in (None, r["operator"]) else f"{r['operator']} ({r['width_operator']})"
-            lines.append(f"| {r['run']} | {op} | {r['lr_policy']} | {_fmt(v['flops'], 'flops')} | "
+            lines.append(f"| {r['run']} | {op} | {r['lr_policy']} | {r.get('timing', 'fixed')} | "
+                         f"{_fmt(v['flops'], 'flops')} | "
                          f"{_fmt(v['time_s'], 's')} | {_fmt(v['final_valid_loss'], 'loss')} | "
                          f"{_fmt(v['reference_flops_to_final_loss'], 'flops')} | "
                          f"{_fmt(v['speedup_at_final_loss'], 'x')} | {_fmt(v['reference_time_to_final_loss_s'], 's')} | "
-                         f"{_fmt(v['wall_speedup_at_final_loss'], 'x')} | {_fmt(v['reference_loss_at_budget'], 'loss')} |")
+                         f"{_fmt(v['wall_speedup_at_final_loss'], 'x')} | {_fmt(v['reference_loss_at_budget'], 'loss')} | "
+                         f"{_fmt(v['flops_to_reference_final_loss'], 'flops')} | "
+                         f"{_fmt(v['speedup_to_reference_final_loss'], 'x')} | "
+                         f"{_fmt(v['time_to_reference_final_loss_s'], 's')} | "
+                         f"{_fmt(v['wall_speedup_to_reference_final_loss'], 'x')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -248,7 +302,8 @@ def plot_report(runs: list[BenchRun], curves: dict[str, RunCurves], path: Path) 
 
 
 def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: int, seeds: int,
-                     log=lambda text: print(text, flush=True)) -> dict:
+                     log=lambda text: print(text, flush=True), kinds: tuple[str, ...] = RUN_KINDS,
+                     budget: float = 1.0) -> dict:
     """Train every run of the benchmark into ``out_dir/runs`` and write the report beside it."""
     from megatron_msg.training.batches import BUNDLED_CORPUS
     size = SIZES[size_name]
@@ -258,12 +313,17 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
         raise FileNotFoundError(f"--corpus: no such file {corpus_path}")
     if (out / "runs").exists():
         shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
-    runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds)
+    unknown = sorted(set(kinds) - set(RUN_KINDS))
+    if unknown:
+        raise ValueError(f"--runs: {', '.join(unknown)} is not one of {', '.join(RUN_KINDS)}")
+    if budget <= 0:
+        raise ValueError(f"--growth-budget: must be > 0, got {budget}")
+    runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds, tuple(kinds), budget)
     for i, run in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {run.name}")
         _train(run, out, log)
     curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}  # read once: report and plot
-    rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path))
+    rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path), budget)
     atomic_write_json(str(out / "growth.json"), rep)
     text = format_report(rep)
     atomic_write_bytes(str(out / "growth.md"), (text + "\n").encode("utf-8"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_msg.config import LRConfig, RunConfig
+from megatron_msg.config import LRConfig, ResolvedStage, RunConfig
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,12 @@ class LRSegment:
     warmup: int   # warm-up steps from the segment's start
 
 
-def lr_segments(cfg: RunConfig) -> list[LRSegment]:
+def lr_segments(cfg: RunConfig, stages: list[ResolvedStage] | None = None) -> list[LRSegment]:
     """The run's LR segments in step order: step 0's, one per stage that starts one, and one per
     ``lr.rewind_at`` step (peak and floor of the stage in force there; a stage's own segment at
-    the same step wins)."""
-    stages = cfg.resolved_stages()
+    the same step wins).  ``stages``: the resolved stages with the auto steps decided so far (an
+    undecided stage starts no segment yet: the LR before a growth never depends on its step)."""
+    stages = [st for st in (cfg.resolved_stages() if stages is None else stages) if st.at_step is not None]
     segments = [LRSegment(0, cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)]
     segments += [LRSegment(st.at_step, st.lr, st.min_lr, st.warmup_steps) for st in stages if st.rewind_lr]
     taken = {s.start for s in segments}

@@ -22,8 +22,13 @@ def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> Path | 
         ax.plot(*zip(*valid), "o-", ms=3, lw=1.2, label="validation loss")
     for g in growth:
         ax.axvline(g["step"], color="grey", ls="--", lw=0.8)
-        ax.annotate(f"{g['operator']} -> {g['shape']}", (g["step"], 1.0), xycoords=("data", "axes fraction"),
+        how = " (auto)" if g.get("timing") == "auto" else ""
+        ax.annotate(f"{g['operator']} -> {g['shape']}{how}", (g["step"], 1.0), xycoords=("data", "axes fraction"),
                     rotation=90, va="top", ha="right", fontsize=7, color="dimgrey")
+    # at_step: auto: every check that decided to wait (its lookahead was rolled back), at its loss.
+    waits = [(r["step"], r["loss_now"]) for r in records if r.get("kind") == "growth_check" and r["decision"] == "wait"]
+    if waits:
+        ax.plot(*zip(*waits), "x", ms=5, color="tab:red", label="auto timing: lookahead, waited")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or "training loss with growth stages")

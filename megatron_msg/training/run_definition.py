@@ -71,7 +71,7 @@ def run_definition_differences(state: dict, cfg: RunConfig, stages: list[Resolve
             differ(f"parallel.growth_layout_parts (in effect at growth.stages[{i}])",
                    saved.parallel.layout_parts(saved_stages[i].layout[0]), cfg.parallel.layout_parts(stages[i].layout[0]))
     for stage in stages[applied:]:
-        if stage.at_step < step:
+        if stage.at_step is not None and stage.at_step < step:
             out.append(f"growth.stages[{stage.index}].at_step: {stage.at_step} is before the checkpoint's step "
                        f"{step}, so it would never be applied")
     allowed = tuple(cfg.train.resume_may_change)

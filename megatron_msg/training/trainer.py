@@ -41,6 +41,7 @@ from megatron_msg.checkpoint.sharded import save_sharded
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
 from megatron_msg.growth.apply import grow_model, spec_for_stage
+from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, decide, step_flops
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
@@ -161,6 +162,11 @@ class Trainer:
         self.is_main = self.ps.rank == 0  # logs, writes checkpoints and plots
         self.stages: list[ResolvedStage] = cfg.resolved_stages()
         self.lr_segments = lr_segments(cfg)
+        # at_step: auto: the steps decided so far and the probe losses the next decision needs.
+        self.auto = AutoTiming.from_config(cfg, self.stages) if any(st.auto for st in self.stages) else None
+        self.decided: dict[int, int] = {}
+        self.probe_losses: dict[int, float] = {}
+        self._probing = False  # inside a growth lookahead: nothing is logged, everything is rolled back
         self.batch_schedule = BatchSchedule.from_config(cfg)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.autocast_dtype = DTYPES[cfg.train.dtype]
@@ -300,6 +306,9 @@ class Trainer:
             "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
             "nonfinite_skipped": self.nonfinite_skipped,
             "clock": self.clock.state_dict(),
+            # at_step: auto: what the run decided, and the probe losses a coming decision compares.
+            "growth_decisions": {str(k): v for k, v in self.decided.items()},
+            "probe_losses": {str(k): v for k, v in self.probe_losses.items()},
             # What the schedule says for the next step: a resumed run must agree (_check_settings).
             "train_settings": self.train_settings(self.step),
             "config": self.cfg.to_dict(),
@@ -362,6 +371,8 @@ class Trainer:
             load_model(self.model, ckpt.model, optimizer=self.optimizer)
             self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
+        self._set_decided({int(k): v for k, v in state.get("growth_decisions", {}).items()})
+        self.probe_losses = {int(k): v for k, v in state.get("probe_losses", {}).items()}
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.clock = RunClock.from_state(state.get("clock"))
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
@@ -527,8 +538,31 @@ class Trainer:
         """Loss of a fixed validation batch in eval mode: compared across a growth."""
         return self._eval_loss(1)
 
+    def _set_decided(self, decided: dict[int, int]) -> None:
+        """The auto steps decided so far, and the stages and LR segments that follow from them."""
+        self.decided = dict(decided)
+        self.stages = self.cfg.resolved_stages(self.decided)
+        self.lr_segments = lr_segments(self.cfg, self.stages)
+
     def grow(self, stage: ResolvedStage) -> None:
+        if self._probing:  # a lookahead: grown, measured once at its end, rolled back
+            self._grow_to(stage)
+            return
         before = self._probe_loss()
+        self._grow_to(stage)
+        after = self._probe_loss()
+        record = {"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
+                  "shape": str(stage.shape), "parameters": self.model.num_parameters(),
+                  "layout": "tp{} x pp{} x dp{}".format(*stage.layout),
+                  "loss_before": before, "loss_after": after, "phi": stage.phi, "rewind_lr": stage.rewind_lr,
+                  "time_s": self.clock.train_s}
+        if stage.auto:
+            record["timing"] = "auto"
+        self.metrics.write(record)
+        self._log_console(f"step {stage.at_step}: grew ({stage.operator}) to {stage.shape}, "
+                          f"{record['parameters']:,} parameters; probe loss {before:.5f} -> {after:.5f}")
+
+    def _grow_to(self, stage: ResolvedStage) -> None:
         spec = spec_for_stage(self.model.cfg, stage, seed=self.cfg.train.seed,
                               layout_parts=self.cfg.parallel.layout_parts(stage.layout[0]))
         old_ps = self._use_layout(stage.layout)  # gather on the old layout, shard onto the new one
@@ -537,15 +571,59 @@ class Trainer:
                             ps=old_ps, placement=self.placement, params_dtype=self.params_dtype)
         self.model, self.optimizer, self.ramp = result.model, result.optimizer, result.ramp
         self._wrap_model()
-        after = self._probe_loss()
-        record = {"kind": "growth", "step": stage.at_step, "stage": stage.index, "operator": stage.operator,
-                  "shape": str(stage.shape), "parameters": self.model.num_parameters(),
-                  "layout": "tp{} x pp{} x dp{}".format(*stage.layout),
-                  "loss_before": before, "loss_after": after, "phi": stage.phi, "rewind_lr": stage.rewind_lr,
-                  "time_s": self.clock.train_s}
-        self.metrics.write(record)
-        self._log_console(f"step {stage.at_step}: grew ({stage.operator}) to {stage.shape}, "
-                          f"{record['parameters']:,} parameters; probe loss {before:.5f} -> {after:.5f}")
+
+    # ------------------------------------------------------------------ at_step: auto
+
+    def _auto_timing(self) -> None:
+        """Before step ``self.step``: measure, and decide whether the next auto stage grows now."""
+        k, s = self.stage_index, self.step
+        if k >= len(self.stages) or self.stages[k].at_step is not None:
+            return
+        previous = self.stages[k - 1] if k else None
+        checks = self.auto.checks(k, previous)
+        if s in self.auto.measure_steps(k, previous) and s not in self.probe_losses:
+            self.probe_losses[s] = self._eval_loss(self.auto.eval_iters)
+        if s not in checks:
+            return
+        if s == checks[-1]:
+            check = GrowthCheck(s, k, "deadline", None, None, None, None, None, 0)
+        else:
+            w = self.auto.probe_steps
+            grown_cfg = self.cfg.model.with_shape(self.stages[k].shape)
+            batch = self.batch_schedule.at(s).global_batch
+            check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], self._lookahead(k, w),
+                           step_flops(self.model.cfg, batch), step_flops(grown_cfg, batch))
+        if check.decision == "wait":  # the loss now may open the next check's window
+            self.probe_losses = {s: self.probe_losses[s]}
+        else:  # the next stage's windows start after this growth's ramp
+            self.probe_losses = {}
+            self._set_decided({**self.decided, k: s})
+        self.metrics.write({"kind": "growth_check", **dataclasses.asdict(check), "shape": str(self.stages[k].shape),
+                            "probe_steps": 0 if check.decision == "deadline" else self.auto.probe_steps,
+                            "time_s": self.clock.train_s})
+        if check.decision == "wait":
+            self._log_console(f"step {s}: stage {k} waits (loss drop per FLOP: grown {check.rate_grown:.3g}, "
+                              f"current {check.rate_current:.3g})")
+
+    def _lookahead(self, k: int, steps: int) -> float:
+        """The probe loss after growing stage ``k`` now and training ``steps`` steps; then every part
+        of the training state is put back as it was (the grown model is dropped)."""
+        keep = (self.model, self.optimizer, self.ramp, self.stage_index, self.step, self.nonfinite_skipped,
+                self.scaler.state_dict() if self.scaler is not None else None, self.decided)
+        self._probing = True
+        try:
+            self._set_decided({**self.decided, k: self.step})
+            for _ in range(steps):
+                self.advance()
+            return self._eval_loss(self.auto.eval_iters)
+        finally:
+            (self.model, self.optimizer, self.ramp, self.stage_index, self.step, self.nonfinite_skipped,
+             scaler_state, decided) = keep
+            if scaler_state is not None:
+                self.scaler.load_state_dict(scaler_state)
+            self._set_decided(decided)
+            self._probing = False
+            self._wrap_model()
 
     # ------------------------------------------------------------------ loop
 
@@ -581,6 +659,8 @@ class Trainer:
         Returns (the step just run, its LR, loss, gradient norm); what ``run`` does per step
         besides logging, evaluation and saving (``msg-bench train`` times exactly this).
         """
+        if self.auto is not None and not self._probing:
+            self._auto_timing()
         while self.stage_index < len(self.stages) and self.stages[self.stage_index].at_step == self.step:
             self.grow(self.stages[self.stage_index])
             self.stage_index += 1

@@ -1,0 +1,119 @@
+"""Self-adaptive growth timing (``at_step: auto``): when to grow, from the run's own measurements.
+
+The rule (docs/growth.md, "Self-adaptive timing"): grow when the grown model would lower the loss
+faster per FLOP than the current one does.  That is the greedy form of the optimal-schedule
+condition of staged training (Shen et al., 2022: switch when the small model's loss-per-compute
+slope falls to the large model's at the same loss), measured instead of fitted:
+
+* the current shape's rate is its own: the drop of the probe loss (a fixed set of validation
+  batches, eval mode) over the last ``probe_steps`` steps, per training FLOP spent on them;
+* the grown shape's rate comes from a lookahead: grow (function-preserving, so the grown model
+  starts at the current loss), train ``probe_steps`` steps exactly as the real growth would
+  (same batches, mask ramp, LR rewind), measure the probe loss, and roll everything back;
+* grow now if ``rate_grown >= rate_current``, else train on and check again ``check_every``
+  steps later.  Stage k of n auto stages grows at the latest at
+  ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.
+
+Checks start ``check_every`` steps after the current shape stopped ramping (and after the LR
+warm-up), so the trailing window never straddles a growth.  Everything here is a function of the
+config and the steps decided so far; the trainer records the decisions and the probe losses in
+its checkpoints, so a resumed run decides the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
+
+
+@dataclass(frozen=True)
+class AutoTiming:
+    steps: int          # train.steps
+    check_every: int
+    probe_steps: int
+    reserve: float
+    eval_iters: int
+    warmup_steps: int   # lr.warmup_steps: no check inside the first warm-up
+    auto_positions: dict[int, int]  # stage index -> its position among the auto stages
+    auto_count: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
+        a, t = cfg.growth.auto, cfg.train
+        check = a.check_every if a.check_every is not None else max(2, t.steps // 24)
+        probe = a.probe_steps if a.probe_steps is not None else max(1, check // 2)
+        autos = [st.index for st in stages if st.auto]
+        return cls(t.steps, check, min(probe, check), a.reserve, a.eval_iters or t.eval_iters,
+                   cfg.lr.warmup_steps, {k: i for i, k in enumerate(autos)}, len(autos))
+
+    def latest(self, stage: int) -> int:
+        """The step auto stage ``stage`` grows at if no check has said so before."""
+        left = self.auto_count - self.auto_positions[stage]
+        return max(1, round(self.steps * (1 - left * self.reserve)))
+
+    def settled(self, previous: ResolvedStage | None) -> int:
+        """The first step the current shape trains unramped: the previous growth's ramp end."""
+        if previous is None:
+            return self.warmup_steps
+        return previous.at_step + (previous.phi if previous.uses_masks else 0)
+
+    def checks(self, stage: int, previous: ResolvedStage | None) -> list[int]:
+        """The steps at which the lookahead runs for ``stage``, given the stage before it (None: the
+        start shape); the last entry is ``latest`` (grown there without a lookahead)."""
+        latest = self.latest(stage)
+        first = self.settled(previous) + self.check_every
+        if first >= latest:
+            return [max(first, 1)]
+        return list(range(first, latest, self.check_every)) + [latest]
+
+    def measure_steps(self, stage: int, previous: ResolvedStage | None) -> set[int]:
+        """Steps whose probe loss a check needs: each check's, and ``probe_steps`` before it."""
+        grid = self.checks(stage, previous)[:-1]
+        return set(grid) | {s - self.probe_steps for s in grid}
+
+
+@dataclass(frozen=True)
+class GrowthCheck:
+    """One decision: the two rates it compared and what it chose."""
+
+    step: int
+    stage: int
+    decision: str            # "grow", "wait" or "deadline" (grown at the latest step, no lookahead)
+    loss_before: float | None  # probe loss probe_steps before the check (current shape)
+    loss_now: float | None     # at the check
+    loss_grown: float | None   # after probe_steps of the grown model
+    rate_current: float | None  # loss drop per training FLOP (the paper's gamma), current shape
+    rate_grown: float | None
+    probe_flops: int            # training FLOPs the lookahead spent (rolled back: pure overhead)
+
+
+def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, loss_grown: float,
+           flops_current: int, flops_grown: int) -> GrowthCheck:
+    """Grow iff the grown model's loss drop per FLOP over its lookahead matches the current shape's
+    over the window before; ``flops_*``: training FLOPs of one step of each shape."""
+    rate_current = (loss_before - loss_now) / (probe_steps * flops_current)
+    rate_grown = (loss_now - loss_grown) / (probe_steps * flops_grown)
+    return GrowthCheck(step, stage, "grow" if rate_grown >= rate_current else "wait", loss_before, loss_now,
+                       loss_grown, rate_current, rate_grown, probe_steps * flops_grown)
+
+
+def step_flops(model: ModelConfig, global_batch: int) -> int:
+    """Training FLOPs of one optimizer step of ``model`` (growth/plan.py's count)."""
+    from megatron_msg.growth.plan import flops_per_token
+    return flops_per_token(model) * global_batch * model.seq_len
+
+
+def planned_stages(cfg: RunConfig, decided: dict[int, int] | None = None) -> list[ResolvedStage]:
+    """The resolved stages with every undecided auto step at its earliest check: the most compute
+    the rule can spend on the schedule (lookaheads aside), what msg-plan and the memory check use."""
+    import dataclasses
+    stages = cfg.resolved_stages(decided)
+    if not any(st.at_step is None for st in stages):
+        return stages
+    timing = AutoTiming.from_config(cfg, stages)
+    out: list[ResolvedStage] = []
+    for st in stages:
+        if st.at_step is None:
+            st = dataclasses.replace(st, at_step=timing.checks(st.index, out[-1] if out else None)[0])
+        out.append(st)
+    return out
