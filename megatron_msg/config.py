@@ -211,6 +211,21 @@ class AutoTimingConfig:
     reserve: float = 0.125
     eval_iters: int | None = None   # validation batches per probe loss (default: train.eval_iters)
 
+    def every(self, steps: int) -> int:
+        return self.check_every if self.check_every is not None else max(2, steps // 24)
+
+    def probe(self, steps: int) -> int:
+        every = self.every(steps)
+        return min(every, self.probe_steps if self.probe_steps is not None else max(1, every // 2))
+
+    def latest(self, steps: int, position: int, count: int) -> int:
+        """The step the ``position``-th of ``count`` auto stages grows at if no check says so before."""
+        return max(1, round(steps * (1 - (count - position) * self.reserve)))
+
+    def first_check(self, settled: int, steps: int) -> int:
+        """A stage's first check, given the step its current shape stopped changing."""
+        return settled + self.every(steps)
+
 
 @dataclass
 class GrowthConfig:
@@ -1019,6 +1034,20 @@ def _validate_timing(cfg: RunConfig, stages: list[ResolvedStage]) -> None:
     _check(0 < a.reserve and autos * a.reserve < 1, "growth.auto.reserve",
            f"{a.reserve} x {max(autos, 1)} auto stage(s) must leave part of train.steps for the first "
            f"(reserve in (0, 1/{max(autos, 1)}))")
+    # Every auto stage must get a check before the run ends, even when each stage before it grows
+    # as late as the rule allows (at its deadline, or at its first check when that is later).
+    steps, position, settled = cfg.train.steps, 0, cfg.lr.warmup_steps
+    for st in stages:
+        if st.auto:
+            first = a.first_check(settled, steps)
+            _check(first < steps, "growth.auto", f"growth.stages[{st.index}] gets its first check at step {first}, "
+                   f"not before train.steps={steps}, when the stages before it grow as late as allowed (raise "
+                   "train.steps, or lower growth.auto.check_every or reserve, or the stages' phi)")
+            at = max(first, a.latest(steps, position, autos))
+            position += 1
+        else:
+            at = st.at_step
+        settled = at + (st.phi if st.uses_masks else 0)
 
 
 def _validate_options(operator, init, init_std, phi, placement, depth_init, path):

@@ -11,7 +11,9 @@ from megatron_msg.config import config_from_dict
 from megatron_msg.training.growth_bench import OPERATORS
 
 ROW_KEYS = {"flops", "time_s", "final_valid_loss", "reference_flops_to_final_loss", "speedup_at_final_loss",
-            "reference_time_to_final_loss_s", "wall_speedup_at_final_loss", "reference_loss_at_budget"}
+            "reference_time_to_final_loss_s", "wall_speedup_at_final_loss", "reference_loss_at_budget",
+            "flops_to_reference_final_loss", "speedup_to_reference_final_loss", "time_to_reference_final_loss_s",
+            "wall_speedup_to_reference_final_loss"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def _config(out, name):
 def test_every_run_is_reported_against_both_full_size_references(bench):
     out, rep = bench
     names = [r["run"] for r in rep["runs"]]
-    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds"]
+    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds", "msg_auto"]
     assert rep["size"] == "tiny" and rep["corpus"] == "bundled" and rep["steps"] == 144
     assert [s["rewind_lr"] for s in rep["stages"]][:2] == [True, True] and len(rep["stages"]) >= 3
     for row in rep["runs"]:
@@ -41,14 +43,22 @@ def test_every_run_is_reported_against_both_full_size_references(bench):
                 assert v["speedup_at_final_loss"] is None
             else:
                 assert v["speedup_at_final_loss"] == pytest.approx(v["reference_flops_to_final_loss"] / v["flops"])
+            if v["flops_to_reference_final_loss"] is None:
+                assert v["speedup_to_reference_final_loss"] is None
+            else:
+                assert 0 < v["flops_to_reference_final_loss"] <= v["flops"]
     by = {r["run"]: r for r in rep["runs"]}
     assert by["full"]["vs_full"]["speedup_at_final_loss"] == 1.0
     assert by["full_rewinds"]["vs_full_rewinds"]["speedup_at_final_loss"] == 1.0
-    growth_flops = {by[n]["vs_full"]["flops"] for n in (*OPERATORS, "msg_no_rewinds")}
+    growth_flops = {by[n]["vs_full"]["flops"] for n in (*OPERATORS, "msg_no_rewinds")}  # msg_auto: its own steps
     assert len(growth_flops) == 1 and growth_flops.pop() < by["full"]["vs_full"]["flops"]  # one schedule
     assert by["stack"]["width_operator"] == "nomask" and by["msg"]["growth_events"] == len(rep["stages"])
+    auto = by["msg_auto"]
+    assert auto["timing"] == "auto" and auto["growth_events"] == len(rep["stages"])
+    assert auto["growth_steps"] == sorted(auto["growth_steps"]) and auto["lookaheads"] >= 1
     table = (out / "growth.md").read_text()
     assert table.count("| msg_no_rewinds |") == 2 and "Against `full_rewinds`" in table
+    assert f"`msg_auto` (at_step auto) grew at steps {', '.join(map(str, auto['growth_steps']))}" in table
     assert (out / "growth.png").stat().st_size > 10_000
 
 
@@ -74,3 +84,27 @@ def test_a_missing_corpus_is_one_line_and_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("msg-bench growth: --corpus: no such file") and err.count("\n") == 1
+
+
+def test_the_auto_run_has_the_schedule_shapes_and_its_lookaheads_cost_flops(bench):
+    from megatron_msg.growth.plan import plan_schedule
+    from megatron_msg.training.compare import load_run
+    out, rep = bench
+    auto, msg = _config(out, "msg_auto"), _config(out, "msg")
+    assert [s.shape for s in auto.resolved_stages()] == [s.shape for s in msg.resolved_stages()]
+    assert all(s.auto for s in auto.resolved_stages()) and not any(s.auto for s in msg.resolved_stages())
+    curve = load_run(out / "runs" / "msg_auto")
+    decided = dict(enumerate(next(r for r in rep["runs"] if r["run"] == "msg_auto")["growth_steps"]))
+    schedule_flops = sum(p.flops for p in plan_schedule(curve.cfg, decided))
+    row = next(r for r in rep["runs"] if r["run"] == "msg_auto")
+    assert row["vs_full"]["flops"] == schedule_flops + row["lookahead_flops"]
+
+
+def test_runs_and_growth_budget_pick_what_is_trained(tmp_path):
+    from megatron_msg.training.growth_bench import SIZES, Corpus, bench_runs
+    runs = bench_runs(SIZES["tiny"], Corpus({"format": "jsonl", "path": "x.jsonl"}, None), 1, ("msg_auto",), 2.0)
+    assert [r.name for r in runs] == ["full", "msg_auto"]  # full: every run is compared with it
+    assert runs[0].raw["train"]["steps"] == 144 and runs[1].raw["train"]["steps"] == 288
+    with pytest.raises(SystemExit) as exc:
+        msg_bench(["growth", "--size", "tiny", "--out", str(tmp_path), "--runs", "msg,bogus"])
+    assert exc.value.code == 2

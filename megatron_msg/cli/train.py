@@ -46,7 +46,7 @@ def describe_schedule(cfg) -> str:
         a = AutoTiming.from_config(cfg, stages)
         lines.append(f"  at_step auto: a {a.probe_steps}-step lookahead every {a.check_every} steps once the shape "
                      f"has settled, {a.eval_iters} validation batches per probe loss; latest steps "
-                     + ", ".join(f"stage {k} {a.latest(k)}" for k in a.auto_positions))
+                     + ", ".join(f"stage {k} {a.latest(k)}" for k in a.deadlines))
     prev_layout, prev_batch = cfg.parallel.layout, (t.batch_size, t.grad_accum)
     for st in stages:
         extra = []

@@ -32,7 +32,7 @@ from megatron_msg.growth.optimizer_state import (check_rule, grow_layer_state, g
 from megatron_msg.growth.ramp import MaskRamp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
-from megatron_msg.model.layout import split_layer_name, tensor_spec
+from megatron_msg.model.layout import split_layer_name
 from megatron_msg.parallel.topology import ParallelState
 
 # An optimizer that holds state by parameter name (training/optimizer.py's MSGAdamW, training/zero.py's

@@ -28,28 +28,26 @@ from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
 
 @dataclass(frozen=True)
 class AutoTiming:
+    """growth.auto resolved for a run: where a stage's checks fall (config.AutoTimingConfig has the
+    defaults and the deadline formula, which validation uses too)."""
+
     steps: int          # train.steps
     check_every: int
     probe_steps: int
-    reserve: float
     eval_iters: int
     warmup_steps: int   # lr.warmup_steps: no check inside the first warm-up
-    auto_positions: dict[int, int]  # stage index -> its position among the auto stages
-    auto_count: int
+    deadlines: dict[int, int]  # auto stage index -> the step it grows at if no check said so before
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
         a, t = cfg.growth.auto, cfg.train
-        check = a.check_every if a.check_every is not None else max(2, t.steps // 24)
-        probe = a.probe_steps if a.probe_steps is not None else max(1, check // 2)
         autos = [st.index for st in stages if st.auto]
-        return cls(t.steps, check, min(probe, check), a.reserve, a.eval_iters or t.eval_iters,
-                   cfg.lr.warmup_steps, {k: i for i, k in enumerate(autos)}, len(autos))
+        return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
+                   {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)})
 
     def latest(self, stage: int) -> int:
         """The step auto stage ``stage`` grows at if no check has said so before."""
-        left = self.auto_count - self.auto_positions[stage]
-        return max(1, round(self.steps * (1 - left * self.reserve)))
+        return self.deadlines[stage]
 
     def settled(self, previous: ResolvedStage | None) -> int:
         """The first step the current shape trains unramped: the previous growth's ramp end."""
@@ -59,11 +57,12 @@ class AutoTiming:
 
     def checks(self, stage: int, previous: ResolvedStage | None) -> list[int]:
         """The steps at which the lookahead runs for ``stage``, given the stage before it (None: the
-        start shape); the last entry is ``latest`` (grown there without a lookahead)."""
+        start shape); the last entry is the deadline (grown there without a lookahead), or the first
+        check when that comes later."""
         latest = self.latest(stage)
         first = self.settled(previous) + self.check_every
         if first >= latest:
-            return [max(first, 1)]
+            return [first]
         return list(range(first, latest, self.check_every)) + [latest]
 
     def measure_steps(self, stage: int, previous: ResolvedStage | None) -> set[int]:

@@ -76,6 +76,9 @@ def next_stage(cfg: RunConfig, ckpt: Checkpoint) -> tuple[ModelConfig, ResolvedS
     if k >= len(stages):
         raise OfflineGrowthError(f"{path}: all {len(stages)} growth stage(s) of the config are already applied")
     stage = stages[k]
+    if stage.auto:
+        raise OfflineGrowthError(f"growth.stages[{k}].at_step is auto: the trainer decides it while training; "
+                                 "offline growth applies a stage with a fixed at_step")
     if stage.at_step > step:
         raise OfflineGrowthError(
             f"{path}: checkpoint is at step {step}, growth.stages[{k}] grows at step {stage.at_step}; offline growth "

@@ -234,6 +234,9 @@ def format_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
         rows.append(f"total {format_count(total, 'FLOP')}; the final shape for all {cfg.train.steps} steps: "
                     f"{format_count(flat, 'FLOP')}; growth spends {total / flat:.1%} of it ({flat / total:.2f}x less "
                     f"compute).")
+    if any(st.auto for st in cfg.resolved_stages()):
+        rows.append("at_step auto stages are planned at their earliest check (the most compute the rule can "
+                    "spend, lookaheads aside); the run decides later or at the same step.")
     rows.append("Memory columns: activations are Korthikanti et al.'s count (fused attention, no s^2 terms) "
                 "for the stage's micro-batch; logits, workspace and communication buffers are not included "
                 "here. batch: micro-batch size x micro-batches per step (all replicas).")

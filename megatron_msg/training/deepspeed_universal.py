@@ -164,6 +164,9 @@ def import_universal(universal: Path, cfg: RunConfig, out_dir: Path) -> Path:
     if step < 0:
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: no global_steps")
     stages = cfg.resolved_stages()
+    if any(s.auto for s in stages):
+        raise CheckpointError("growth.stages: at_step auto is decided by msg-train's own checkpoints; a DeepSpeed "
+                              "checkpoint records no decisions (give the stages fixed steps)")
     stage_index = sum(1 for s in stages if s.at_step <= step)
     shape = stages[stage_index - 1].shape if stage_index else cfg.model.shape
     if stage_index and stages[stage_index - 1].at_step + stages[stage_index - 1].phi > step:

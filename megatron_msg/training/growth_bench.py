@@ -311,13 +311,13 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
     corpus_path = Path(corpus) if corpus else BUNDLED_CORPUS
     if not corpus_path.is_file():
         raise FileNotFoundError(f"--corpus: no such file {corpus_path}")
-    if (out / "runs").exists():
-        shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
     unknown = sorted(set(kinds) - set(RUN_KINDS))
     if unknown:
         raise ValueError(f"--runs: {', '.join(unknown)} is not one of {', '.join(RUN_KINDS)}")
     if budget <= 0:
         raise ValueError(f"--growth-budget: must be > 0, got {budget}")
+    if (out / "runs").exists():
+        shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
     runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds, tuple(kinds), budget)
     for i, run in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {run.name}")

@@ -358,6 +358,8 @@ class Trainer:
             raise RunDefinitionError(
                 f"{path}: the config describes another run than the checkpoint's: {'; '.join(differences)} "
                 "(grow with msg-grow, or list a deliberate change in train.resume_may_change)")
+        # at_step: auto: the steps the run decided shape its LR and batch schedules from here on.
+        self._set_decided({int(k): v for k, v in state.get("growth_decisions", {}).items()})
         self._check_settings(ckpt)
         self.model = build_model(mcfg, self.placement, initialize=False, device=self.device,
                                  params_dtype=self.params_dtype)
@@ -371,7 +373,6 @@ class Trainer:
             load_model(self.model, ckpt.model, optimizer=self.optimizer)
             self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
-        self._set_decided({int(k): v for k, v in state.get("growth_decisions", {}).items()})
         self.probe_losses = {int(k): v for k, v in state.get("probe_losses", {}).items()}
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.clock = RunClock.from_state(state.get("clock"))

@@ -1,0 +1,205 @@
+"""Self-adaptive growth timing (``at_step: auto``, issue 19 item 3): the rule's arithmetic, its config
+errors, and what makes it trustworthy in a run: a lookahead leaves no trace (an auto run trains exactly
+like a fixed run at the steps it decided), decisions survive a resume, and the lookaheads' compute is
+counted wherever FLOPs are reported."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from megatron_msg.config import ConfigError, config_from_dict
+from megatron_msg.growth.auto_timing import AutoTiming, decide, planned_stages
+from megatron_msg.training.trainer import Trainer
+from tests.dist_harness import run_distributed
+
+STEPS = 120
+RAW = {
+    # The sch1 target; model.* becomes the start shape (h=16, ffn=16, heads=2, L=1).
+    "model": {"arch": "gpt", "hidden": 24, "ffn": 64, "heads": 3, "layers": 4, "head_dim": 8, "seq_len": 16,
+              "dropout": 0.0},
+    "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
+    "lr": {"warmup_steps": 4},
+    "train": {"steps": STEPS, "batch_size": 4, "grad_accum": 1, "log_interval": 1, "eval_interval": 30,
+              "eval_iters": 2, "save_interval": 1000, "device": "cpu", "tensorboard": False, "plot": False},
+    "growth": {"schedule": "sch1", "timing": "auto"},
+}
+
+
+def _raw(**growth_auto) -> dict:
+    raw = copy.deepcopy(RAW)
+    if growth_auto:
+        raw["growth"]["auto"] = growth_auto
+    return raw
+
+
+def _records(run_dir, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _fixed_at(raw: dict, steps: dict[int, int]) -> dict:
+    """``raw``'s stages at fixed steps: what an auto run that decided ``steps`` must equal."""
+    cfg = config_from_dict(copy.deepcopy(raw))
+    fixed = copy.deepcopy(raw)
+    fixed["model"].update(hidden=cfg.model.hidden, ffn=cfg.model.ffn, heads=cfg.model.heads, layers=cfg.model.layers)
+    fixed["growth"] = {"stages": [
+        {"at_step": steps[st.index], "hidden": st.shape.hidden, "ffn": st.shape.ffn, "heads": st.shape.heads,
+         "layers": st.shape.layers, "phi": st.phi, "rewind_lr": st.rewind_lr} for st in cfg.resolved_stages()]}
+    return fixed
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_checks_start_after_the_ramp_and_end_at_the_stage_deadline():
+    cfg = config_from_dict(_raw(check_every=10, probe_steps=4))
+    stages = cfg.resolved_stages()
+    assert all(st.auto and st.at_step is None for st in stages) and len(stages) == 5
+    timing = AutoTiming.from_config(cfg, stages)
+    # Stage k of 5 grows at the latest at steps * (1 - (5 - k) / 8).
+    assert [timing.latest(k) for k in range(5)] == [45, 60, 75, 90, 105]
+    assert timing.checks(0, None) == [14, 24, 34, 44, 45]  # after the LR warm-up (4) + check_every
+    grown = planned_stages(cfg, {0: 24})[0]
+    assert grown.at_step == 24 and grown.uses_masks
+    # The next stage's window opens when stage 0's ramp has ended.
+    assert timing.checks(1, grown)[0] == 24 + grown.phi + 10
+    assert timing.measure_steps(0, None) == {10, 14, 20, 24, 30, 34, 40, 44}
+
+
+def test_planned_stages_put_undecided_stages_at_their_earliest_check():
+    cfg = config_from_dict(_raw(check_every=10, probe_steps=4))
+    steps = [st.at_step for st in planned_stages(cfg)]
+    assert steps == sorted(steps) and steps[0] == 14
+    assert [st.at_step for st in planned_stages(cfg, {0: 40})][0] == 40
+
+
+def test_the_decision_compares_loss_drop_per_flop():
+    # Current shape: 0.5 over 10 steps at 1 FLOP a step; grown: 3x the FLOPs, so it must drop 3x as much.
+    tie = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, loss_grown=1.0, flops_current=1, flops_grown=3)
+    assert tie.decision == "grow" and tie.rate_grown == tie.rate_current == pytest.approx(0.05)
+    wait = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, loss_grown=1.1, flops_current=1, flops_grown=3)
+    assert wait.decision == "wait" and wait.probe_flops == 30 and wait.loss_grown == 1.1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"growth": {"stages": [{"at_step": "soon", "ffn": 64}]}}, r"^growth.stages\[0\].at_step: expected an integer or 'auto'"),
+    ({"growth": {"stages": [{"at_step": "auto", "ffn": 64, "batch_size": 8}]}},
+     r"^growth.stages\[0\].batch_size: an at_step: auto stage cannot change it"),
+    ({"growth": {"stages": [{"at_step": "auto", "ffn": 64, "tp": 2}]}}, r"^growth.stages\[0\].tp: an at_step: auto"),
+    ({"growth": {"stages": [{"at_step": "auto", "ffn": 64}, {"at_step": 90, "layers": 8}]}},
+     r"^growth.stages\[1\].at_step: a fixed step after the at_step: auto stage 0"),
+    ({"growth": {"timing": "auto", "stages": [{"at_step": 60, "ffn": 64}]}},
+     r"^growth.timing: auto decides every stage's step, but growth.stages\[0\].at_step is 60"),
+    ({"growth": {"timing": "sometimes", "stages": []}}, r"^growth.timing: 'sometimes' is not one of fixed, auto"),
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"reserve": 0.2}}},
+     r"^growth.auto.reserve: 0.2 x 5 auto stage\(s\) must leave part of train.steps"),
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 4, "probe_steps": 8}}},
+     r"^growth.auto.probe_steps: 8 exceeds growth.auto.check_every=4"),
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 0}}},
+     r"^growth.auto.check_every: must be >= 1, got 0"),
+    # Checks every 50 steps: stage 0 first at 54, stage 1 at ~106, stage 2 would be past the run.
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 50, "probe_steps": 10}}},
+     r"^growth.auto: growth.stages\[2\] gets its first check at step \d+, not before train.steps=120"),
+])
+def test_bad_auto_timing_configs_name_the_field(change, message):
+    raw = copy.deepcopy(RAW)
+    raw.update(change)
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_validate_prints_the_rule_and_auto_steps(capsys):
+    from megatron_msg.cli.train import describe_schedule
+    text = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4)))
+    assert "at_step auto: a 4-step lookahead every 10 steps" in text and "stage 0 45" in text
+    assert text.count("step    auto ->") == 5
+
+
+# ----------------------------------------------------------------------------- in a run
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    """An uninterrupted auto run: (its directory, result, decided steps)."""
+    out = tmp_path_factory.mktemp("auto")
+    result = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4)), out_dir=out, progress=False).run()
+    decided = {g["stage"]: g["step"] for g in _records(out, "growth")}
+    return out, result, decided
+
+
+def test_an_auto_run_records_every_decision_and_reaches_the_target(auto_run):
+    out, result, decided = auto_run
+    checks = _records(out, "growth_check")
+    assert result.shape == config_from_dict(copy.deepcopy(RAW)).resolved_stages()[-1].shape
+    assert sorted(decided) == [0, 1, 2, 3, 4] and list(decided.values()) == sorted(decided.values())
+    waited = [c for c in checks if c["decision"] == "wait"]
+    assert waited, "no lookahead was rolled back: the test would not exercise the rollback"
+    for c in checks:
+        if c["decision"] == "deadline":
+            assert c["probe_flops"] == 0 and c["rate_grown"] is None
+        else:
+            assert (c["decision"] == "grow") == (c["rate_grown"] >= c["rate_current"]) and c["probe_flops"] > 0
+    # Each stage's last check is the one that grew it.
+    for stage, step in decided.items():
+        assert [c for c in checks if c["stage"] == stage][-1]["step"] == step
+    assert all(g["timing"] == "auto" for g in _records(out, "growth"))
+
+
+def test_a_lookahead_leaves_no_trace(auto_run, tmp_path):
+    """The auto run's losses are bit-identical to a fixed run at the steps it decided: every rolled-back
+    lookahead restored the model, optimizer, ramp and step exactly."""
+    _, result, decided = auto_run
+    fixed = Trainer(config_from_dict(_fixed_at(_raw(check_every=8, probe_steps=4), decided)), out_dir=tmp_path,
+                    progress=False).run()
+    assert fixed.losses == result.losses and fixed.valid_losses == result.valid_losses
+
+
+def test_a_resumed_auto_run_decides_and_trains_identically(auto_run, tmp_path):
+    """Stopped every 7 steps (inside measuring windows, between a lookahead and the growth it chose,
+    inside ramps) and resumed: the same decisions and the same losses as the uninterrupted run."""
+    out, result, decided = auto_run
+    cfg = config_from_dict(_raw(check_every=8, probe_steps=4))
+    losses, done = {}, 0
+    while done < STEPS:
+        part = Trainer(cfg, out_dir=tmp_path, progress=False).run(max_steps=7)
+        losses.update(part.losses)
+        done = part.final_step
+    assert losses == result.losses
+    assert {g["stage"]: g["step"] for g in _records(tmp_path, "growth")} == decided
+    assert _records(tmp_path, "growth_check") == [{**c, "time_s": r["time_s"]} for c, r in
+                                                  zip(_records(out, "growth_check"),
+                                                      _records(tmp_path, "growth_check"))]
+
+
+def test_the_lookaheads_are_counted_in_the_run_flops(auto_run):
+    from megatron_msg.growth.plan import plan_schedule
+    from megatron_msg.training.compare import load_run
+    out, _, decided = auto_run
+    curves = load_run(out)
+    probes = sum(c["probe_flops"] for c in _records(out, "growth_check"))
+    assert probes > 0 and len(curves.lookaheads) == sum(1 for c in _records(out, "growth_check") if c["probe_flops"])
+    schedule = sum(p.flops for p in plan_schedule(curves.cfg, decided))
+    assert curves.flops_after(STEPS - 1) == schedule + probes
+    assert [p.first_step for p in curves.plans[1:]] == [decided[k] for k in range(5)]
+
+
+def _dp2(rank, world, raw, out_dir):
+    from megatron_msg.parallel.launch import LaunchEnv, init_parallel
+    cfg = config_from_dict(raw)
+    ps = init_parallel(cfg.parallel, "cpu", LaunchEnv(rank, world, rank))
+    res = Trainer(cfg, out_dir=out_dir, progress=False, parallel=ps).run()
+    return res.losses
+
+
+def test_auto_timing_under_data_parallel_zero2_rolls_back_the_partitioned_optimizer(auto_run, tmp_path):
+    """DP2 with ZeRO-2: every replica takes the same decisions (the probe loss is all-reduced), and
+    the run equals the DP2 fixed run at the steps it decided."""
+    raw = _raw(check_every=8, probe_steps=4)
+    raw["parallel"] = {"dp": 2, "zero_stage": 2}
+    raw["train"].update(batch_size=2, grad_accum=2)  # the single-process run's 4 samples per step
+    auto = run_distributed(_dp2, 2, args=(raw, tmp_path / "auto"))
+    decided = {g["stage"]: g["step"] for g in _records(tmp_path / "auto", "growth")}
+    assert sorted(decided) == [0, 1, 2, 3, 4]
+    fixed = run_distributed(_dp2, 2, args=(_fixed_at(raw, decided), tmp_path / "fixed"))
+    assert auto[0] == fixed[0] and auto[0] == auto[1]
