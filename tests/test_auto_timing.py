@@ -75,11 +75,14 @@ def test_planned_stages_put_undecided_stages_at_their_earliest_check():
 
 
 def test_the_decision_compares_loss_drop_per_flop():
-    # Current shape: 0.5 over 10 steps at 1 FLOP a step; grown: 3x the FLOPs, so it must drop 3x as much.
-    tie = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, loss_grown=1.0, flops_current=1, flops_grown=3)
+    # Current shape: 0.5 over 10 steps at 1 FLOP a step; grown (after its ramp): 3x the FLOPs, so it
+    # must drop 3x as much over its 10 measured steps.
+    tie = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, grown_settled=2.5, grown_after=1.0, flops_current=1,
+                 flops_grown=3, lookahead_steps=15)
     assert tie.decision == "grow" and tie.rate_grown == tie.rate_current == pytest.approx(0.05)
-    wait = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, loss_grown=1.1, flops_current=1, flops_grown=3)
-    assert wait.decision == "wait" and wait.probe_flops == 30 and wait.loss_grown == 1.1
+    wait = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, grown_settled=2.4, grown_after=1.0, flops_current=1,
+                  flops_grown=3, lookahead_steps=15)
+    assert wait.decision == "wait" and wait.probe_flops == 45 and wait.grown_after == 1.0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -133,13 +136,17 @@ def test_an_auto_run_records_every_decision_and_reaches_the_target(auto_run):
     checks = _records(out, "growth_check")
     assert result.shape == config_from_dict(copy.deepcopy(RAW)).resolved_stages()[-1].shape
     assert sorted(decided) == [0, 1, 2, 3, 4] and list(decided.values()) == sorted(decided.values())
-    waited = [c for c in checks if c["decision"] == "wait"]
+    waited = [c for c in checks if c["decision"] == "wait" and c["probe_flops"] > 0]
     assert waited, "no lookahead was rolled back: the test would not exercise the rollback"
     for c in checks:
         if c["decision"] == "deadline":
             assert c["probe_flops"] == 0 and c["rate_grown"] is None
-        else:
-            assert (c["decision"] == "grow") == (c["rate_grown"] >= c["rate_current"]) and c["probe_flops"] > 0
+            continue
+        assert (c["decision"] == "grow") == (c["rate_grown"] >= c["rate_current"])
+        if c["probe_flops"] == 0:  # no lookahead: still faster than the grown shape at the last one
+            assert c["decision"] == "wait" and c["grown_after"] is None
+            earlier = [e for e in checks if e["stage"] == c["stage"] and e["step"] < c["step"] and e["probe_flops"]]
+            assert earlier and c["rate_grown"] == earlier[-1]["rate_grown"]
     # Each stage's last check is the one that grew it.
     for stage, step in decided.items():
         assert [c for c in checks if c["stage"] == stage][-1]["step"] == step

@@ -7,7 +7,7 @@
     msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
     msg-bench pipeline [--out DIR] [--stages 2] [--virtual 1,2,4] [--micro-batches 2,4,8] [--device cpu|cuda]
     msg-bench growth [--out DIR] [--size tiny|small|gpu] [--corpus FILE.jsonl] [--tokenizer-vocab N] [--seeds N]
-                     [--runs full,msg,msg_auto,...] [--growth-budget F]
+                     [--runs full,msg,msg_auto,...] [--growth-budget F] [--keep-runs]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
 run); modules are imported only when their subcommand runs, so adding one is a
@@ -121,6 +121,9 @@ def _growth_args(p: argparse.ArgumentParser) -> None:
                         "(default: all; full is always run)")
     p.add_argument("--growth-budget", type=float, default=1.0,
                    help="steps of the growth runs as a multiple of the full-size runs' (default 1)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="keep runs already in --out that were trained to the end with the same config "
+                        "(deterministic: the same losses; their wall times are from when they ran)")
 
 
 def _growth_run(a: argparse.Namespace) -> None:
@@ -132,7 +135,8 @@ def _growth_run(a: argparse.Namespace) -> None:
     try:
         from megatron_msg.training.growth_bench import RUN_KINDS
         kinds = RUN_KINDS if a.runs is None else tuple(k.strip() for k in a.runs.split(",") if k.strip())
-        run_growth_bench(a.out, a.size, a.corpus, a.tokenizer_vocab, a.seeds, kinds=kinds, budget=a.growth_budget)
+        run_growth_bench(a.out, a.size, a.corpus, a.tokenizer_vocab, a.seeds, kinds=kinds, budget=a.growth_budget,
+                         keep_runs=a.keep_runs)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"msg-bench growth: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None

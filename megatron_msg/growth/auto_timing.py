@@ -77,23 +77,25 @@ class GrowthCheck:
 
     step: int
     stage: int
-    decision: str            # "grow", "wait" or "deadline" (grown at the latest step, no lookahead)
+    decision: str              # "grow", "wait" or "deadline" (grown at the latest step, no lookahead)
     loss_before: float | None  # probe loss probe_steps before the check (current shape)
     loss_now: float | None     # at the check
-    loss_grown: float | None   # after probe_steps of the grown model
+    grown_settled: float | None  # the grown model's, at the end of its mask ramp (None: no lookahead)
+    grown_after: float | None    # probe_steps after that
     rate_current: float | None  # loss drop per training FLOP (the paper's gamma), current shape
-    rate_grown: float | None
+    rate_grown: float | None    # the grown shape's (this check's lookahead, or the last one's)
     probe_flops: int            # training FLOPs the lookahead spent (rolled back: pure overhead)
 
 
-def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, loss_grown: float,
-           flops_current: int, flops_grown: int) -> GrowthCheck:
-    """Grow iff the grown model's loss drop per FLOP over its lookahead matches the current shape's
-    over the window before; ``flops_*``: training FLOPs of one step of each shape."""
+def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, grown_settled: float,
+           grown_after: float, flops_current: int, flops_grown: int, lookahead_steps: int) -> GrowthCheck:
+    """Grow iff the grown model's loss drop per FLOP over ``probe_steps`` after its ramp matches the
+    current shape's over the ``probe_steps`` before the check; ``flops_*``: training FLOPs of one
+    step of each shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost)."""
     rate_current = (loss_before - loss_now) / (probe_steps * flops_current)
-    rate_grown = (loss_now - loss_grown) / (probe_steps * flops_grown)
+    rate_grown = (grown_settled - grown_after) / (probe_steps * flops_grown)
     return GrowthCheck(step, stage, "grow" if rate_grown >= rate_current else "wait", loss_before, loss_now,
-                       loss_grown, rate_current, rate_grown, probe_steps * flops_grown)
+                       grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown)
 
 
 def step_flops(model: ModelConfig, global_batch: int) -> int:

@@ -173,10 +173,24 @@ def prepare_corpus(corpus: Path, out: Path, vocab: int) -> Corpus:
                    "tokenizer_model": model}, vocab)
 
 
-def _train(run: BenchRun, out: Path, log) -> None:
+def _finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` holds this very run, trained to its last step (runs are deterministic)."""
+    from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, open_checkpoint
+    try:
+        last = latest_checkpoint(run_dir, report=None)
+        state = open_checkpoint(last).state if last is not None else None
+    except CheckpointError:
+        return False
+    return state is not None and state["step"] == cfg.train.steps and state["config"] == cfg.to_dict()
+
+
+def _train(run: BenchRun, out: Path, log, keep: bool = False) -> None:
     from megatron_msg.training.trainer import Trainer
     cfg: RunConfig = config_from_dict(copy.deepcopy(run.raw))
     run_dir = out / "runs" / run.name
+    if keep and _finished(run_dir, cfg):
+        log(f"{run.name}: kept (already trained to step {cfg.train.steps} with this config)")
+        return
     start = time.perf_counter()
     result = Trainer(cfg, out_dir=run_dir, resume=False, progress=False).run()
     last = result.valid_losses[max(result.valid_losses)]
@@ -303,7 +317,7 @@ def plot_report(runs: list[BenchRun], curves: dict[str, RunCurves], path: Path) 
 
 def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: int, seeds: int,
                      log=lambda text: print(text, flush=True), kinds: tuple[str, ...] = RUN_KINDS,
-                     budget: float = 1.0) -> dict:
+                     budget: float = 1.0, keep_runs: bool = False) -> dict:
     """Train every run of the benchmark into ``out_dir/runs`` and write the report beside it."""
     from megatron_msg.training.batches import BUNDLED_CORPUS
     size = SIZES[size_name]
@@ -316,12 +330,12 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
         raise ValueError(f"--runs: {', '.join(unknown)} is not one of {', '.join(RUN_KINDS)}")
     if budget <= 0:
         raise ValueError(f"--growth-budget: must be > 0, got {budget}")
-    if (out / "runs").exists():
+    if (out / "runs").exists() and not keep_runs:
         shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
     runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds, tuple(kinds), budget)
     for i, run in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {run.name}")
-        _train(run, out, log)
+        _train(run, out, log, keep_runs)
     curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}  # read once: report and plot
     rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path), budget)
     atomic_write_json(str(out / "growth.json"), rep)

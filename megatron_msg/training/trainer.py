@@ -166,6 +166,7 @@ class Trainer:
         self.auto = AutoTiming.from_config(cfg, self.stages) if any(st.auto for st in self.stages) else None
         self.decided: dict[int, int] = {}
         self.probe_losses: dict[int, float] = {}
+        self.grown_rate: float | None = None  # the last lookahead's, for the stage being decided
         self._probing = False  # inside a growth lookahead: nothing is logged, everything is rolled back
         self.batch_schedule = BatchSchedule.from_config(cfg)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
@@ -309,6 +310,7 @@ class Trainer:
             # at_step: auto: what the run decided, and the probe losses a coming decision compares.
             "growth_decisions": {str(k): v for k, v in self.decided.items()},
             "probe_losses": {str(k): v for k, v in self.probe_losses.items()},
+            "grown_rate": self.grown_rate,
             # What the schedule says for the next step: a resumed run must agree (_check_settings).
             "train_settings": self.train_settings(self.step),
             "config": self.cfg.to_dict(),
@@ -374,6 +376,7 @@ class Trainer:
             self.optimizer.load_named_state(shard_optimizer_state(ckpt.optimizer, self.model))
         self.step, self.stage_index = state["step"], state["stage_index"]
         self.probe_losses = {int(k): v for k, v in state.get("probe_losses", {}).items()}
+        self.grown_rate = state.get("grown_rate")
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.clock = RunClock.from_state(state.get("clock"))
         self.ramp = None if state["ramp"] is None else MaskRamp(**state["ramp"])
@@ -586,37 +589,53 @@ class Trainer:
             self.probe_losses[s] = self._eval_loss(self.auto.eval_iters)
         if s not in checks:
             return
-        if s == checks[-1]:
-            check = GrowthCheck(s, k, "deadline", None, None, None, None, None, 0)
+        stage, w = self.stages[k], self.auto.probe_steps
+        ramp = stage.phi if stage.uses_masks else 0
+        if s == checks[-1] or s + ramp + w >= self.cfg.train.steps:
+            check = GrowthCheck(s, k, "deadline", None, None, None, None, None, None, 0)
         else:
-            w = self.auto.probe_steps
-            grown_cfg = self.cfg.model.with_shape(self.stages[k].shape)
             batch = self.batch_schedule.at(s).global_batch
-            check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], self._lookahead(k, w),
-                           step_flops(self.model.cfg, batch), step_flops(grown_cfg, batch))
+            flops_now, flops_grown = step_flops(self.model.cfg, batch), step_flops(
+                self.cfg.model.with_shape(stage.shape), batch)
+            rate_now = (self.probe_losses[s - w] - self.probe_losses[s]) / (w * flops_now)
+            if self.grown_rate is not None and rate_now > self.grown_rate:
+                # Still faster than the grown shape was at the last lookahead: no new one yet.
+                check = GrowthCheck(s, k, "wait", self.probe_losses[s - w], self.probe_losses[s], None, None,
+                                    rate_now, self.grown_rate, 0)
+            else:
+                grown = self._lookahead(k, ramp, w)
+                check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], *grown,
+                               flops_now, flops_grown, ramp + w)
+                self.grown_rate = check.rate_grown
         if check.decision == "wait":  # the loss now may open the next check's window
             self.probe_losses = {s: self.probe_losses[s]}
         else:  # the next stage's windows start after this growth's ramp
-            self.probe_losses = {}
+            self.probe_losses, self.grown_rate = {}, None
             self._set_decided({**self.decided, k: s})
-        self.metrics.write({"kind": "growth_check", **dataclasses.asdict(check), "shape": str(self.stages[k].shape),
-                            "probe_steps": 0 if check.decision == "deadline" else self.auto.probe_steps,
+        self.metrics.write({"kind": "growth_check", **dataclasses.asdict(check), "shape": str(stage.shape),
                             "time_s": self.clock.train_s})
         if check.decision == "wait":
-            self._log_console(f"step {s}: stage {k} waits (loss drop per FLOP: grown {check.rate_grown:.3g}, "
-                              f"current {check.rate_current:.3g})")
+            self._log_console(f"step {s}: stage {k} waits (loss drop per FLOP: current {check.rate_current:.3g}, "
+                              f"grown {check.rate_grown:.3g}{'' if check.probe_flops else ' at the last lookahead'})")
 
-    def _lookahead(self, k: int, steps: int) -> float:
-        """The probe loss after growing stage ``k`` now and training ``steps`` steps; then every part
-        of the training state is put back as it was (the grown model is dropped)."""
+    def _lookahead(self, k: int, ramp: int, steps: int) -> tuple[float, float]:
+        """Grow stage ``k`` now, train through its mask ramp and ``steps`` more steps, and return the
+        probe loss at the ramp's end and ``steps`` after it; then put every part of the training state
+        back as it was (the grown model is dropped).  The LR goes on as if there were no rewind: a
+        rewind's transient is paid whenever the stage grows, so it says nothing about when to."""
         keep = (self.model, self.optimizer, self.ramp, self.stage_index, self.step, self.nonfinite_skipped,
                 self.scaler.state_dict() if self.scaler is not None else None, self.decided)
         self._probing = True
         try:
             self._set_decided({**self.decided, k: self.step})
+            self.stages[k] = dataclasses.replace(self.stages[k], rewind_lr=False)
+            self.lr_segments = lr_segments(self.cfg, self.stages)
+            for _ in range(ramp):
+                self.advance()
+            settled = self._eval_loss(self.auto.eval_iters)
             for _ in range(steps):
                 self.advance()
-            return self._eval_loss(self.auto.eval_iters)
+            return settled, self._eval_loss(self.auto.eval_iters)
         finally:
             (self.model, self.optimizer, self.ramp, self.stage_index, self.step, self.nonfinite_skipped,
              scaler_state, decided) = keep
