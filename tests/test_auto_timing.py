@@ -199,14 +199,21 @@ def _dp2(rank, world, raw, out_dir):
     return res.losses
 
 
-def test_auto_timing_under_data_parallel_zero2_rolls_back_the_partitioned_optimizer(auto_run, tmp_path):
-    """DP2 with ZeRO-2: every replica takes the same decisions (the probe loss is all-reduced), and
-    the run equals the DP2 fixed run at the steps it decided."""
-    raw = _raw(check_every=8, probe_steps=4)
+def test_auto_timing_under_data_parallel_zero2_rolls_back_the_partitioned_optimizer(tmp_path):
+    """DP2 with ZeRO-2, two hand-listed auto stages: every replica takes the same decisions (the probe
+    loss is all-reduced), and the run equals the DP2 fixed run at the steps it decided."""
+    raw = copy.deepcopy(RAW)
+    raw["model"].update(hidden=16, ffn=16, heads=2, layers=1)
+    raw["train"].update(steps=64, batch_size=2, grad_accum=2)  # the single-process run's 4 samples per step
+    raw["growth"] = {"defaults": {"phi": 3}, "auto": {"check_every": 6, "probe_steps": 3},
+                     "stages": [{"at_step": "auto", "ffn": 64, "rewind_lr": True}, {"at_step": "auto", "layers": 2}]}
     raw["parallel"] = {"dp": 2, "zero_stage": 2}
-    raw["train"].update(batch_size=2, grad_accum=2)  # the single-process run's 4 samples per step
     auto = run_distributed(_dp2, 2, args=(raw, tmp_path / "auto"))
     decided = {g["stage"]: g["step"] for g in _records(tmp_path / "auto", "growth")}
-    assert sorted(decided) == [0, 1, 2, 3, 4]
-    fixed = run_distributed(_dp2, 2, args=(_fixed_at(raw, decided), tmp_path / "fixed"))
+    assert sorted(decided) == [0, 1]
+    assert any(c["decision"] == "wait" and c["probe_flops"] for c in _records(tmp_path / "auto", "growth_check"))
+    fixed = copy.deepcopy(raw)
+    for k, stage in enumerate(fixed["growth"]["stages"]):
+        stage["at_step"] = decided[k]
+    fixed = run_distributed(_dp2, 2, args=(fixed, tmp_path / "fixed"))
     assert auto[0] == fixed[0] and auto[0] == auto[1]

@@ -36,7 +36,8 @@ def test_every_run_is_reported_against_both_full_size_references(bench):
     assert [s["rewind_lr"] for s in rep["stages"]][:2] == [True, True] and len(rep["stages"]) >= 3
     for row in rep["runs"]:
         for ref in ("vs_full", "vs_full_rewinds"):
-            assert set(row[ref]) == ROW_KEYS
+            extra = {"flops_to_reference_final_loss_without_lookaheads"} if row["lookaheads"] else set()
+            assert set(row[ref]) == ROW_KEYS | extra
             v = row[ref]
             assert v["flops"] > 0 and v["time_s"] > 0 and v["final_valid_loss"] > 0
             if v["reference_flops_to_final_loss"] is None:  # "not reached": no speed-up made up
@@ -98,6 +99,10 @@ def test_the_auto_run_has_the_schedule_shapes_and_its_lookaheads_cost_flops(benc
     schedule_flops = sum(p.flops for p in plan_schedule(curve.cfg, decided))
     row = next(r for r in rep["runs"] if r["run"] == "msg_auto")
     assert row["vs_full"]["flops"] == schedule_flops + row["lookahead_flops"]
+    bare = row["vs_full"]["flops_to_reference_final_loss_without_lookaheads"]
+    with_lookaheads = row["vs_full"]["flops_to_reference_final_loss"]
+    if bare is not None and with_lookaheads is not None:
+        assert bare <= with_lookaheads
 
 
 def test_runs_and_growth_budget_pick_what_is_trained(tmp_path):

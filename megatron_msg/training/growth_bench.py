@@ -35,12 +35,12 @@ import copy
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from megatron_msg.config import RunConfig, config_from_dict
 from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
-from megatron_msg.training.compare import RunCurves, compare, load_run
+from megatron_msg.training.compare import RunCurves, compare, flops_to_reach, load_run
 from megatron_msg.training.plot import save_figure
 
 
@@ -230,6 +230,10 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
             _, cmp_rows = compare([reference, curve])
             _, to_ref = compare([reference, curve], target=reference.valid[-1][1])
             entry["vs_" + ref] = _row_summary(cmp_rows[1], to_ref[1])
+            if curve.lookaheads:  # what the decided steps alone cost: timing apart from lookahead overhead
+                bare = replace(curve, lookaheads=[])
+                entry["vs_" + ref]["flops_to_reference_final_loss_without_lookaheads"] = flops_to_reach(
+                    bare.valid_by_flops(), reference.valid[-1][1])
         rows.append(entry)
     first = runs[0].raw
     schedule = config_from_dict(copy.deepcopy(schedule_raw(first, "msg", True, budget)), check=False)
@@ -257,9 +261,11 @@ def format_report(rep: dict) -> str:
              + ", ".join(f"{s['at_step']} -> {s['shape']}" for s in rep["stages"]), ""]
     for r in rep["runs"]:
         if r.get("timing") == "auto":
+            bare = r["vs_full"].get("flops_to_reference_final_loss_without_lookaheads")
             lines += [f"`{r['run']}` (at_step auto) grew at steps {', '.join(map(str, r['growth_steps']))}; "
                       f"{r['lookaheads']} lookaheads spent {_fmt(r['lookahead_flops'], 'flops')} FLOPs "
-                      "(counted in its FLOPs and time).", ""]
+                      "(counted in its FLOPs and time); without them its steps reach `full`'s final loss with "
+                      f"{_fmt(bare, 'flops')} FLOPs.", ""]
     for ref in ("full", "full_rewinds"):
         if not any("vs_" + ref in r for r in rep["runs"]):
             continue
