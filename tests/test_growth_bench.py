@@ -33,6 +33,7 @@ def test_every_run_is_reported_against_both_full_size_references(bench):
     names = [r["run"] for r in rep["runs"]]
     assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds", "msg_auto"]
     assert rep["size"] == "tiny" and rep["corpus"] == "bundled" and rep["steps"] == 144
+    assert rep["seeds"] == {}  # one seed: no spread to read
     assert [s["rewind_lr"] for s in rep["stages"]][:2] == [True, True] and len(rep["stages"]) >= 3
     for row in rep["runs"]:
         for ref in ("vs_full", "vs_full_rewinds"):
@@ -113,3 +114,49 @@ def test_runs_and_growth_budget_pick_what_is_trained(tmp_path):
     with pytest.raises(SystemExit) as exc:
         msg_bench(["growth", "--size", "tiny", "--out", str(tmp_path), "--runs", "msg,bogus"])
     assert exc.value.code == 2
+
+
+def test_a_stopped_benchmark_stops_and_keep_runs_resumes_it_to_the_same_losses(bench, tmp_path, monkeypatch, capsys):
+    """SIGTERM during a run stops the whole benchmark (not just that run, which would leave it
+    half-trained in the report); --keep-runs then resumes it bit-exactly."""
+    import shutil
+
+    from megatron_msg.training.compare import load_run
+    from megatron_msg.training.trainer import Trainer
+    done, _ = bench
+    shutil.copytree(done / "runs" / "full", tmp_path / "runs" / "full")  # kept: only msg trains
+    real_stop = Trainer._stop_agreed
+    monkeypatch.setattr(Trainer, "_stop_agreed", lambda self: self.step == 60 or real_stop(self))
+    args = ["growth", "--size", "tiny", "--out", str(tmp_path), "--runs", "msg", "--keep-runs"]
+    with pytest.raises(SystemExit) as exc:
+        msg_bench(args)
+    assert exc.value.code == 130
+    assert "stopped during run msg at step 60" in capsys.readouterr().err
+    assert not (tmp_path / "growth.json").exists()
+    monkeypatch.setattr(Trainer, "_stop_agreed", real_stop)
+    msg_bench(args)
+    assert "msg: resuming from step 60" in capsys.readouterr().out
+    assert load_run(tmp_path / "runs" / "msg", "msg").valid == load_run(done / "runs" / "msg", "msg").valid
+
+
+def test_the_seed_summary_says_whether_msg_wins_by_more_than_the_seed_spread():
+    from megatron_msg.training.growth_bench import _format_seeds, seed_summary
+
+    def row(kind, seed, final, to_full=None):
+        return {"run": f"{kind}_s{seed}", "kind": kind, "seed": seed,
+                "vs_full": {"final_valid_loss": final, "flops_to_reference_final_loss": to_full}}
+    rows = [row("full", 0, 1.50, 3e13), row("msg", 0, 1.40, 1.4e13), row("nomask", 0, 1.45), row("net2net", 0, 1.405),
+            row("full", 1, 1.52, 3e13), row("msg", 1, 1.41, 1.5e13), row("nomask", 1, 1.47), row("net2net", 1, 1.42)]
+    summary = seed_summary(rows)
+    assert summary["kinds"]["msg"]["final_loss_mean"] == pytest.approx(1.405)
+    assert summary["kinds"]["msg"]["final_loss_spread"] == pytest.approx(0.01)
+    assert summary["kinds"]["msg"]["flops_to_full_final_loss"] == [1.4e13, 1.5e13]
+    nomask, net2net = summary["msg_against"]["nomask"], summary["msg_against"]["net2net"]
+    assert nomask["difference_per_seed"] == pytest.approx([0.05, 0.06]) and nomask["seed_spread"] == pytest.approx(0.02)
+    assert nomask["msg_lower_beyond_spread"] is True
+    # Lower on both seeds, but by less on average (0.0075) than net2net's own spread (0.015).
+    assert net2net["msg_lower_beyond_spread"] is False
+    text = "\n".join(_format_seeds(summary))
+    assert "msg against nomask:" in text and "beyond the seed spread: yes" in text
+    assert "msg against net2net:" in text and "beyond the seed spread: no" in text
+    assert seed_summary([r for r in rows if r["seed"] == 0]) == {}  # one seed: no spread to read

@@ -122,14 +122,14 @@ def _growth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--growth-budget", type=float, default=1.0,
                    help="steps of the growth runs as a multiple of the full-size runs' (default 1)")
     p.add_argument("--keep-runs", action="store_true",
-                   help="keep runs already in --out that were trained to the end with the same config "
-                        "(deterministic: the same losses; their wall times are from when they ran)")
+                   help="keep runs already in --out that were trained to the end with the same config, and resume "
+                        "interrupted ones (deterministic: the same losses; their wall times are from when they ran)")
 
 
 def _growth_run(a: argparse.Namespace) -> None:
     from megatron_msg.config import ConfigError
     from megatron_msg.data.errors import DataError
-    from megatron_msg.training.growth_bench import run_growth_bench
+    from megatron_msg.training.growth_bench import BenchStopped, run_growth_bench
     if a.seeds < 1:
         raise SystemExit("msg-bench growth: --seeds must be >= 1")
     try:
@@ -140,6 +140,9 @@ def _growth_run(a: argparse.Namespace) -> None:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"msg-bench growth: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BenchStopped as exc:
+        print(f"msg-bench growth: {exc}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:

@@ -173,26 +173,39 @@ def prepare_corpus(corpus: Path, out: Path, vocab: int) -> Corpus:
                    "tokenizer_model": model}, vocab)
 
 
-def _finished(run_dir: Path, cfg: RunConfig) -> bool:
-    """Whether ``run_dir`` holds this very run, trained to its last step (runs are deterministic)."""
+class BenchStopped(RuntimeError):
+    """A stop request (SIGTERM/SIGINT) ended a run before its last step: the benchmark stops too."""
+
+
+def _checkpointed_step(run_dir: Path, cfg: RunConfig) -> int | None:
+    """The step of ``run_dir``'s latest checkpoint when it holds this very run (same config), else None."""
     from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, open_checkpoint
     try:
         last = latest_checkpoint(run_dir, report=None)
         state = open_checkpoint(last).state if last is not None else None
     except CheckpointError:
-        return False
-    return state is not None and state["step"] == cfg.train.steps and state["config"] == cfg.to_dict()
+        return None
+    return state["step"] if state is not None and state["config"] == cfg.to_dict() else None
 
 
 def _train(run: BenchRun, out: Path, log, keep: bool = False) -> None:
+    """Train ``run`` into ``out/runs/<name>``; with ``keep`` a finished run is kept and an
+    interrupted one resumed (runs are deterministic and resume bit-exactly)."""
     from megatron_msg.training.trainer import Trainer
     cfg: RunConfig = config_from_dict(copy.deepcopy(run.raw))
     run_dir = out / "runs" / run.name
-    if keep and _finished(run_dir, cfg):
+    at = _checkpointed_step(run_dir, cfg) if keep else None
+    if at == cfg.train.steps:
         log(f"{run.name}: kept (already trained to step {cfg.train.steps} with this config)")
         return
+    if at is not None:
+        log(f"{run.name}: resuming from step {at}")
     start = time.perf_counter()
-    result = Trainer(cfg, out_dir=run_dir, resume=False, progress=False).run()
+    result = Trainer(cfg, out_dir=run_dir, resume=at is not None, progress=False).run()
+    if result.interrupted:
+        # Going on to the next run would leave this one half-trained in the report.
+        raise BenchStopped(f"stopped during run {run.name} at step {result.final_step}; "
+                           "run the same command with --keep-runs to resume it")
     last = result.valid_losses[max(result.valid_losses)]
     log(f"{run.name}: {len(cfg.growth.stages)} growth events, final validation loss {last:.4f}, "
         f"{time.perf_counter() - start:.1f} s")
@@ -217,7 +230,7 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
     rows = []
     for r in runs:
         curve = curves[r.name]
-        entry = {"run": r.name, "seed": r.seed, "operator": r.operator or "full size",
+        entry = {"run": r.name, "kind": r.kind, "seed": r.seed, "operator": r.operator or "full size",
                  "width_operator": STACK_WIDTH_OPERATOR if r.operator == "stack" else r.operator,
                  "lr_policy": r.lr_policy, "timing": r.timing, "steps": r.raw["train"]["steps"],
                  "growth_events": len(curve.growths),
@@ -243,7 +256,37 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
             "start": str(schedule.model.shape),
             "stages": [{"at_step": s.at_step, "shape": str(s.shape), "rewind_lr": s.rewind_lr, "phi": s.phi}
                        for s in schedule.resolved_stages()],
-            "date": time.strftime("%Y-%m-%d"), "runs": rows}
+            "date": time.strftime("%Y-%m-%d"), "runs": rows, "seeds": seed_summary(rows)}
+
+
+def seed_summary(rows: list[dict]) -> dict:
+    """With two or more seeds: per run kind, the final validation loss's mean and spread (max - min)
+    and the FLOPs to ``full``'s final loss per seed; and MSG against each other operator, the other
+    operator's final loss minus MSG's per seed (> 0: MSG ends lower), and whether MSG ends lower on
+    every seed by more than the larger of the two seed spreads on average."""
+    by_kind: dict[str, list[dict]] = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r)
+    if max(len(rs) for rs in by_kind.values()) < 2:
+        return {}
+    kinds = {}
+    for kind, rs in by_kind.items():
+        finals = [r["vs_full"]["final_valid_loss"] for r in rs]
+        kinds[kind] = {"seeds": [r["seed"] for r in rs], "final_loss_mean": sum(finals) / len(finals),
+                       "final_loss_spread": max(finals) - min(finals),
+                       "flops_to_full_final_loss": [r["vs_full"]["flops_to_reference_final_loss"] for r in rs]}
+    msg_against = {}
+    for other in OPERATORS:
+        if other == "msg" or other not in by_kind or "msg" not in by_kind:
+            continue
+        msg_final = {r["seed"]: r["vs_full"]["final_valid_loss"] for r in by_kind["msg"]}
+        diffs = [r["vs_full"]["final_valid_loss"] - msg_final[r["seed"]] for r in by_kind[other]
+                 if r["seed"] in msg_final]
+        spread = max(kinds["msg"]["final_loss_spread"], kinds[other]["final_loss_spread"])
+        mean = sum(diffs) / len(diffs)
+        msg_against[other] = {"difference_per_seed": diffs, "mean_difference": mean, "seed_spread": spread,
+                              "msg_lower_beyond_spread": all(d > 0 for d in diffs) and mean > spread}
+    return {"kinds": kinds, "msg_against": msg_against}
 
 
 def _fmt(x, kind: str) -> str:
@@ -289,7 +332,25 @@ def format_report(rep: dict) -> str:
                          f"{_fmt(v['time_to_reference_final_loss_s'], 's')} | "
                          f"{_fmt(v['wall_speedup_to_reference_final_loss'], 'x')} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _format_seeds(rep.get("seeds") or {}))
+
+
+def _format_seeds(summary: dict) -> list[str]:
+    if not summary:
+        return []
+    lines = ["Across seeds (final validation loss: mean and spread, max - min; FLOPs to `full`'s final loss per seed):",
+             "", "| run | seeds | final loss mean | spread | FLOPs to full's final loss |", "|---|---|---|---|---|"]
+    for kind, k in summary["kinds"].items():
+        lines.append(f"| {kind} | {len(k['seeds'])} | {_fmt(k['final_loss_mean'], 'loss')} | "
+                     f"{_fmt(k['final_loss_spread'], 'loss')} | "
+                     f"{', '.join(_fmt(f, 'flops') for f in k['flops_to_full_final_loss'])} |")
+    lines.append("")
+    for other, m in summary["msg_against"].items():
+        lines.append(f"msg against {other}: {other}'s final loss minus msg's per seed "
+                     f"{', '.join(f'{d:+.4f}' for d in m['difference_per_seed'])} (mean {m['mean_difference']:+.4f}), "
+                     f"seed spread {m['seed_spread']:.4f}: msg ends lower beyond the seed spread: "
+                     f"{'yes' if m['msg_lower_beyond_spread'] else 'no'}.")
+    return lines + [""] if summary["msg_against"] else lines
 
 
 def plot_report(runs: list[BenchRun], curves: dict[str, RunCurves], path: Path) -> Path | None:
