@@ -65,7 +65,7 @@ setup(
     ],
     extras_require={
         # transformers: the tests load msg-export's output into GPT2LMHeadModel / BertForPreTraining.
-        "test": ["pytest", "hypothesis", "transformers"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "transformers"],
         # msg-export writes model.safetensors with it (pytorch_model.bin without).
         "hf": ["safetensors"],
         "viz": ["matplotlib", "tensorboard"],

@@ -210,6 +210,10 @@ class AutoTimingConfig:
     # latest at steps * (1 - (n - k) * reserve), whatever the measurements say.
     reserve: float = 0.125
     eval_iters: int | None = None   # validation batches per probe loss (default: train.eval_iters)
+    # A lookahead that decides "grow" is kept, not rolled back: its steps become the run's, and the
+    # stage's LR rewind (if any) comes at the lookahead's end instead of at the growth.  Off: every
+    # lookahead is thrown away, and the run equals a fixed run at the steps it decided.
+    adopt_lookahead: bool = True
 
     def every(self, steps: int) -> int:
         return self.check_every if self.check_every is not None else max(2, steps // 24)
@@ -1030,6 +1034,10 @@ def _validate_timing(cfg: RunConfig, stages: list[ResolvedStage]) -> None:
         _check(a.probe_steps <= a.check_every, "growth.auto.probe_steps",
                f"{a.probe_steps} exceeds growth.auto.check_every={a.check_every} (the loss the current shape "
                "is measured by is probe_steps before each check)")
+    every, probe = a.every(cfg.train.steps), a.probe(cfg.train.steps)
+    _check(not a.adopt_lookahead or 2 * probe <= every, "growth.auto.probe_steps",
+           f"{probe} is more than half of growth.auto.check_every={every}: an adopted lookahead would end "
+           "inside the next check's measuring window (lower probe_steps, or set adopt_lookahead: false)")
     autos = sum(st.auto for st in stages)
     _check(0 < a.reserve and autos * a.reserve < 1, "growth.auto.reserve",
            f"{a.reserve} x {max(autos, 1)} auto stage(s) must leave part of train.steps for the first "

@@ -1,7 +1,8 @@
 """Self-adaptive growth timing (``at_step: auto``, issue 19 item 3): the rule's arithmetic, its config
-errors, and what makes it trustworthy in a run: a lookahead leaves no trace (an auto run trains exactly
-like a fixed run at the steps it decided), decisions survive a resume, and the lookaheads' compute is
-counted wherever FLOPs are reported."""
+errors, and what makes it trustworthy in a run: a rolled-back lookahead leaves no trace and an adopted
+one trains as the run would have (an auto run trains exactly like a fixed run at the steps it decided,
+with the adopted stages' LR rewinds where their lookaheads ended), decisions survive a resume, and the
+thrown-away lookaheads' compute is counted wherever FLOPs are reported."""
 from __future__ import annotations
 
 import copy
@@ -38,14 +39,18 @@ def _records(run_dir, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def _fixed_at(raw: dict, steps: dict[int, int]) -> dict:
-    """``raw``'s stages at fixed steps: what an auto run that decided ``steps`` must equal."""
+def _fixed_at(raw: dict, steps: dict[int, int], moved_rewinds: dict[int, int] | None = None) -> dict:
+    """``raw``'s stages at fixed steps: what an auto run that decided ``steps`` must equal;
+    ``moved_rewinds``: stage -> the step an adopted lookahead moved its LR rewind to."""
     cfg = config_from_dict(copy.deepcopy(raw))
+    moved = moved_rewinds or {}
     fixed = copy.deepcopy(raw)
     fixed["model"].update(hidden=cfg.model.hidden, ffn=cfg.model.ffn, heads=cfg.model.heads, layers=cfg.model.layers)
     fixed["growth"] = {"stages": [
         {"at_step": steps[st.index], "hidden": st.shape.hidden, "ffn": st.shape.ffn, "heads": st.shape.heads,
-         "layers": st.shape.layers, "phi": st.phi, "rewind_lr": st.rewind_lr} for st in cfg.resolved_stages()]}
+         "layers": st.shape.layers, "phi": st.phi, "rewind_lr": st.rewind_lr and st.index not in moved}
+        for st in cfg.resolved_stages()]}
+    fixed["lr"] = {**fixed.get("lr", {}), "rewind_at": sorted(moved.values())}
     return fixed
 
 
@@ -99,6 +104,10 @@ def test_the_decision_compares_loss_drop_per_flop():
      r"^growth.auto.reserve: 0.2 x 5 auto stage\(s\) must leave part of train.steps"),
     ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 4, "probe_steps": 8}}},
      r"^growth.auto.probe_steps: 8 exceeds growth.auto.check_every=4"),
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 8, "probe_steps": 5}}},
+     r"^growth.auto.probe_steps: 5 is more than half of growth.auto.check_every=8: an adopted lookahead"),
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"adopt_lookahead": "yes"}}},
+     r"^growth.auto.adopt_lookahead: expected true/false, got 'yes'"),
     ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 0}}},
      r"^growth.auto.check_every: must be >= 1, got 0"),
     # Checks every 50 steps: stage 0 first at 54, stage 1 at ~106, stage 2 would be past the run.
@@ -138,11 +147,15 @@ def test_an_auto_run_records_every_decision_and_reaches_the_target(auto_run):
     assert sorted(decided) == [0, 1, 2, 3, 4] and list(decided.values()) == sorted(decided.values())
     waited = [c for c in checks if c["decision"] == "wait" and c["probe_flops"] > 0]
     assert waited, "no lookahead was rolled back: the test would not exercise the rollback"
+    assert any(c["adopted"] for c in checks), "no lookahead was adopted: the test would not exercise adoption"
     for c in checks:
         if c["decision"] == "deadline":
-            assert c["probe_flops"] == 0 and c["rate_grown"] is None
+            assert c["probe_flops"] == 0 and c["rate_grown"] is None and not c["adopted"]
             continue
         assert (c["decision"] == "grow") == (c["rate_grown"] >= c["rate_current"])
+        if c["adopted"]:  # kept: its steps are the run's, none of its compute is overhead
+            assert c["decision"] == "grow" and c["probe_flops"] == 0 and c["grown_after"] is not None
+            continue
         if c["probe_flops"] == 0:  # no lookahead: still faster than the grown shape at the last one
             assert c["decision"] == "wait" and c["grown_after"] is None
             earlier = [e for e in checks if e["stage"] == c["stage"] and e["step"] < c["step"] and e["probe_flops"]]
@@ -153,13 +166,52 @@ def test_an_auto_run_records_every_decision_and_reaches_the_target(auto_run):
     assert all(g["timing"] == "auto" for g in _records(out, "growth"))
 
 
-def test_a_lookahead_leaves_no_trace(auto_run, tmp_path):
-    """The auto run's losses are bit-identical to a fixed run at the steps it decided: every rolled-back
-    lookahead restored the model, optimizer, ramp and step exactly."""
-    _, result, decided = auto_run
-    fixed = Trainer(config_from_dict(_fixed_at(_raw(check_every=8, probe_steps=4), decided)), out_dir=tmp_path,
-                    progress=False).run()
+def test_lookaheads_leave_no_trace_but_the_adopted_ones(auto_run, tmp_path):
+    """The auto run's losses, train and validation, are bit-identical to a fixed run that grows at the
+    steps it decided and rewinds the LR where the adopted lookaheads ended: every rolled-back lookahead
+    restored the model, optimizer, ramp and step exactly, and an adopted one trained exactly as the run
+    itself would have (its records are the run's, none missing)."""
+    out, result, decided = auto_run
+    cfg = config_from_dict(_raw(check_every=8, probe_steps=4))
+    stages = cfg.resolved_stages()
+    moved = {c["stage"]: c["step"] + stages[c["stage"]].phi + 4 for c in _records(out, "growth_check")
+             if c["adopted"] and stages[c["stage"]].rewind_lr}
+    fixed = Trainer(config_from_dict(_fixed_at(_raw(check_every=8, probe_steps=4), decided, moved)),
+                    out_dir=tmp_path, progress=False).run()
     assert fixed.losses == result.losses and fixed.valid_losses == result.valid_losses
+    assert sorted(result.losses) == list(range(STEPS))
+    assert [r["lr"] for r in _records(tmp_path, "train")] == [r["lr"] for r in _records(out, "train")]
+
+
+def test_an_adopted_lookahead_moves_the_stage_lr_rewind_to_its_end(tmp_path):
+    """A stage with an LR rewind whose lookahead is adopted: the LR decays on through the lookahead's
+    steps and rewinds to the peak where it ended, exactly like a fixed run with lr.rewind_at there;
+    a resume from the step after the adoption keeps the moved rewind."""
+    raw = copy.deepcopy(RAW)
+    raw["model"].update(hidden=16, ffn=16, heads=2, layers=1)
+    raw["train"].update(steps=64)
+    raw["growth"] = {"defaults": {"phi": 3}, "auto": {"check_every": 6, "probe_steps": 3},
+                     "stages": [{"at_step": "auto", "hidden": 24, "rewind_lr": True},
+                                {"at_step": "auto", "ffn": 64, "rewind_lr": True}]}
+    auto = Trainer(config_from_dict(copy.deepcopy(raw)), out_dir=tmp_path / "auto", progress=False).run()
+    adopted = [c for c in _records(tmp_path / "auto", "growth_check") if c["adopted"]]
+    assert [c["stage"] for c in adopted] == [0], "stage 0's lookahead must be adopted for this test"
+    grew, rewind = adopted[0]["step"], adopted[0]["step"] + 3 + 3  # + phi + probe_steps
+    lrs = {r["step"]: r["lr"] for r in _records(tmp_path / "auto", "train")}
+    assert lrs[grew] < lrs[grew - 1] and lrs[rewind - 1] < lrs[grew] and lrs[rewind] == raw["optimizer"]["lr"]
+    decided = {g["stage"]: g["step"] for g in _records(tmp_path / "auto", "growth")}
+    fixed = copy.deepcopy(raw)
+    fixed["growth"] = {"defaults": {"phi": 3}, "stages": [
+        {"at_step": decided[0], "hidden": 24, "rewind_lr": False}, {"at_step": decided[1], "ffn": 64, "rewind_lr": True}]}
+    fixed["lr"] = {**fixed["lr"], "rewind_at": [rewind]}
+    ref = Trainer(config_from_dict(fixed), out_dir=tmp_path / "fixed", progress=False).run()
+    assert ref.losses == auto.losses and ref.valid_losses == auto.valid_losses
+    # Stop right after the adopted lookahead, resume: the same losses (the checkpoint kept the moved rewind).
+    resumed = copy.deepcopy(raw)
+    first = Trainer(config_from_dict(resumed), out_dir=tmp_path / "resumed", progress=False).run(max_steps=rewind + 1)
+    assert first.final_step == rewind + 1
+    rest = Trainer(config_from_dict(resumed), out_dir=tmp_path / "resumed", progress=False).run()
+    assert {**first.losses, **rest.losses} == auto.losses
 
 
 def test_a_resumed_auto_run_decides_and_trains_identically(auto_run, tmp_path):
@@ -205,7 +257,8 @@ def test_auto_timing_under_data_parallel_zero2_rolls_back_the_partitioned_optimi
     raw = copy.deepcopy(RAW)
     raw["model"].update(hidden=16, ffn=16, heads=2, layers=1)
     raw["train"].update(steps=64, batch_size=2, grad_accum=2)  # the single-process run's 4 samples per step
-    raw["growth"] = {"defaults": {"phi": 3}, "auto": {"check_every": 6, "probe_steps": 3},
+    # Lookaheads never adopted: the run must equal the fixed one at its steps, rewinds included.
+    raw["growth"] = {"defaults": {"phi": 3}, "auto": {"check_every": 6, "probe_steps": 3, "adopt_lookahead": False},
                      "stages": [{"at_step": "auto", "ffn": 64, "rewind_lr": True}, {"at_step": "auto", "layers": 2}]}
     raw["parallel"] = {"dp": 2, "zero_stage": 2}
     auto = run_distributed(_dp2, 2, args=(raw, tmp_path / "auto"))

@@ -11,7 +11,9 @@ slope falls to the large model's at the same loss), measured instead of fitted:
   starts at the current loss), train ``probe_steps`` steps exactly as the real growth would
   (same batches, mask ramp, LR rewind), measure the probe loss, and roll everything back;
 * grow now if ``rate_grown >= rate_current``, else train on and check again ``check_every``
-  steps later.  Stage k of n auto stages grows at the latest at
+  steps later.  A lookahead that says "grow" is kept (``adopt_lookahead``, the default): the run
+  goes on from its end, and the stage's LR rewind comes there instead of at the growth; only the
+  lookaheads that say "wait" are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
   ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.
 
 Checks start ``check_every`` steps after the current shape stopped ramping (and after the LR
@@ -37,13 +39,14 @@ class AutoTiming:
     eval_iters: int
     warmup_steps: int   # lr.warmup_steps: no check inside the first warm-up
     deadlines: dict[int, int]  # auto stage index -> the step it grows at if no check said so before
+    adopt: bool = True  # keep a lookahead that decided "grow" (growth.auto.adopt_lookahead)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
         a, t = cfg.growth.auto, cfg.train
         autos = [st.index for st in stages if st.auto]
         return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
-                   {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)})
+                   {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead)
 
     def latest(self, stage: int) -> int:
         """The step auto stage ``stage`` grows at if no check has said so before."""
@@ -84,7 +87,8 @@ class GrowthCheck:
     grown_after: float | None    # probe_steps after that
     rate_current: float | None  # loss drop per training FLOP (the paper's gamma), current shape
     rate_grown: float | None    # the grown shape's (this check's lookahead, or the last one's)
-    probe_flops: int            # training FLOPs the lookahead spent (rolled back: pure overhead)
+    probe_flops: int            # training FLOPs the lookahead spent and threw away (pure overhead)
+    adopted: bool = False       # the lookahead was kept: its steps are the run's (probe_flops 0)
 
 
 def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, grown_settled: float,

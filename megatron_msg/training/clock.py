@@ -19,13 +19,28 @@ class RunClock:
     eval_s: float = 0.0   # validation evaluations
     save_s: float = 0.0   # checkpoint saves
 
+    def __post_init__(self):
+        self._running: dict[str, float] = {}  # kind -> start of the interval being timed (not state)
+
     @contextmanager
-    def timing(self, kind: str):
+    def timing(self, kind: str, within: str | None = None):
+        """Add the time the block takes to ``kind``; ``within``: a kind being timed around this block,
+        which then does not count it (an evaluation inside a training step's lookahead)."""
         start = time.perf_counter()
+        self._running[kind] = start
         try:
             yield
         finally:
-            setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + time.perf_counter() - start)
+            spent = time.perf_counter() - start
+            del self._running[kind]
+            setattr(self, f"{kind}_s", getattr(self, f"{kind}_s") + spent)
+            if within is not None:
+                setattr(self, f"{within}_s", getattr(self, f"{within}_s") - spent)
+
+    def so_far(self, kind: str) -> float:
+        """``kind``'s time including the interval being timed now."""
+        start = self._running.get(kind)
+        return getattr(self, f"{kind}_s") + (0.0 if start is None else time.perf_counter() - start)
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from megatron_msg.config import RunConfig, config_from_dict
+from megatron_msg.config import ConfigError, RunConfig, config_from_dict
 from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
 from megatron_msg.training.compare import RunCurves, compare, flops_to_reach, load_run
 from megatron_msg.training.plot import save_figure
@@ -185,7 +185,17 @@ def _checkpointed_step(run_dir: Path, cfg: RunConfig) -> int | None:
         state = open_checkpoint(last).state if last is not None else None
     except CheckpointError:
         return None
-    return state["step"] if state is not None and state["config"] == cfg.to_dict() else None
+    if state is None:
+        return None
+    if state["config"] == cfg.to_dict():
+        return state["step"]
+    if any(st.auto for st in cfg.resolved_stages()):
+        return None  # what an auto run did depends on growth.auto fields added since (adopt_lookahead)
+    try:  # a fixed run: through today's loader, so a field added since at its default is the same run
+        same = config_from_dict(copy.deepcopy(state["config"]), check=False).to_dict() == cfg.to_dict()
+    except ConfigError:
+        return None
+    return state["step"] if same else None
 
 
 def _train(run: BenchRun, out: Path, log, keep: bool = False) -> None:
@@ -235,7 +245,8 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
                  "lr_policy": r.lr_policy, "timing": r.timing, "steps": r.raw["train"]["steps"],
                  "growth_events": len(curve.growths),
                  "growth_steps": [g["step"] for g in curve.growths],
-                 "lookaheads": len(curve.lookaheads), "lookahead_flops": sum(f for _, f in curve.lookaheads)}
+                 "lookaheads": len(curve.lookaheads), "lookahead_flops": sum(f for _, f in curve.lookaheads),
+                 "adopted_lookaheads": sum(1 for c in curve.checks if c.get("adopted"))}
         for ref, policy in (("full", "none"), ("full_rewinds", "rewinds")):
             if (r.seed, policy) not in references:
                 continue
@@ -305,10 +316,13 @@ def format_report(rep: dict) -> str:
     for r in rep["runs"]:
         if r.get("timing") == "auto":
             bare = r["vs_full"].get("flops_to_reference_final_loss_without_lookaheads")
+            kept = r.get("adopted_lookaheads", 0)
             lines += [f"`{r['run']}` (at_step auto) grew at steps {', '.join(map(str, r['growth_steps']))}; "
-                      f"{r['lookaheads']} lookaheads spent {_fmt(r['lookahead_flops'], 'flops')} FLOPs "
-                      "(counted in its FLOPs and time); without them its steps reach `full`'s final loss with "
-                      f"{_fmt(bare, 'flops')} FLOPs.", ""]
+                      + (f"{kept} lookaheads kept (their steps are the run's); " if kept else "")
+                      + f"{r['lookaheads']} thrown away spent {_fmt(r['lookahead_flops'], 'flops')} FLOPs "
+                      "(counted in its FLOPs and time)"
+                      + (f"; without them its steps reach `full`'s final loss with {_fmt(bare, 'flops')} FLOPs"
+                         if r["lookaheads"] else "") + ".", ""]
     for ref in ("full", "full_rewinds"):
         if not any("vs_" + ref in r for r in rep["runs"]):
             continue

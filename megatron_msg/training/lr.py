@@ -28,14 +28,19 @@ class LRSegment:
     warmup: int   # warm-up steps from the segment's start
 
 
-def lr_segments(cfg: RunConfig, stages: list[ResolvedStage] | None = None) -> list[LRSegment]:
+def lr_segments(cfg: RunConfig, stages: list[ResolvedStage] | None = None,
+                moved_rewinds: dict[int, int] | None = None) -> list[LRSegment]:
     """The run's LR segments in step order: step 0's, one per stage that starts one, and one per
     ``lr.rewind_at`` step (peak and floor of the stage in force there; a stage's own segment at
     the same step wins).  ``stages``: the resolved stages with the auto steps decided so far (an
-    undecided stage starts no segment yet: the LR before a growth never depends on its step)."""
+    undecided stage starts no segment yet: the LR before a growth never depends on its step).
+    ``moved_rewinds``: stage index -> the step its segment starts at instead of its growth step
+    (an adopted at_step: auto lookahead, which trained on without the rewind)."""
     stages = [st for st in (cfg.resolved_stages() if stages is None else stages) if st.at_step is not None]
+    moved = moved_rewinds or {}
     segments = [LRSegment(0, cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.lr.warmup_steps)]
-    segments += [LRSegment(st.at_step, st.lr, st.min_lr, st.warmup_steps) for st in stages if st.rewind_lr]
+    segments += [LRSegment(moved.get(st.index, st.at_step), st.lr, st.min_lr, st.warmup_steps)
+                 for st in stages if st.rewind_lr]
     taken = {s.start for s in segments}
     for step in cfg.lr.rewind_at:
         if step in taken:

@@ -167,7 +167,12 @@ class Trainer:
         self.decided: dict[int, int] = {}
         self.probe_losses: dict[int, float] = {}
         self.grown_rate: float | None = None  # the last lookahead's, for the stage being decided
-        self._probing = False  # inside a growth lookahead: nothing is logged, everything is rolled back
+        # Stage -> the step its LR rewind moved to (an adopted lookahead trained on without it).
+        self.moved_rewinds: dict[int, int] = {}
+        self._probing = False  # inside a growth lookahead: nothing is logged until it is adopted
+        self._probe_records: list[dict] = []  # what a lookahead would have logged (kept if adopted)
+        self._probe_eval_s = 0.0  # the lookahead's evaluation time (training time if thrown away)
+        self._adopted: list[dict] = []  # an adopted lookahead's records, for run() to write
         self.batch_schedule = BatchSchedule.from_config(cfg)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.autocast_dtype = DTYPES[cfg.train.dtype]
@@ -311,6 +316,7 @@ class Trainer:
             "growth_decisions": {str(k): v for k, v in self.decided.items()},
             "probe_losses": {str(k): v for k, v in self.probe_losses.items()},
             "grown_rate": self.grown_rate,
+            "moved_rewinds": {str(k): v for k, v in self.moved_rewinds.items()},
             # What the schedule says for the next step: a resumed run must agree (_check_settings).
             "train_settings": self.train_settings(self.step),
             "config": self.cfg.to_dict(),
@@ -361,6 +367,7 @@ class Trainer:
                 f"{path}: the config describes another run than the checkpoint's: {'; '.join(differences)} "
                 "(grow with msg-grow, or list a deliberate change in train.resume_may_change)")
         # at_step: auto: the steps the run decided shape its LR and batch schedules from here on.
+        self.moved_rewinds = {int(k): v for k, v in state.get("moved_rewinds", {}).items()}
         self._set_decided({int(k): v for k, v in state.get("growth_decisions", {}).items()})
         self._check_settings(ckpt)
         self.model = build_model(mcfg, self.placement, initialize=False, device=self.device,
@@ -546,10 +553,10 @@ class Trainer:
         """The auto steps decided so far, and the stages and LR segments that follow from them."""
         self.decided = dict(decided)
         self.stages = self.cfg.resolved_stages(self.decided)
-        self.lr_segments = lr_segments(self.cfg, self.stages)
+        self.lr_segments = lr_segments(self.cfg, self.stages, self.moved_rewinds)
 
     def grow(self, stage: ResolvedStage) -> None:
-        if self._probing:  # a lookahead: grown, measured once at its end, rolled back
+        if self._probing and not self.auto.adopt:  # a lookahead that is always rolled back: no record
             self._grow_to(stage)
             return
         before = self._probe_loss()
@@ -559,9 +566,12 @@ class Trainer:
                   "shape": str(stage.shape), "parameters": self.model.num_parameters(),
                   "layout": "tp{} x pp{} x dp{}".format(*stage.layout),
                   "loss_before": before, "loss_after": after, "phi": stage.phi, "rewind_lr": stage.rewind_lr,
-                  "time_s": self.clock.train_s}
+                  "time_s": self.clock.so_far("train")}
         if stage.auto:
             record["timing"] = "auto"
+        if self._probing:  # written if the lookahead is adopted
+            self._probe_records.append(record)
+            return
         self.metrics.write(record)
         self._log_console(f"step {stage.at_step}: grew ({stage.operator}) to {stage.shape}, "
                           f"{record['parameters']:,} parameters; probe loss {before:.5f} -> {after:.5f}")
@@ -603,47 +613,85 @@ class Trainer:
                 check = GrowthCheck(s, k, "wait", self.probe_losses[s - w], self.probe_losses[s], None, None,
                                     rate_now, self.grown_rate, 0)
             else:
-                grown = self._lookahead(k, ramp, w)
+                keep = self._start_lookahead(k)
+                try:
+                    grown = self._lookahead(ramp, w)
+                except BaseException:
+                    self._end_lookahead(keep, adopt=False)
+                    raise
                 check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], *grown,
                                flops_now, flops_grown, ramp + w)
                 self.grown_rate = check.rate_grown
+                adopt = self.auto.adopt and check.decision == "grow"
+                self._end_lookahead(keep, adopt)
+                if adopt:  # its steps are the run's now: no overhead, and the rewind comes here
+                    check = dataclasses.replace(check, probe_flops=0, adopted=True)
+                    if stage.rewind_lr:
+                        self.moved_rewinds = {**self.moved_rewinds, k: self.step}
         if check.decision == "wait":  # the loss now may open the next check's window
             self.probe_losses = {s: self.probe_losses[s]}
         else:  # the next stage's windows start after this growth's ramp
             self.probe_losses, self.grown_rate = {}, None
             self._set_decided({**self.decided, k: s})
         self.metrics.write({"kind": "growth_check", **dataclasses.asdict(check), "shape": str(stage.shape),
-                            "time_s": self.clock.train_s})
+                            "time_s": self.clock.so_far("train")})
         if check.decision == "wait":
             self._log_console(f"step {s}: stage {k} waits (loss drop per FLOP: current {check.rate_current:.3g}, "
                               f"grown {check.rate_grown:.3g}{'' if check.probe_flops else ' at the last lookahead'})")
 
-    def _lookahead(self, k: int, ramp: int, steps: int) -> tuple[float, float]:
-        """Grow stage ``k`` now, train through its mask ramp and ``steps`` more steps, and return the
-        probe loss at the ramp's end and ``steps`` after it; then put every part of the training state
-        back as it was (the grown model is dropped).  The LR goes on as if there were no rewind: a
-        rewind's transient is paid whenever the stage grows, so it says nothing about when to."""
+    def _start_lookahead(self, k: int) -> tuple:
+        """Grow stage ``k`` at the next step with its LR rewind left out, and return what puts every
+        part of the training state back.  The LR goes on as if there were no rewind: a rewind's
+        transient is paid whenever the stage grows, so it says nothing about when to."""
         keep = (self.model, self.optimizer, self.ramp, self.stage_index, self.step, self.nonfinite_skipped,
                 self.scaler.state_dict() if self.scaler is not None else None, self.decided)
-        self._probing = True
-        try:
-            self._set_decided({**self.decided, k: self.step})
-            self.stages[k] = dataclasses.replace(self.stages[k], rewind_lr=False)
-            self.lr_segments = lr_segments(self.cfg, self.stages)
-            for _ in range(ramp):
-                self.advance()
-            settled = self._eval_loss(self.auto.eval_iters)
-            for _ in range(steps):
-                self.advance()
-            return settled, self._eval_loss(self.auto.eval_iters)
-        finally:
+        self._probing, self._probe_records, self._probe_eval_s = True, [], 0.0
+        self._set_decided({**self.decided, k: self.step})
+        self.stages[k] = dataclasses.replace(self.stages[k], rewind_lr=False)
+        self.lr_segments = lr_segments(self.cfg, self.stages, self.moved_rewinds)
+        return keep
+
+    def _lookahead(self, ramp: int, steps: int) -> tuple[float, float]:
+        """Train the grown model through its mask ramp and ``steps`` more steps; return the probe
+        loss at the ramp's end and ``steps`` after it.  When the lookahead may be adopted, what the
+        run would have logged on these steps (train and validation records) is kept aside."""
+        settled, t = None, self.cfg.train
+        last_time, last_samples = self.clock.so_far("train"), self.batch_schedule.samples_before(self.step)
+        for i in range(ramp + steps):
+            if i == ramp:
+                settled = self._eval_loss(self.auto.eval_iters)
+            step_run, lr, loss, norm = self.advance()
+            if not self.auto.adopt:
+                continue
+            if self.step % t.log_interval == 0:
+                now, samples = self.clock.so_far("train"), self.batch_schedule.samples_before(self.step)
+                self._probe_records.append(self._train_record(step_run, lr, loss, norm, (samples - last_samples)
+                                                              * self.cfg.model.seq_len / max(now - last_time, 1e-9)))
+                last_time, last_samples = now, samples
+            if self.step % t.eval_interval == 0:
+                before = self.clock.eval_s
+                with self.clock.timing("eval", within="train"):
+                    vloss = self.evaluate()
+                self._probe_eval_s += self.clock.eval_s - before
+                self._probe_records.append({"kind": "valid", "step": step_run, "loss": vloss,
+                                            "time_s": self.clock.so_far("train"), "eval_time_s": self.clock.eval_s})
+        return settled, self._eval_loss(self.auto.eval_iters)
+
+    def _end_lookahead(self, keep: tuple, adopt: bool) -> None:
+        """Keep the lookahead's state (its records go to run() to write), or put back ``keep``."""
+        self._probing = False
+        if adopt:
+            self._adopted += self._probe_records
+        else:  # its evaluations were overhead of the timing rule, like its steps: training time
+            self.clock.eval_s -= self._probe_eval_s
+            self.clock.train_s += self._probe_eval_s
             (self.model, self.optimizer, self.ramp, self.stage_index, self.step, self.nonfinite_skipped,
              scaler_state, decided) = keep
             if scaler_state is not None:
                 self.scaler.load_state_dict(scaler_state)
             self._set_decided(decided)
-            self._probing = False
             self._wrap_model()
+        self._probe_records = []
 
     # ------------------------------------------------------------------ loop
 
@@ -680,7 +728,10 @@ class Trainer:
         besides logging, evaluation and saving (``msg-bench train`` times exactly this).
         """
         if self.auto is not None and not self._probing:
+            before = self.step
             self._auto_timing()
+            if self.step != before:  # an adopted lookahead: the step it ended at may need a probe loss
+                self._auto_timing()
         while self.stage_index < len(self.stages) and self.stages[self.stage_index].at_step == self.step:
             self.grow(self.stages[self.stage_index])
             self.stage_index += 1
@@ -707,24 +758,18 @@ class Trainer:
                 if self._stop_agreed():
                     result.interrupted = True
                     break
+                before = self.step
                 with self.clock.timing("train"):
                     step_run, lr, loss, norm = self.advance()
-                result.steps_run += 1
+                result.steps_run += self.step - before  # more than one after an adopted lookahead
                 if self._bar is not None:
-                    self._bar.update(1)
+                    self._bar.update(self.step - before)
+                self._write_adopted(result)
                 if self.step % t.log_interval == 0 or self.step == total:
                     now, samples = time.perf_counter(), self.batch_schedule.samples_before(self.step)
-                    rec = {"kind": "train", "step": step_run, "loss": loss.item(), "lr": lr,
-                           "grad_norm": norm.item(), "stage": self.stage_index, "shape": str(self.model.cfg.shape),
-                           "mask": None if self.ramp is None else self.ramp.value(step_run),
-                           "global_batch": self.batch_schedule.at(step_run).global_batch,
-                           "tokens_per_s": (samples - last_samples) * cfg.model.seq_len / max(now - last_time, 1e-9),
-                           "time_s": self.clock.train_s}
+                    rec = self._train_record(step_run, lr, loss, norm, (samples - last_samples) * cfg.model.seq_len
+                                             / max(now - last_time, 1e-9))
                     last_time, last_samples = now, samples
-                    if self.scaler is not None:
-                        rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped_steps)
-                    elif self.nonfinite_skipped:
-                        rec.update(skipped_steps=self.nonfinite_skipped)
                     self.metrics.write(rec)
                     result.losses[step_run] = rec["loss"]
                     self._report(rec)
@@ -753,6 +798,34 @@ class Trainer:
                 self._log_console(f"loss curve: {png}")
         self.metrics.close()
         return result
+
+    def _train_record(self, step_run: int, lr: float, loss: torch.Tensor, norm: torch.Tensor,
+                      tokens_per_s: float) -> dict:
+        rec = {"kind": "train", "step": step_run, "loss": loss.item(), "lr": lr,
+               "grad_norm": norm.item(), "stage": self.stage_index, "shape": str(self.model.cfg.shape),
+               "mask": None if self.ramp is None else self.ramp.value(step_run),
+               "global_batch": self.batch_schedule.at(step_run).global_batch,
+               "tokens_per_s": tokens_per_s, "time_s": self.clock.so_far("train")}
+        if self.scaler is not None:
+            rec.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped_steps)
+        elif self.nonfinite_skipped:
+            rec.update(skipped_steps=self.nonfinite_skipped)
+        return rec
+
+    def _write_adopted(self, result: TrainResult) -> None:
+        """The records of an adopted lookahead's steps (its growth, train and validation records),
+        written after the fact in step order, as the run would have written them."""
+        for rec in self._adopted:
+            self.metrics.write(rec)
+            if rec["kind"] == "train":
+                result.losses[rec["step"]] = rec["loss"]
+                self._report(rec)
+            elif rec["kind"] == "valid":
+                result.valid_losses[rec["step"]] = rec["loss"]
+            elif rec["kind"] == "growth":
+                self._log_console(f"step {rec['step']}: grew ({rec['operator']}) to {rec['shape']}, "
+                                  f"{rec['parameters']:,} parameters (lookahead adopted)")
+        self._adopted = []
 
     def _evaluate_and_record(self, step_run: int, result: TrainResult) -> None:
         with self.clock.timing("eval"):
