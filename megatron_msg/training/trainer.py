@@ -665,8 +665,8 @@ class Trainer:
                 continue
             if self.step % t.log_interval == 0:
                 now, samples = self.clock.so_far("train"), self.batch_schedule.samples_before(self.step)
-                self._probe_records.append(self._train_record(step_run, lr, loss, norm, (samples - last_samples)
-                                                              * self.cfg.model.seq_len / max(now - last_time, 1e-9)))
+                self._probe_records.append(self._train_record(step_run, lr, loss, norm, samples - last_samples,
+                                                              now - last_time))
                 last_time, last_samples = now, samples
             if self.step % t.eval_interval == 0:
                 before = self.clock.eval_s
@@ -767,8 +767,7 @@ class Trainer:
                 self._write_adopted(result)
                 if self.step % t.log_interval == 0 or self.step == total:
                     now, samples = time.perf_counter(), self.batch_schedule.samples_before(self.step)
-                    rec = self._train_record(step_run, lr, loss, norm, (samples - last_samples) * cfg.model.seq_len
-                                             / max(now - last_time, 1e-9))
+                    rec = self._train_record(step_run, lr, loss, norm, samples - last_samples, now - last_time)
                     last_time, last_samples = now, samples
                     self.metrics.write(rec)
                     result.losses[step_run] = rec["loss"]
@@ -800,7 +799,9 @@ class Trainer:
         return result
 
     def _train_record(self, step_run: int, lr: float, loss: torch.Tensor, norm: torch.Tensor,
-                      tokens_per_s: float) -> dict:
+                      samples: int, seconds: float) -> dict:
+        """The ``train`` record of ``step_run``; ``samples`` trained in ``seconds`` since the last one."""
+        tokens_per_s = samples * self.cfg.model.seq_len / max(seconds, 1e-9)
         rec = {"kind": "train", "step": step_run, "loss": loss.item(), "lr": lr,
                "grad_norm": norm.item(), "stage": self.stage_index, "shape": str(self.model.cfg.shape),
                "mask": None if self.ramp is None else self.ramp.value(step_run),
