@@ -214,6 +214,11 @@ class AutoTimingConfig:
     # stage's LR rewind (if any) comes at the lookahead's end instead of at the growth.  Off: every
     # lookahead is thrown away, and the run equals a fixed run at the steps it decided.
     adopt_lookahead: bool = True
+    # The current shape's rate is compared where the lookahead measures the grown one: extrapolated
+    # from the window before the check to the middle of the grown window (after its mask ramp) along
+    # a power law through the current shape's last two windows.  Off: the rate of the last window as
+    # measured, which favours the current shape (loss curves decelerate) and so grows late.
+    extrapolate: bool = True
 
     def every(self, steps: int) -> int:
         return self.check_every if self.check_every is not None else max(2, steps // 24)

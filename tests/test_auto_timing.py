@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 
@@ -69,7 +70,11 @@ def test_checks_start_after_the_ramp_and_end_at_the_stage_deadline():
     assert grown.at_step == 24 and grown.uses_masks
     # The next stage's window opens when stage 0's ramp has ended.
     assert timing.checks(1, grown)[0] == 24 + grown.phi + 10
-    assert timing.measure_steps(0, None) == {10, 14, 20, 24, 30, 34, 40, 44}
+    # Each check's loss, the loss probe_steps before it, and 2 x probe_steps before it (the
+    # earlier window the current rate is extrapolated from) where that is after the warm-up.
+    assert timing.measure_steps(0, None) == {6, 10, 14, 16, 20, 24, 26, 30, 34, 36, 40, 44}
+    plain = AutoTiming.from_config(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False)), stages)
+    assert plain.measure_steps(0, None) == {10, 14, 20, 24, 30, 34, 40, 44}
 
 
 def test_planned_stages_put_undecided_stages_at_their_earliest_check():
@@ -88,6 +93,36 @@ def test_the_decision_compares_loss_drop_per_flop():
     wait = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, grown_settled=2.4, grown_after=1.0, flops_current=1,
                   flops_grown=3, lookahead_steps=15)
     assert wait.decision == "wait" and wait.probe_flops == 45 and wait.grown_after == 1.0
+
+
+def test_the_current_rate_is_extrapolated_to_the_grown_window_along_a_power_law():
+    cfg = config_from_dict(_raw(check_every=10, probe_steps=4))
+    stages = cfg.resolved_stages()
+    timing = AutoTiming.from_config(cfg, stages)
+    grown = planned_stages(cfg, {0: 20})[0]  # the shape of stage 1 was made at step 20
+    # Windows [42, 46] and [46, 50]: rates 0.2 and 0.1 per FLOP (one FLOP a step) at t0 = 24 and
+    # t1 = 28 steps after step 20; the grown window's middle is 6 (ramp) + 2 steps after the check.
+    losses = {42: 3.0, 46: 2.2, 50: 1.8}
+    now, ahead = timing.current_rates(losses, 50, grown, ramp=6, flops=1)
+    beta = math.log(2) / math.log(28 / 24)
+    assert now == pytest.approx(0.1) and ahead == pytest.approx(0.1 * (28 / 38) ** beta)
+    assert ahead < now / 2  # a rate halving every 4 steps at t = 24..28 is far lower 10 steps on
+    # A rate that does not fall, a loss that rose, or no earlier window: compared as measured.
+    assert timing.current_rates({42: 3.0, 46: 2.9, 50: 2.5}, 50, grown, 6, 1) == (pytest.approx(0.1), None)
+    assert timing.current_rates({42: 3.0, 46: 2.0, 50: 2.1}, 50, grown, 6, 1)[1] is None
+    assert timing.current_rates({46: 2.2, 50: 1.8}, 50, grown, 6, 1)[1] is None
+    plain = AutoTiming.from_config(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False)), stages)
+    assert plain.current_rates(losses, 50, grown, 6, 1) == (pytest.approx(0.1), None)
+    # The start shape's t counts from step 0.
+    _, first = timing.current_rates({22: 3.0, 26: 2.2, 30: 1.8}, 30, None, ramp=6, flops=1)
+    assert first == pytest.approx(0.1 * (28 / 38) ** beta)
+    # The extrapolated rate is what the decision compares: as measured the current shape is
+    # faster (0.1 > 0.06); where the grown one is measured it is not.
+    check = decide(1, 50, 4, 2.2, 1.8, grown_settled=1.8, grown_after=1.08, flops_current=1, flops_grown=3,
+                   lookahead_steps=10, rate_ahead=ahead)
+    assert check.rate_grown == pytest.approx(0.06) and check.rate_grown > check.rate_current_ahead
+    assert check.decision == "grow"
+    assert decide(1, 50, 4, 2.2, 1.8, 1.8, 1.08, 1, 3, 10).decision == "wait"
 
 
 @pytest.mark.parametrize("change, message", [

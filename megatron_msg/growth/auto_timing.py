@@ -6,23 +6,30 @@ condition of staged training (Shen et al., 2022: switch when the small model's l
 slope falls to the large model's at the same loss), measured instead of fitted:
 
 * the current shape's rate is its own: the drop of the probe loss (a fixed set of validation
-  batches, eval mode) over the last ``probe_steps`` steps, per training FLOP spent on them;
+  batches, eval mode) over the last ``probe_steps`` steps, per training FLOP spent on them,
+  extrapolated (``extrapolate``, the default) to where the grown rate is measured, along a power
+  law in the steps since the shape was made through its last two windows: comparing a rate
+  before the check with one measured a ramp and a window after it would favour the current
+  shape, whose curve keeps decelerating;
 * the grown shape's rate comes from a lookahead: grow (function-preserving, so the grown model
   starts at the current loss), train ``probe_steps`` steps exactly as the real growth would
   (same batches, mask ramp, LR rewind), measure the probe loss, and roll everything back;
-* grow now if ``rate_grown >= rate_current``, else train on and check again ``check_every``
-  steps later.  A lookahead that says "grow" is kept (``adopt_lookahead``, the default): the run
+* grow now if ``rate_grown >= rate_current`` (the extrapolated one), else train on and check
+  again ``check_every`` steps later.  A lookahead that says "grow" is kept (``adopt_lookahead``, the default): the run
   goes on from its end, and the stage's LR rewind comes there instead of at the growth; only the
   lookaheads that say "wait" are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
   ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.
 
 Checks start ``check_every`` steps after the current shape stopped ramping (and after the LR
-warm-up), so the trailing window never straddles a growth.  Everything here is a function of the
-config and the steps decided so far; the trainer records the decisions and the probe losses in
-its checkpoints, so a resumed run decides the same way.
+warm-up), so the trailing window never straddles a growth.  (The LR rewind an adopted lookahead
+moves to its end can fall inside the next stage's first windows; starting them after it instead
+was measured and grew earlier at more compute on both corpora: docs/benchmarks.md.)  Everything
+here is a function of the config and the steps decided so far; the trainer records the decisions
+and the probe losses in its checkpoints, so a resumed run decides the same way.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
@@ -40,13 +47,15 @@ class AutoTiming:
     warmup_steps: int   # lr.warmup_steps: no check inside the first warm-up
     deadlines: dict[int, int]  # auto stage index -> the step it grows at if no check said so before
     adopt: bool = True  # keep a lookahead that decided "grow" (growth.auto.adopt_lookahead)
+    extrapolate: bool = True  # compare the current rate where the grown one is measured (growth.auto.extrapolate)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
         a, t = cfg.growth.auto, cfg.train
         autos = [st.index for st in stages if st.auto]
         return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
-                   {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead)
+                   {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead,
+                   a.extrapolate)
 
     def latest(self, stage: int) -> int:
         """The step auto stage ``stage`` grows at if no check has said so before."""
@@ -69,9 +78,33 @@ class AutoTiming:
         return list(range(first, latest, self.check_every)) + [latest]
 
     def measure_steps(self, stage: int, previous: ResolvedStage | None) -> set[int]:
-        """Steps whose probe loss a check needs: each check's, and ``probe_steps`` before it."""
-        grid = self.checks(stage, previous)[:-1]
-        return set(grid) | {s - self.probe_steps for s in grid}
+        """Steps whose probe loss a check needs: each check's, ``probe_steps`` before it, and (to
+        extrapolate) ``2 * probe_steps`` before it where that window is still the current shape's."""
+        grid, w = self.checks(stage, previous)[:-1], self.probe_steps
+        earlier = {s - 2 * w for s in grid if s - 2 * w >= self.settled(previous)} if self.extrapolate else set()
+        return set(grid) | {s - w for s in grid} | earlier
+
+    def current_rates(self, losses: dict[int, float], step: int, previous: ResolvedStage | None, ramp: int,
+                      flops: int) -> tuple[float, float | None]:
+        """The current shape's loss drop per training FLOP over the last window before ``step``, and
+        that rate where the lookahead measures the grown shape (the middle of its window, ``ramp``
+        steps after the growth), or None where it is not extrapolated.
+
+        The extrapolation is a power law r(t) = r1 (t / t1)^-beta in t, the steps since the current
+        shape was made (the previous growth; step 0 for the start shape), through the rates of the
+        last two windows (r0 at t0, r1 at t1).  It only lowers the rate: a rate that is not falling
+        (or a window whose loss rose) is compared as measured."""
+        w = self.probe_steps
+        rate = (losses[step - w] - losses[step]) / (w * flops)
+        if not self.extrapolate or step - 2 * w not in losses:
+            return rate, None
+        earlier = (losses[step - 2 * w] - losses[step - w]) / (w * flops)
+        if rate <= 0 or earlier <= rate:
+            return rate, None
+        born = previous.at_step if previous is not None else 0
+        t0, t1, ahead = step - 1.5 * w - born, step - 0.5 * w - born, step + ramp + 0.5 * w - born
+        beta = math.log(earlier / rate) / math.log(t1 / t0)
+        return rate, rate * (t1 / ahead) ** beta
 
 
 @dataclass(frozen=True)
@@ -89,17 +122,22 @@ class GrowthCheck:
     rate_grown: float | None    # the grown shape's (this check's lookahead, or the last one's)
     probe_flops: int            # training FLOPs the lookahead spent and threw away (pure overhead)
     adopted: bool = False       # the lookahead was kept: its steps are the run's (probe_flops 0)
+    rate_current_ahead: float | None = None  # rate_current extrapolated to the grown window (compared when set)
 
 
 def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, grown_settled: float,
-           grown_after: float, flops_current: int, flops_grown: int, lookahead_steps: int) -> GrowthCheck:
+           grown_after: float, flops_current: int, flops_grown: int, lookahead_steps: int,
+           rate_ahead: float | None = None) -> GrowthCheck:
     """Grow iff the grown model's loss drop per FLOP over ``probe_steps`` after its ramp matches the
-    current shape's over the ``probe_steps`` before the check; ``flops_*``: training FLOPs of one
-    step of each shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost)."""
+    current shape's over the ``probe_steps`` before the check (or ``rate_ahead``, that rate
+    extrapolated to the grown window, when given); ``flops_*``: training FLOPs of one step of each
+    shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost)."""
     rate_current = (loss_before - loss_now) / (probe_steps * flops_current)
     rate_grown = (grown_settled - grown_after) / (probe_steps * flops_grown)
-    return GrowthCheck(step, stage, "grow" if rate_grown >= rate_current else "wait", loss_before, loss_now,
-                       grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown)
+    compared = rate_current if rate_ahead is None else rate_ahead
+    return GrowthCheck(step, stage, "grow" if rate_grown >= compared else "wait", loss_before, loss_now,
+                       grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown,
+                       rate_current_ahead=rate_ahead)
 
 
 def step_flops(model: ModelConfig, global_batch: int) -> int:

@@ -607,11 +607,11 @@ class Trainer:
             batch = self.batch_schedule.at(s).global_batch
             flops_now, flops_grown = step_flops(self.model.cfg, batch), step_flops(
                 self.cfg.model.with_shape(stage.shape), batch)
-            rate_now = (self.probe_losses[s - w] - self.probe_losses[s]) / (w * flops_now)
-            if self.grown_rate is not None and rate_now > self.grown_rate:
+            rate_now, rate_ahead = self.auto.current_rates(self.probe_losses, s, previous, ramp, flops_now)
+            if self.grown_rate is not None and (rate_now if rate_ahead is None else rate_ahead) > self.grown_rate:
                 # Still faster than the grown shape was at the last lookahead: no new one yet.
                 check = GrowthCheck(s, k, "wait", self.probe_losses[s - w], self.probe_losses[s], None, None,
-                                    rate_now, self.grown_rate, 0)
+                                    rate_now, self.grown_rate, 0, rate_current_ahead=rate_ahead)
             else:
                 keep = self._start_lookahead(k)
                 try:
@@ -620,7 +620,7 @@ class Trainer:
                     self._end_lookahead(keep, adopt=False)
                     raise
                 check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], *grown,
-                               flops_now, flops_grown, ramp + w)
+                               flops_now, flops_grown, ramp + w, rate_ahead)
                 self.grown_rate = check.rate_grown
                 adopt = self.auto.adopt and check.decision == "grow"
                 self._end_lookahead(keep, adopt)
@@ -631,13 +631,19 @@ class Trainer:
         if check.decision == "wait":  # the loss now may open the next check's window
             self.probe_losses = {s: self.probe_losses[s]}
         else:  # the next stage's windows start after this growth's ramp
-            self.probe_losses, self.grown_rate = {}, None
+            # An adopted lookahead measured the run's own probe losses at its ramp's end and at its
+            # end: the next stage's first windows may need them.
+            self.probe_losses = ({s + ramp: check.grown_settled, s + ramp + w: check.grown_after}
+                                 if check.adopted else {})
+            self.grown_rate = None
             self._set_decided({**self.decided, k: s})
         self.metrics.write({"kind": "growth_check", **dataclasses.asdict(check), "shape": str(stage.shape),
                             "time_s": self.clock.so_far("train")})
         if check.decision == "wait":
-            self._log_console(f"step {s}: stage {k} waits (loss drop per FLOP: current {check.rate_current:.3g}, "
-                              f"grown {check.rate_grown:.3g}{'' if check.probe_flops else ' at the last lookahead'})")
+            ahead = "" if check.rate_current_ahead is None else f" ({check.rate_current_ahead:.3g} ahead)"
+            self._log_console(f"step {s}: stage {k} waits (loss drop per FLOP: current {check.rate_current:.3g}"
+                              f"{ahead}, grown {check.rate_grown:.3g}"
+                              f"{'' if check.probe_flops else ' at the last lookahead'})")
 
     def _start_lookahead(self, k: int) -> tuple:
         """Grow stage ``k`` at the next step with its LR rewind left out, and return what puts every
