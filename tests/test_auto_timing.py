@@ -143,6 +143,8 @@ def test_the_current_rate_is_extrapolated_to_the_grown_window_along_a_power_law(
      r"^growth.auto.probe_steps: 5 is more than half of growth.auto.check_every=8: an adopted lookahead"),
     ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"adopt_lookahead": "yes"}}},
      r"^growth.auto.adopt_lookahead: expected true/false, got 'yes'"),
+    ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"extrapolate": 1}}},
+     r"^growth.auto.extrapolate: expected true/false, got 1"),
     ({"growth": {"schedule": "sch1", "timing": "auto", "auto": {"check_every": 0}}},
      r"^growth.auto.check_every: must be >= 1, got 0"),
     # Checks every 50 steps: stage 0 first at 54, stage 1 at ~106, stage 2 would be past the run.
@@ -160,7 +162,11 @@ def test_validate_prints_the_rule_and_auto_steps(capsys):
     from megatron_msg.cli.train import describe_schedule
     text = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4)))
     assert "at_step auto: a 4-step lookahead every 10 steps" in text and "stage 0 45" in text
+    assert "(kept when it says grow; current rate extrapolated to the grown window)" in text
     assert text.count("step    auto ->") == 5
+    plain = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False,
+                                                    adopt_lookahead=False)))
+    assert "(always rolled back; current rate as measured)" in plain
 
 
 # ----------------------------------------------------------------------------- in a run

@@ -44,9 +44,11 @@ def describe_schedule(cfg) -> str:
     if any(st.auto for st in stages):
         from megatron_msg.growth.auto_timing import AutoTiming
         a = AutoTiming.from_config(cfg, stages)
+        current = "extrapolated to the grown window" if a.extrapolate else "as measured"
+        kept = "kept when it says grow" if a.adopt else "always rolled back"
         lines.append(f"  at_step auto: a {a.probe_steps}-step lookahead every {a.check_every} steps once the shape "
-                     f"has settled, {a.eval_iters} validation batches per probe loss; latest steps "
-                     + ", ".join(f"stage {k} {a.latest(k)}" for k in a.deadlines))
+                     f"has settled ({kept}; current rate {current}), {a.eval_iters} validation batches per "
+                     "probe loss; latest steps " + ", ".join(f"stage {k} {a.latest(k)}" for k in a.deadlines))
     prev_layout, prev_batch = cfg.parallel.layout, (t.batch_size, t.grad_accum)
     for st in stages:
         extra = []
