@@ -573,8 +573,7 @@ class Trainer:
             self._probe_records.append(record)
             return
         self.metrics.write(record)
-        self._log_console(f"step {stage.at_step}: grew ({stage.operator}) to {stage.shape}, "
-                          f"{record['parameters']:,} parameters; probe loss {before:.5f} -> {after:.5f}")
+        self._log_console(_growth_line(record, f"probe loss {before:.5f} -> {after:.5f}"))
 
     def _grow_to(self, stage: ResolvedStage) -> None:
         spec = spec_for_stage(self.model.cfg, stage, seed=self.cfg.train.seed,
@@ -830,8 +829,7 @@ class Trainer:
             elif rec["kind"] == "valid":
                 result.valid_losses[rec["step"]] = rec["loss"]
             elif rec["kind"] == "growth":
-                self._log_console(f"step {rec['step']}: grew ({rec['operator']}) to {rec['shape']}, "
-                                  f"{rec['parameters']:,} parameters (lookahead adopted)")
+                self._log_console(_growth_line(rec, "lookahead adopted"))
         self._adopted = []
 
     def _evaluate_and_record(self, step_run: int, result: TrainResult) -> None:
@@ -851,6 +849,12 @@ class Trainer:
             mask = "" if rec["mask"] is None else f" mask {rec['mask']:.2f}"
             print(f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['shape']}{mask}"
                   f" | {rec['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+def _growth_line(record: dict, detail: str) -> str:
+    """The console line of a growth record (live, or an adopted lookahead's written afterwards)."""
+    return (f"step {record['step']}: grew ({record['operator']}) to {record['shape']}, "
+            f"{record['parameters']:,} parameters; {detail}")
 
 
 def cpu_threads(threads: int | None, ranks_on_host: int) -> int | None:
