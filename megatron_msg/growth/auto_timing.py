@@ -95,10 +95,10 @@ class AutoTiming:
         last two windows (r0 at t0, r1 at t1).  It only lowers the rate: a rate that is not falling
         (or a window whose loss rose) is compared as measured."""
         w = self.probe_steps
-        rate = (losses[step - w] - losses[step]) / (w * flops)
+        rate = window_rate(losses[step - w], losses[step], w, flops)
         if not self.extrapolate or step - 2 * w not in losses:
             return rate, None
-        earlier = (losses[step - 2 * w] - losses[step - w]) / (w * flops)
+        earlier = window_rate(losses[step - 2 * w], losses[step - w], w, flops)
         if rate <= 0 or earlier <= rate:
             return rate, None
         born = previous.at_step if previous is not None else 0
@@ -125,6 +125,16 @@ class GrowthCheck:
     rate_current_ahead: float | None = None  # rate_current extrapolated to the grown window (compared when set)
 
 
+def window_rate(loss_start: float, loss_end: float, steps: int, flops_per_step: int) -> float:
+    """Loss drop per training FLOP over a window of ``steps`` steps (the paper's gamma)."""
+    return (loss_start - loss_end) / (steps * flops_per_step)
+
+
+def compared_rate(rate_current: float, rate_ahead: float | None) -> float:
+    """The current shape's rate the rule compares with the grown one: extrapolated when it was."""
+    return rate_current if rate_ahead is None else rate_ahead
+
+
 def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, grown_settled: float,
            grown_after: float, flops_current: int, flops_grown: int, lookahead_steps: int,
            rate_ahead: float | None = None) -> GrowthCheck:
@@ -132,9 +142,9 @@ def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now
     current shape's over the ``probe_steps`` before the check (or ``rate_ahead``, that rate
     extrapolated to the grown window, when given); ``flops_*``: training FLOPs of one step of each
     shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost)."""
-    rate_current = (loss_before - loss_now) / (probe_steps * flops_current)
-    rate_grown = (grown_settled - grown_after) / (probe_steps * flops_grown)
-    compared = rate_current if rate_ahead is None else rate_ahead
+    rate_current = window_rate(loss_before, loss_now, probe_steps, flops_current)
+    rate_grown = window_rate(grown_settled, grown_after, probe_steps, flops_grown)
+    compared = compared_rate(rate_current, rate_ahead)
     return GrowthCheck(step, stage, "grow" if rate_grown >= compared else "wait", loss_before, loss_now,
                        grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown,
                        rate_current_ahead=rate_ahead)

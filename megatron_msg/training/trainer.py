@@ -41,7 +41,7 @@ from megatron_msg.checkpoint.sharded import save_sharded
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
 from megatron_msg.growth.apply import grow_model, spec_for_stage
-from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, decide, step_flops
+from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, compared_rate, decide, step_flops
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
@@ -607,7 +607,7 @@ class Trainer:
             flops_now, flops_grown = step_flops(self.model.cfg, batch), step_flops(
                 self.cfg.model.with_shape(stage.shape), batch)
             rate_now, rate_ahead = self.auto.current_rates(self.probe_losses, s, previous, ramp, flops_now)
-            if self.grown_rate is not None and (rate_now if rate_ahead is None else rate_ahead) > self.grown_rate:
+            if self.grown_rate is not None and compared_rate(rate_now, rate_ahead) > self.grown_rate:
                 # Still faster than the grown shape was at the last lookahead: no new one yet.
                 check = GrowthCheck(s, k, "wait", self.probe_losses[s - w], self.probe_losses[s], None, None,
                                     rate_now, self.grown_rate, 0, rate_current_ahead=rate_ahead)
