@@ -244,7 +244,7 @@ class GrowthConfig:
     # decides (hand-listed stages say at_step: auto one by one).
     timing: str = "fixed"
     auto: AutoTimingConfig = field(default_factory=AutoTimingConfig)
-    # sch1 | sch0: make the stages from the target shape (model.*) and train.steps by the MSG
+    # sch1 | sch0 | rapid: make the stages from the target shape (model.*) and train.steps by the MSG
     # paper's rules (named_schedules.py); model.* then becomes the start shape.  Expanded when
     # the config is built, so a run records (and resumes) the stages it made.
     schedule: str | None = None
@@ -621,7 +621,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def expand_named_schedule(cfg: RunConfig) -> RunConfig:
-    """``growth.schedule: sch1 | sch0`` -> the start shape in model.* and the stages it makes."""
+    """``growth.schedule: sch1 | sch0 | rapid`` -> the start shape in model.* and the stages it makes."""
     g = cfg.growth
     if g.schedule is None:
         return cfg

@@ -1,4 +1,4 @@
-"""Growth schedules made from a target shape and a step budget (``growth.schedule: sch1 | sch0``).
+"""Growth schedules made from a target shape and a step budget (``growth.schedule: sch1 | sch0 | rapid``).
 
 The MSG paper's rules (section 3.2.1, Table 2; ../shared/paper_schedules.md), so a user gets the
 paper's schedule for their own target without a grid search:
@@ -23,15 +23,25 @@ paper's schedule for their own target without a grid search:
   1/4 -> 1/2 -> 3/4 -> 1, then FFN 1/4 -> 1; boundaries 2/9, 4/9, 6/9, 7/9 of the budget).
   Sch0-L as printed keeps hidden 768 of 1024 and grows FFN first: it follows none of these
   rules, and is shipped as printed in configs/paper/ instead.
+* rapid is Rapid-L's rules (Table 2): half the target's hidden size and heads, 1/4 of its FFN
+  and depth for the first half of the budget, then FFN, hidden and heads one after another
+  in 1/40 of the budget each (the 2nd 3/40), and all the depth at once for the last 3/8
+  (weights 20:1:1:3:15, Rapid-L's 400k/20k/20k/60k/300k of 800k, exactly).  Its phi is the
+  paper's 5,000, 1/4 of Rapid-L's shortest stage: min(5000, shortest / 4).  The paper shows
+  it to measure what fast growth costs (GLUE 79.1 against Sch1-L's 83.2) and where the mask
+  matters most (No Mask on Rapid-L: 77.9); ``msg-bench growth --schedule rapid`` runs it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("sch1", "sch0")
+SCHEDULES = ("sch1", "sch0", "rapid")
 SCH1_WEIGHTS = (5, 5, 3, 3, 3, 5)  # stage lengths, start shape first
 SCH0_BOUNDARIES = (2 / 9, 4 / 9, 6 / 9, 7 / 9)
+RAPID_WEIGHTS = (20, 1, 1, 3, 15)
 PAPER_PHI = 5000
+# phi is the shortest stage over this: the paper's 5,000 steps are 1/6 of Sch1-G's 30k, 1/4 of Rapid-L's 20k.
+PHI_DIVISOR = {"sch1": 6, "sch0": 6, "rapid": 4}
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,9 @@ class NamedSchedule:
     phi: int
 
 
-def _start_hidden(hidden: int, head_dim: int) -> int:
-    """2/3 of ``hidden`` on the coarsest grain (4, 2 or 1 head sizes) that lands within 20% of it."""
-    want = hidden * 2 / 3
+def _start_hidden(hidden: int, head_dim: int, ratio: float = 2 / 3) -> int:
+    """``ratio`` of ``hidden`` on the coarsest grain (4, 2 or 1 head sizes) that lands within 20% of it."""
+    want = hidden * ratio
     for blocks in (4, 2, 1):
         grain = blocks * head_dim
         start = round(want / grain) * grain
@@ -76,7 +86,8 @@ def _boundaries(steps: int, weights: tuple[int, ...]) -> list[int]:
     return out
 
 
-def _schedule(start: Dims, shapes: list[Dims], bounds: list[int], steps: int) -> NamedSchedule:
+def _schedule(start: Dims, shapes: list[Dims], bounds: list[int], steps: int,
+              phi_divisor: int = 6) -> NamedSchedule:
     stages, prev, growth = [], start, 0
     for at, dims in zip(bounds, shapes):
         if dims == prev:
@@ -86,7 +97,7 @@ def _schedule(start: Dims, shapes: list[Dims], bounds: list[int], steps: int) ->
         prev = dims
     starts = [0] + [s.at_step for s in stages] + [steps]
     shortest = min(b - a for a, b in zip(starts, starts[1:]))
-    return NamedSchedule(start, tuple(stages), max(1, min(PAPER_PHI, shortest // 6)))
+    return NamedSchedule(start, tuple(stages), max(1, min(PAPER_PHI, shortest // phi_divisor)))
 
 
 def sch1(target: Dims, steps: int, head_dim: int) -> NamedSchedule:
@@ -110,5 +121,14 @@ def sch0(target: Dims, steps: int, head_dim: int) -> NamedSchedule:
     return _schedule(start, shapes, [round(steps * b) for b in SCH0_BOUNDARIES], steps)
 
 
+def rapid(target: Dims, steps: int, head_dim: int) -> NamedSchedule:
+    hidden = _start_hidden(target.hidden, head_dim, ratio=1 / 2)
+    heads = max(1, min(target.heads, round(target.heads * hidden / target.hidden)))
+    start = Dims(hidden, max(1, target.ffn // 4), heads, max(1, target.layers // 4))
+    shapes = [Dims(hidden, target.ffn, heads, start.layers), Dims(target.hidden, target.ffn, heads, start.layers),
+              Dims(target.hidden, target.ffn, target.heads, start.layers), target]
+    return _schedule(start, shapes, _boundaries(steps, RAPID_WEIGHTS), steps, PHI_DIVISOR["rapid"])
+
+
 def make_schedule(name: str, target: Dims, steps: int, head_dim: int) -> NamedSchedule:
-    return {"sch1": sch1, "sch0": sch0}[name](target, steps, head_dim)
+    return {"sch1": sch1, "sch0": sch0, "rapid": rapid}[name](target, steps, head_dim)

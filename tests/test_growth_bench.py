@@ -55,6 +55,10 @@ def test_every_run_is_reported_against_both_full_size_references(bench):
     growth_flops = {by[n]["vs_full"]["flops"] for n in (*OPERATORS, "msg_no_rewinds")}  # msg_auto: its own steps
     assert len(growth_flops) == 1 and growth_flops.pop() < by["full"]["vs_full"]["flops"]  # one schedule
     assert by["stack"]["width_operator"] == "nomask" and by["msg"]["growth_events"] == len(rep["stages"])
+    # MSG is exact at every growth; nomask's new units move the loss at once.
+    assert len(by["msg"]["growth_loss_jumps"]) == len(rep["stages"])
+    assert max(abs(j) for j in by["msg"]["growth_loss_jumps"]) < 1e-5
+    assert max(abs(j) for j in by["nomask"]["growth_loss_jumps"]) > 1e-4
     auto = by["msg_auto"]
     assert auto["timing"] == "auto" and auto["growth_events"] == len(rep["stages"])
     assert auto["growth_steps"] == sorted(auto["growth_steps"]) and auto["lookaheads"] >= 1
@@ -114,6 +118,27 @@ def test_runs_and_growth_budget_pick_what_is_trained(tmp_path):
     with pytest.raises(SystemExit) as exc:
         msg_bench(["growth", "--size", "tiny", "--out", str(tmp_path), "--runs", "msg,bogus"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        msg_bench(["growth", "--size", "tiny", "--out", str(tmp_path), "--schedule", "sch9"])
+    assert exc.value.code == 2
+
+
+def test_schedule_picks_the_named_schedule_of_every_growth_run():
+    from megatron_msg.config import config_from_dict
+    from megatron_msg.named_schedules import Dims, rapid
+    from megatron_msg.training.growth_bench import SIZES, Corpus, bench_runs
+    runs = bench_runs(SIZES["tiny"], Corpus({"format": "jsonl", "path": "x.jsonl"}, None), 1,
+                      ("full_rewinds", "msg", "nomask", "msg_auto"), 2.0, schedule="rapid")
+    size = SIZES["tiny"]
+    made = rapid(Dims(size.hidden, size.ffn, size.heads, size.layers), 288, size.head_dim)
+    for run in runs[2:]:
+        cfg = config_from_dict(run.raw, check=False)
+        assert [s.shape.layers for s in cfg.resolved_stages()] == [s.dims.layers for s in made.stages]
+        assert (cfg.model.hidden, cfg.model.ffn) == (made.start.hidden, made.start.ffn)
+        if run.timing == "fixed":
+            assert [s.at_step for s in cfg.resolved_stages()] == [s.at_step for s in made.stages]
+    # full_rewinds gets rapid's rewinds (1st and 2nd growth) scaled to its own budget.
+    assert runs[1].raw["lr"]["rewind_at"] == [round(s.at_step / 2) for s in made.stages[:2]]
 
 
 def test_a_stopped_benchmark_stops_and_keep_runs_resumes_it_to_the_same_losses(bench, tmp_path, monkeypatch, capsys):
@@ -142,15 +167,17 @@ def test_a_stopped_benchmark_stops_and_keep_runs_resumes_it_to_the_same_losses(b
 def test_the_seed_summary_says_whether_msg_wins_by_more_than_the_seed_spread():
     from megatron_msg.training.growth_bench import _format_seeds, seed_summary
 
-    def row(kind, seed, final, to_full=None):
-        return {"run": f"{kind}_s{seed}", "kind": kind, "seed": seed,
+    def row(kind, seed, final, to_full=None, jumps=()):
+        return {"run": f"{kind}_s{seed}", "kind": kind, "seed": seed, "growth_loss_jumps": list(jumps),
                 "vs_full": {"final_valid_loss": final, "flops_to_reference_final_loss": to_full}}
-    rows = [row("full", 0, 1.50, 3e13), row("msg", 0, 1.40, 1.4e13), row("nomask", 0, 1.45), row("net2net", 0, 1.405),
-            row("full", 1, 1.52, 3e13), row("msg", 1, 1.41, 1.5e13), row("nomask", 1, 1.47), row("net2net", 1, 1.42)]
+    rows = [row("full", 0, 1.50, 3e13), row("msg", 0, 1.40, 1.4e13), row("nomask", 0, 1.45, jumps=(0.1, 0.3)), row("net2net", 0, 1.405),
+            row("full", 1, 1.52, 3e13), row("msg", 1, 1.41, 1.5e13), row("nomask", 1, 1.47, jumps=(0.2, 0.1)), row("net2net", 1, 1.42)]
     summary = seed_summary(rows)
     assert summary["kinds"]["msg"]["final_loss_mean"] == pytest.approx(1.405)
     assert summary["kinds"]["msg"]["final_loss_spread"] == pytest.approx(0.01)
     assert summary["kinds"]["msg"]["flops_to_full_final_loss"] == [1.4e13, 1.5e13]
+    assert summary["kinds"]["nomask"]["largest_growth_loss_jump_mean"] == pytest.approx(0.25)
+    assert summary["kinds"]["msg"]["largest_growth_loss_jump_mean"] is None  # no growth events given
     nomask, net2net = summary["msg_against"]["nomask"], summary["msg_against"]["net2net"]
     assert nomask["difference_per_seed"] == pytest.approx([0.05, 0.06]) and nomask["seed_spread"] == pytest.approx(0.02)
     assert nomask["msg_lower_beyond_spread"] is True
@@ -158,5 +185,6 @@ def test_the_seed_summary_says_whether_msg_wins_by_more_than_the_seed_spread():
     assert net2net["msg_lower_beyond_spread"] is False
     text = "\n".join(_format_seeds(summary))
     assert "msg against nomask:" in text and "beyond the seed spread: yes" in text
+    assert "| nomask | 2 | 1.4600 | 0.0200 | +0.2500 |" in text
     assert "msg against net2net:" in text and "beyond the seed spread: no" in text
     assert seed_summary([r for r in rows if r["seed"] == 0]) == {}  # one seed: no spread to read

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_msg.config import ConfigError, config_from_dict, load_config, resolve_config_path
-from megatron_msg.named_schedules import Dims, sch0, sch1
+from megatron_msg.named_schedules import Dims, rapid, sch0, sch1
 
 
 def _paper(name: str):
@@ -47,6 +47,23 @@ def test_sch0_makes_sch0_b_exactly():
     assert start == paper_start and stages == paper_stages
 
 
+def test_rapid_makes_rapid_l_exactly_with_its_phi_and_rewinds():
+    start, stages, cfg = _made("bert_large_rapid", "bert_large_full", "rapid")
+    paper_start, paper_stages, _ = _paper("bert_large_rapid")
+    assert start == paper_start and stages == paper_stages
+    assert {s.phi for s in cfg.resolved_stages()} == {5000}  # 1/4 of its shortest stage, 20k
+    assert [s.rewind_lr for s in cfg.resolved_stages()] == [True, True, False, False]
+
+
+def test_rapid_on_a_small_target_grows_depth_last_and_all_at_once():
+    made = rapid(Dims(128, 512, 4, 8), 3000, head_dim=32)
+    assert made.start == Dims(64, 128, 2, 2)
+    assert [(s.at_step, s.dims) for s in made.stages] == [
+        (1500, Dims(64, 512, 2, 2)), (1575, Dims(128, 512, 2, 2)), (1650, Dims(128, 512, 4, 2)),
+        (1875, Dims(128, 512, 4, 8))]
+    assert made.phi == 75 // 4
+
+
 def test_small_targets_keep_one_dimension_per_stage_and_skip_what_cannot_grow():
     made = sch1(Dims(128, 512, 4, 8), 1500, head_dim=32)
     assert made.start == Dims(96, 128, 3, 2)  # 2/3 of 128 is no multiple of 128 or 64 below 128: of 32
@@ -61,7 +78,7 @@ def test_small_targets_keep_one_dimension_per_stage_and_skip_what_cannot_grow():
 
 
 def test_named_schedule_errors_name_the_field():
-    with pytest.raises(ConfigError, match=r"^growth.schedule: 'sch9' is not one of sch1, sch0"):
+    with pytest.raises(ConfigError, match=r"^growth.schedule: 'sch9' is not one of sch1, sch0, rapid$"):
         load_config(None, ["growth.schedule=sch9", "train.steps=100"])
     with pytest.raises(ConfigError, match=r"^growth.schedule: .*give growth.schedule or growth.stages, not both"):
         load_config(None, ["growth.schedule=sch1", "growth.stages=[{at_step: 5, ffn: 512}]", "train.steps=100"])

@@ -7,7 +7,7 @@
     msg-bench train [--out DIR] [--size tiny|768|1024|2048] [--device auto] [--compile | --no-compile]
     msg-bench pipeline [--out DIR] [--stages 2] [--virtual 1,2,4] [--micro-batches 2,4,8] [--device cpu|cuda]
     msg-bench growth [--out DIR] [--size tiny|small|gpu] [--corpus FILE.jsonl] [--tokenizer-vocab N] [--seeds N]
-                     [--runs full,msg,msg_auto,...] [--growth-budget F] [--keep-runs]
+                     [--runs full,msg,msg_auto,...] [--growth-budget F] [--schedule sch1|sch0|rapid] [--keep-runs]
 
 Each subcommand is registered in ``SUBCOMMANDS`` as name -> (help, add_arguments,
 run); modules are imported only when their subcommand runs, so adding one is a
@@ -108,6 +108,7 @@ def _train_run(a: argparse.Namespace) -> None:
 
 
 def _growth_args(p: argparse.ArgumentParser) -> None:
+    from megatron_msg.named_schedules import SCHEDULES
     from megatron_msg.training.growth_bench import SIZES
     p.add_argument("--out", default="runs/bench/growth", help="directory for growth.json/.md/.png and runs/")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES),
@@ -121,6 +122,9 @@ def _growth_args(p: argparse.ArgumentParser) -> None:
                         "(default: all; full is always run)")
     p.add_argument("--growth-budget", type=float, default=1.0,
                    help="steps of the growth runs as a multiple of the full-size runs' (default 1)")
+    p.add_argument("--schedule", default="sch1", choices=SCHEDULES,
+                   help="the named schedule the growth runs follow, made from the target and budget: sch1 "
+                        "(default), sch0 or rapid (Rapid-L's rules: fast growth after a long small stage)")
     p.add_argument("--keep-runs", action="store_true",
                    help="keep runs already in --out that were trained to the end with the same config, and resume "
                         "interrupted ones (deterministic: the same losses; their wall times are from when they ran)")
@@ -136,7 +140,7 @@ def _growth_run(a: argparse.Namespace) -> None:
         from megatron_msg.training.growth_bench import RUN_KINDS
         kinds = RUN_KINDS if a.runs is None else tuple(k.strip() for k in a.runs.split(",") if k.strip())
         run_growth_bench(a.out, a.size, a.corpus, a.tokenizer_vocab, a.seeds, kinds=kinds, budget=a.growth_budget,
-                         keep_runs=a.keep_runs)
+                         keep_runs=a.keep_runs, schedule=a.schedule)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"msg-bench growth: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -178,8 +182,8 @@ SUBCOMMANDS = {
               _train_args, _train_run),
     "pipeline": ("pipeline bubble of plain vs interleaved 1F1B: from the schedule and measured on gloo ranks",
                  _pipeline_args, _pipeline_run),
-    "growth": ("full size vs the sch1 schedule with each operator and the LR controls: FLOPs and wall time "
-               "to equal loss", _growth_args, _growth_run),
+    "growth": ("full size vs a named schedule (sch1 by default) with each operator and the LR controls: "
+               "FLOPs and wall time to equal loss", _growth_args, _growth_run),
 }
 
 

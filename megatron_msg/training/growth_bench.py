@@ -6,11 +6,12 @@ One command trains, one after another with the same data order, seed and LR reci
 * ``full``: the target shape from step 0;
 * ``full_rewinds``: the same, with the growth schedule's LR rewinds at the same steps
   (``lr.rewind_at``), the control that separates the operator from the LR schedule;
-* the ``sch1`` schedule of the target (named_schedules.py) with each operator: ``msg``,
+* the ``sch1`` schedule of the target (named_schedules.py; ``--schedule sch0|rapid`` for the
+  others) with each operator: ``msg``,
   ``nomask``, ``net2net`` and ``stack`` (stack grows depth only; its width stages use ``nomask``,
   direct growth without masks, so the pair is the usual stacking baseline);
 * ``msg_no_rewinds``: the MSG schedule without its LR rewinds, the other control;
-* ``msg_auto``: the sch1 shapes with MSG, every step decided by the trainer (``at_step: auto``,
+* ``msg_auto``: the schedule's shapes with MSG, every step decided by the trainer (``at_step: auto``,
   growth/auto_timing.py); its lookaheads' FLOPs and time count in its totals.
 
 ``--runs`` picks a subset; ``--growth-budget F`` gives the growth runs F times the references'
@@ -103,13 +104,15 @@ def target_raw(size: GrowthBenchSize, corpus: Corpus, seed: int) -> dict:
     }
 
 
-def schedule_raw(full: dict, operator: str, rewinds: bool, budget: float = 1.0, auto: bool = False) -> dict:
-    """The sch1 schedule of ``full``'s target with ``operator`` (stack: depth only, nomask for width),
-    made for ``budget`` times ``full``'s steps; ``auto``: the same shapes at steps the trainer decides."""
+def schedule_raw(full: dict, operator: str, rewinds: bool, budget: float = 1.0, auto: bool = False,
+                 schedule: str = "sch1") -> dict:
+    """The named ``schedule`` of ``full``'s target with ``operator`` (stack: depth only, nomask for
+    width), made for ``budget`` times ``full``'s steps; ``auto``: the same shapes at steps the
+    trainer decides."""
     raw = copy.deepcopy(full)
     raw["train"]["steps"] = round(full["train"]["steps"] * budget)
     raw["train"]["save_interval"] = raw["train"]["steps"]
-    raw["growth"] = {"schedule": "sch1", "defaults": {"operator": operator}}
+    raw["growth"] = {"schedule": schedule, "defaults": {"operator": operator}}
     made = config_from_dict(copy.deepcopy(raw), check=False)
     stages = []
     layers = made.model.layers
@@ -134,23 +137,25 @@ def rewind_steps(raw: dict) -> list[int]:
 
 
 def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int, kinds: tuple[str, ...] = RUN_KINDS,
-               budget: float = 1.0) -> list[BenchRun]:
+               budget: float = 1.0, schedule: str = "sch1") -> list[BenchRun]:
     """The runs of ``kinds`` for every seed; ``full`` always (every run is compared with it)."""
     runs = []
     for seed in range(seeds):
         tag = f"_s{seed}" if seeds > 1 else ""
         full = target_raw(size, corpus, seed)
-        msg = schedule_raw(full, "msg", rewinds=True, budget=budget)
+        msg = schedule_raw(full, "msg", rewinds=True, budget=budget, schedule=schedule)
         with_rewinds = copy.deepcopy(full)
         # The growth schedule's rewinds, scaled back to the references' steps.
         with_rewinds["lr"]["rewind_at"] = sorted({max(1, round(r / budget)) for r in rewind_steps(msg)})
         made = {"full": BenchRun(f"full{tag}", full, seed, None, "none", "full"),
                 "full_rewinds": BenchRun(f"full_rewinds{tag}", with_rewinds, seed, None, "rewinds", "full_rewinds")}
         for op in OPERATORS:
-            made[op] = BenchRun(f"{op}{tag}", schedule_raw(full, op, True, budget), seed, op, "rewinds", op)
-        made["msg_no_rewinds"] = BenchRun(f"msg_no_rewinds{tag}", schedule_raw(full, "msg", False, budget), seed,
+            made[op] = BenchRun(f"{op}{tag}", schedule_raw(full, op, True, budget, schedule=schedule), seed, op,
+                                "rewinds", op)
+        made["msg_no_rewinds"] = BenchRun(f"msg_no_rewinds{tag}", schedule_raw(full, "msg", False, budget,
+                                                                               schedule=schedule), seed,
                                           "msg", "none", "msg_no_rewinds")
-        made["msg_auto"] = BenchRun(f"msg_auto{tag}", schedule_raw(full, "msg", True, budget, auto=True), seed,
+        made["msg_auto"] = BenchRun(f"msg_auto{tag}", schedule_raw(full, "msg", True, budget, True, schedule), seed,
                                     "msg", "rewinds", "msg_auto", timing="auto")
         runs += [made[k] for k in RUN_KINDS if k == "full" or k in kinds]
     return runs
@@ -234,7 +239,7 @@ def _row_summary(row: dict, to_reference: dict) -> dict:
 
 
 def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, corpus: str,
-           budget: float = 1.0) -> dict:
+           budget: float = 1.0, schedule_name: str = "sch1") -> dict:
     """Every run against ``full`` and ``full_rewinds`` of its seed."""
     references = {(r.seed, r.lr_policy): r.name for r in runs if r.operator is None}
     rows = []
@@ -245,6 +250,10 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
                  "lr_policy": r.lr_policy, "timing": r.timing, "steps": r.raw["train"]["steps"],
                  "growth_events": len(curve.growths),
                  "growth_steps": [g["step"] for g in curve.growths],
+                 # probe loss right after each growth minus right before: 0 for an exact operator
+                 # (msg; net2net's depth), what nomask's new units and stack's copies cost at once.
+                 "growth_loss_jumps": [g["loss_after"] - g["loss_before"] for g in curve.growths
+                                       if g.get("loss_after") is not None and g.get("loss_before") is not None],
                  "lookaheads": len(curve.lookaheads), "lookahead_flops": sum(f for _, f in curve.lookaheads),
                  "adopted_lookaheads": sum(1 for c in curve.checks if c.get("adopted"))}
         for ref, policy in (("full", "none"), ("full_rewinds", "rewinds")):
@@ -260,11 +269,12 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
                     bare.valid_by_flops(), reference.valid[-1][1])
         rows.append(entry)
     first = runs[0].raw
-    schedule = config_from_dict(copy.deepcopy(schedule_raw(first, "msg", True, budget)), check=False)
+    schedule = config_from_dict(copy.deepcopy(schedule_raw(first, "msg", True, budget, schedule=schedule_name)),
+                                check=False)
     return {"size": size_name, "corpus": corpus, "device": first["train"]["device"],
             "target": str(config_from_dict(copy.deepcopy(first), check=False).model.shape),
             "steps": first["train"]["steps"], "growth_budget": budget, "growth_steps": schedule.train.steps,
-            "start": str(schedule.model.shape),
+            "schedule": schedule_name, "start": str(schedule.model.shape),
             "stages": [{"at_step": s.at_step, "shape": str(s.shape), "rewind_lr": s.rewind_lr, "phi": s.phi}
                        for s in schedule.resolved_stages()],
             "date": time.strftime("%Y-%m-%d"), "runs": rows, "seeds": seed_summary(rows)}
@@ -283,7 +293,9 @@ def seed_summary(rows: list[dict]) -> dict:
     kinds = {}
     for kind, rs in by_kind.items():
         finals = [r["vs_full"]["final_valid_loss"] for r in rs]
+        jumps = [max(r["growth_loss_jumps"]) for r in rs if r.get("growth_loss_jumps")]
         kinds[kind] = {"seeds": [r["seed"] for r in rs], "final_loss_mean": sum(finals) / len(finals),
+                       "largest_growth_loss_jump_mean": sum(jumps) / len(jumps) if jumps else None,
                        "final_loss_spread": max(finals) - min(finals),
                        "flops_to_full_final_loss": [r["vs_full"]["flops_to_reference_final_loss"] for r in rs]}
     msg_against = {}
@@ -311,7 +323,7 @@ def format_report(rep: dict) -> str:
     lines = [f"msg-bench growth --size {rep['size']} on {rep['corpus']} ({rep['device']}), {rep['date']}: "
              f"target {rep['target']}, {rep['steps']} steps"
              + (f" (growth runs {rep['growth_steps']} steps, --growth-budget {budget:g})" if budget != 1.0 else "")
-             + f"; sch1 from {rep['start']}, growth at "
+             + f"; {rep.get('schedule', 'sch1')} from {rep['start']}, growth at "
              + ", ".join(f"{s['at_step']} -> {s['shape']}" for s in rep["stages"]), ""]
     for r in rep["runs"]:
         if r.get("timing") == "auto":
@@ -352,11 +364,14 @@ def format_report(rep: dict) -> str:
 def _format_seeds(summary: dict) -> list[str]:
     if not summary:
         return []
-    lines = ["Across seeds (final validation loss: mean and spread, max - min; FLOPs to `full`'s final loss per seed):",
-             "", "| run | seeds | final loss mean | spread | FLOPs to full's final loss |", "|---|---|---|---|---|"]
+    lines = ["Across seeds (final validation loss: mean and spread, max - min; the largest probe-loss jump at a "
+             "growth event, mean over seeds; FLOPs to `full`'s final loss per seed):", "",
+             "| run | seeds | final loss mean | spread | largest jump at a growth | FLOPs to full's final loss |",
+             "|---|---|---|---|---|---|"]
     for kind, k in summary["kinds"].items():
+        jump = k.get("largest_growth_loss_jump_mean")
         lines.append(f"| {kind} | {len(k['seeds'])} | {_fmt(k['final_loss_mean'], 'loss')} | "
-                     f"{_fmt(k['final_loss_spread'], 'loss')} | "
+                     f"{_fmt(k['final_loss_spread'], 'loss')} | {'-' if jump is None else f'{jump:+.4f}'} | "
                      f"{', '.join(_fmt(f, 'flops') for f in k['flops_to_full_final_loss'])} |")
     lines.append("")
     for other, m in summary["msg_against"].items():
@@ -398,7 +413,7 @@ def plot_report(runs: list[BenchRun], curves: dict[str, RunCurves], path: Path) 
 
 def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: int, seeds: int,
                      log=lambda text: print(text, flush=True), kinds: tuple[str, ...] = RUN_KINDS,
-                     budget: float = 1.0, keep_runs: bool = False) -> dict:
+                     budget: float = 1.0, keep_runs: bool = False, schedule: str = "sch1") -> dict:
     """Train every run of the benchmark into ``out_dir/runs`` and write the report beside it."""
     from megatron_msg.training.batches import BUNDLED_CORPUS
     size = SIZES[size_name]
@@ -409,16 +424,19 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
     unknown = sorted(set(kinds) - set(RUN_KINDS))
     if unknown:
         raise ValueError(f"--runs: {', '.join(unknown)} is not one of {', '.join(RUN_KINDS)}")
+    from megatron_msg.named_schedules import SCHEDULES
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if budget <= 0:
         raise ValueError(f"--growth-budget: must be > 0, got {budget}")
     if (out / "runs").exists() and not keep_runs:
         shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
-    runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds, tuple(kinds), budget)
+    runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds, tuple(kinds), budget, schedule)
     for i, run in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {run.name}")
         _train(run, out, log, keep_runs)
     curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}  # read once: report and plot
-    rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path), budget)
+    rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path), budget, schedule)
     atomic_write_json(str(out / "growth.json"), rep)
     text = format_report(rep)
     atomic_write_bytes(str(out / "growth.md"), (text + "\n").encode("utf-8"))
