@@ -158,8 +158,10 @@ def test_a_stopped_benchmark_stops_and_keep_runs_resumes_it_to_the_same_losses(b
     assert exc.value.code == 130
     assert "stopped during run msg at step 60" in capsys.readouterr().err
     assert not (tmp_path / "growth.json").exists()
+    assert json.loads((tmp_path / "finished_runs.json").read_text()) == ["full"]  # what a wrapper reports over
     monkeypatch.setattr(Trainer, "_stop_agreed", real_stop)
     msg_bench(args)
+    assert json.loads((tmp_path / "finished_runs.json").read_text()) == ["full", "msg"]
     assert "msg: resuming from step 60" in capsys.readouterr().out
     assert load_run(tmp_path / "runs" / "msg", "msg").valid == load_run(done / "runs" / "msg", "msg").valid
 

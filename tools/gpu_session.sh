@@ -37,8 +37,11 @@ grow() {  # grow RUNS SECONDS: one msg-bench growth call into $G, keeping what i
   timeout -k 20 "$2" python3 -m megatron_msg.cli.bench growth --size "$size" ${corpus:+--corpus "$corpus"} \
     --growth-budget 2 --keep-runs --runs "$1" --out "$G" >> "$G.log" 2>&1
 }
-finished() {  # the runs the log says were trained to the end (or kept), comma-separated
-  grep -oE '^[a-z_0-9]+: ([0-9]+ growth events, final|kept)' "$G.log" 2>/dev/null | cut -d: -f1 | sort -u | paste -sd, -
+finished() {  # the runs the benchmark trained to the end (or kept), comma-separated
+  python - "$G/finished_runs.json" <<'PY' 2>/dev/null
+import json, sys
+print(",".join(json.load(open(sys.argv[1]))))
+PY
 }
 keep_report() { for f in growth.json growth.md growth.png; do [ -f "$G/$f" ] && cp "$G/$f" "$OUT/$f"; done; cp "$G.log" "$OUT/growth.log"; }
 phase() {  # phase RUNS RESERVE: train RUNS, leaving RESERVE seconds for what comes after

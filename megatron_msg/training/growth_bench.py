@@ -69,6 +69,7 @@ SIZES = {
 OPERATORS = ("msg", "nomask", "net2net", "stack")
 RUN_KINDS = ("full", "full_rewinds", *OPERATORS, "msg_no_rewinds", "msg_auto")
 STACK_WIDTH_OPERATOR = "nomask"  # stacking grows depth only; its width stages use this
+FINISHED_RUNS = "finished_runs.json"  # names of the runs this invocation trained to the end (or kept)
 
 
 @dataclass(frozen=True)
@@ -432,9 +433,13 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
     if (out / "runs").exists() and not keep_runs:
         shutil.rmtree(out / "runs")  # a benchmark starts over: stale runs would be compared
     runs = bench_runs(size, prepare_corpus(corpus_path, out, vocab), seeds, tuple(kinds), budget, schedule)
+    finished: list[str] = []
     for i, run in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {run.name}")
         _train(run, out, log, keep_runs)
+        # What a killed benchmark completed, for a wrapper that reports over those (tools/gpu_session.sh).
+        finished.append(run.name)
+        atomic_write_json(str(out / FINISHED_RUNS), finished)
     curves = {r.name: load_run(out / "runs" / r.name, r.name) for r in runs}  # read once: report and plot
     rep = report(runs, curves, size_name, "bundled" if corpus is None else str(corpus_path), budget, schedule)
     atomic_write_json(str(out / "growth.json"), rep)
