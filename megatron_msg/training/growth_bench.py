@@ -251,8 +251,9 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
                  "lr_policy": r.lr_policy, "timing": r.timing, "steps": r.raw["train"]["steps"],
                  "growth_events": len(curve.growths),
                  "growth_steps": [g["step"] for g in curve.growths],
-                 # probe loss right after each growth minus right before: 0 for an exact operator
-                 # (msg; net2net's depth), what nomask's new units and stack's copies cost at once.
+                 # probe loss right after each growth minus right before: 0 for an exact growth (msg;
+                 # net2net's FFN and heads), what nomask's new units and the copies of net2net's
+                 # hidden and depth and of stack cost at once.
                  "growth_loss_jumps": [g["loss_after"] - g["loss_before"] for g in curve.growths
                                        if g.get("loss_after") is not None and g.get("loss_before") is not None],
                  "lookaheads": len(curve.lookaheads), "lookahead_flops": sum(f for _, f in curve.lookaheads),
