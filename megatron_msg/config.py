@@ -190,7 +190,8 @@ class GrowthOptions:
     # Mask ramp length in optimizer steps (paper: 5000; >= 500 shown stable).
     phi: int = 500
     depth_placement: str = "top"
-    depth_init: str = "random"
+    # copy: stacking completed by the depth mask (eq. 20), the paper's and its official code's choice.
+    depth_init: str = "copy"
     rewind_lr: bool = False
 
 

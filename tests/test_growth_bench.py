@@ -183,6 +183,7 @@ def test_the_seed_summary_says_whether_msg_wins_by_more_than_the_seed_spread():
     nomask, net2net = summary["msg_against"]["nomask"], summary["msg_against"]["net2net"]
     assert nomask["difference_per_seed"] == pytest.approx([0.05, 0.06]) and nomask["seed_spread"] == pytest.approx(0.02)
     assert nomask["msg_lower_beyond_spread"] is True
+    assert nomask["difference_spread"] == pytest.approx(0.01)
     # Lower on both seeds, but by less on average (0.0075) than net2net's own spread (0.015).
     assert net2net["msg_lower_beyond_spread"] is False
     text = "\n".join(_format_seeds(summary))
@@ -190,3 +191,23 @@ def test_the_seed_summary_says_whether_msg_wins_by_more_than_the_seed_spread():
     assert "| nomask | 2 | 1.4600 | 0.0200 | +0.2500 |" in text
     assert "msg against net2net:" in text and "beyond the seed spread: no" in text
     assert seed_summary([r for r in rows if r["seed"] == 0]) == {}  # one seed: no spread to read
+
+
+def test_keep_runs_keeps_a_full_size_run_whatever_the_growth_defaults_but_not_a_growth_run(bench):
+    """A run that never grows trains nothing with growth.defaults, so a default changed since
+    (depth_init) leaves it kept; a growth run with other growth options is another run."""
+    import copy
+    import dataclasses
+
+    from megatron_msg.training.growth_bench import _checkpointed_step
+    out, _ = bench
+    for name, kept in (("full", True), ("msg", False)):
+        cfg = copy.deepcopy(_config(out, name))
+        assert _checkpointed_step(out / "runs" / name, cfg) == cfg.train.steps
+        other = "random" if cfg.growth.defaults.depth_init == "copy" else "copy"
+        cfg.growth.defaults = dataclasses.replace(cfg.growth.defaults, depth_init=other)
+        if cfg.growth.stages:
+            cfg.growth.stages = [dataclasses.replace(st, depth_init=other) for st in cfg.growth.stages]
+        assert _checkpointed_step(out / "runs" / name, cfg) == (cfg.train.steps if kept else None)
+        cfg.train.seed += 1  # anything else still makes it another run
+        assert _checkpointed_step(out / "runs" / name, cfg) is None

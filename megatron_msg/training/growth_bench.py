@@ -183,6 +183,10 @@ class BenchStopped(RuntimeError):
     """A stop request (SIGTERM/SIGINT) ended a run before its last step: the benchmark stops too."""
 
 
+def _without_growth(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "growth"}
+
+
 def _checkpointed_step(run_dir: Path, cfg: RunConfig) -> int | None:
     """The step of ``run_dir``'s latest checkpoint when it holds this very run (same config), else None."""
     from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, open_checkpoint
@@ -195,6 +199,10 @@ def _checkpointed_step(run_dir: Path, cfg: RunConfig) -> int | None:
         return None
     if state["config"] == cfg.to_dict():
         return state["step"]
+    if not cfg.growth.stages and not state["config"].get("growth", {}).get("stages"):
+        # A run that never grows: growth.defaults (whose defaults may have changed since) train nothing.
+        same = _without_growth(state["config"]) == _without_growth(cfg.to_dict())
+        return state["step"] if same else None
     if any(st.auto for st in cfg.resolved_stages()):
         return None  # what an auto run did depends on growth.auto fields added since (adopt_lookahead)
     try:  # a fixed run: through today's loader, so a field added since at its default is the same run
@@ -309,7 +317,10 @@ def seed_summary(rows: list[dict]) -> dict:
                  if r["seed"] in msg_final]
         spread = max(kinds["msg"]["final_loss_spread"], kinds[other]["final_loss_spread"])
         mean = sum(diffs) / len(diffs)
+        # The spread of the paired differences themselves: what the seed does to the comparison,
+        # without what it does to every run kind alike (shared data order and initialisation).
         msg_against[other] = {"difference_per_seed": diffs, "mean_difference": mean, "seed_spread": spread,
+                              "difference_spread": max(diffs) - min(diffs),
                               "msg_lower_beyond_spread": all(d > 0 for d in diffs) and mean > spread}
     return {"kinds": kinds, "msg_against": msg_against}
 
@@ -379,7 +390,8 @@ def _format_seeds(summary: dict) -> list[str]:
     for other, m in summary["msg_against"].items():
         lines.append(f"msg against {other}: {other}'s final loss minus msg's per seed "
                      f"{', '.join(f'{d:+.4f}' for d in m['difference_per_seed'])} (mean {m['mean_difference']:+.4f}), "
-                     f"seed spread {m['seed_spread']:.4f}: msg ends lower beyond the seed spread: "
+                     f"seed spread {m['seed_spread']:.4f} (of the differences: {m['difference_spread']:.4f}): "
+                     "msg ends lower beyond the seed spread: "
                      f"{'yes' if m['msg_lower_beyond_spread'] else 'no'}.")
     return lines + [""] if summary["msg_against"] else lines
 
