@@ -66,7 +66,7 @@ class NamedSchedule:
     phi: int
 
 
-def _start_hidden(hidden: int, head_dim: int, ratio: float = 2 / 3) -> int:
+def _start_hidden(hidden: int, head_dim: int, ratio: float) -> int:
     """``ratio`` of ``hidden`` on the coarsest grain (4, 2 or 1 head sizes) that lands within 20% of it."""
     want = hidden * ratio
     for blocks in (4, 2, 1):
@@ -76,6 +76,12 @@ def _start_hidden(hidden: int, head_dim: int, ratio: float = 2 / 3) -> int:
             return start
     start = min(hidden - head_dim, max(head_dim, round(want / head_dim) * head_dim))
     return start if start >= 1 else hidden  # too small to grow: the hidden stage is left out
+
+
+def _start_width(target: Dims, head_dim: int, ratio: float) -> tuple[int, int]:
+    """The start hidden size (``ratio`` of the target's, on a head-size grain) and heads in the same ratio."""
+    hidden = _start_hidden(target.hidden, head_dim, ratio)
+    return hidden, max(1, min(target.heads, round(target.heads * hidden / target.hidden)))
 
 
 def _boundaries(steps: int, weights: tuple[int, ...]) -> list[int]:
@@ -101,8 +107,7 @@ def _schedule(start: Dims, shapes: list[Dims], bounds: list[int], steps: int,
 
 
 def sch1(target: Dims, steps: int, head_dim: int) -> NamedSchedule:
-    hidden = _start_hidden(target.hidden, head_dim)
-    heads = max(1, min(target.heads, round(target.heads * hidden / target.hidden)))
+    hidden, heads = _start_width(target, head_dim, 2 / 3)
     ffn, layers = max(1, target.ffn // 4), max(1, target.layers // 4)
     start = Dims(hidden, ffn, heads, layers)
     half = max(layers, target.layers // 2)
@@ -122,8 +127,7 @@ def sch0(target: Dims, steps: int, head_dim: int) -> NamedSchedule:
 
 
 def rapid(target: Dims, steps: int, head_dim: int) -> NamedSchedule:
-    hidden = _start_hidden(target.hidden, head_dim, ratio=1 / 2)
-    heads = max(1, min(target.heads, round(target.heads * hidden / target.hidden)))
+    hidden, heads = _start_width(target, head_dim, 1 / 2)
     start = Dims(hidden, max(1, target.ffn // 4), heads, max(1, target.layers // 4))
     shapes = [Dims(hidden, target.ffn, heads, start.layers), Dims(target.hidden, target.ffn, heads, start.layers),
               Dims(target.hidden, target.ffn, target.heads, start.layers), target]

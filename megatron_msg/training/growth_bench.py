@@ -41,6 +41,7 @@ from pathlib import Path
 
 from megatron_msg.config import ConfigError, RunConfig, config_from_dict
 from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
+from megatron_msg.named_schedules import SCHEDULES
 from megatron_msg.training.compare import RunCurves, compare, flops_to_reach, load_run
 from megatron_msg.training.plot import save_figure
 
@@ -144,20 +145,20 @@ def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int, kinds: tuple[s
     for seed in range(seeds):
         tag = f"_s{seed}" if seeds > 1 else ""
         full = target_raw(size, corpus, seed)
-        msg = schedule_raw(full, "msg", rewinds=True, budget=budget, schedule=schedule)
+        def grown(operator: str, rewinds: bool = True, auto: bool = False) -> dict:
+            return schedule_raw(full, operator, rewinds, budget, auto, schedule)
+        msg = grown("msg")
         with_rewinds = copy.deepcopy(full)
         # The growth schedule's rewinds, scaled back to the references' steps.
         with_rewinds["lr"]["rewind_at"] = sorted({max(1, round(r / budget)) for r in rewind_steps(msg)})
         made = {"full": BenchRun(f"full{tag}", full, seed, None, "none", "full"),
                 "full_rewinds": BenchRun(f"full_rewinds{tag}", with_rewinds, seed, None, "rewinds", "full_rewinds")}
         for op in OPERATORS:
-            made[op] = BenchRun(f"{op}{tag}", schedule_raw(full, op, True, budget, schedule=schedule), seed, op,
-                                "rewinds", op)
-        made["msg_no_rewinds"] = BenchRun(f"msg_no_rewinds{tag}", schedule_raw(full, "msg", False, budget,
-                                                                               schedule=schedule), seed,
-                                          "msg", "none", "msg_no_rewinds")
-        made["msg_auto"] = BenchRun(f"msg_auto{tag}", schedule_raw(full, "msg", True, budget, True, schedule), seed,
-                                    "msg", "rewinds", "msg_auto", timing="auto")
+            made[op] = BenchRun(f"{op}{tag}", grown(op), seed, op, "rewinds", op)
+        made["msg_no_rewinds"] = BenchRun(f"msg_no_rewinds{tag}", grown("msg", rewinds=False), seed, "msg", "none",
+                                          "msg_no_rewinds")
+        made["msg_auto"] = BenchRun(f"msg_auto{tag}", grown("msg", auto=True), seed, "msg", "rewinds", "msg_auto",
+                                    timing="auto")
         runs += [made[k] for k in RUN_KINDS if k == "full" or k in kinds]
     return runs
 
@@ -248,7 +249,7 @@ def _row_summary(row: dict, to_reference: dict) -> dict:
 
 
 def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, corpus: str,
-           budget: float = 1.0, schedule_name: str = "sch1") -> dict:
+           budget: float = 1.0, schedule: str = "sch1") -> dict:
     """Every run against ``full`` and ``full_rewinds`` of its seed."""
     references = {(r.seed, r.lr_policy): r.name for r in runs if r.operator is None}
     rows = []
@@ -279,14 +280,13 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
                     bare.valid_by_flops(), reference.valid[-1][1])
         rows.append(entry)
     first = runs[0].raw
-    schedule = config_from_dict(copy.deepcopy(schedule_raw(first, "msg", True, budget, schedule=schedule_name)),
-                                check=False)
+    made = config_from_dict(copy.deepcopy(schedule_raw(first, "msg", True, budget, schedule=schedule)), check=False)
     return {"size": size_name, "corpus": corpus, "device": first["train"]["device"],
             "target": str(config_from_dict(copy.deepcopy(first), check=False).model.shape),
-            "steps": first["train"]["steps"], "growth_budget": budget, "growth_steps": schedule.train.steps,
-            "schedule": schedule_name, "start": str(schedule.model.shape),
+            "steps": first["train"]["steps"], "growth_budget": budget, "growth_steps": made.train.steps,
+            "schedule": schedule, "start": str(made.model.shape),
             "stages": [{"at_step": s.at_step, "shape": str(s.shape), "rewind_lr": s.rewind_lr, "phi": s.phi}
-                       for s in schedule.resolved_stages()],
+                       for s in made.resolved_stages()],
             "date": time.strftime("%Y-%m-%d"), "runs": rows, "seeds": seed_summary(rows)}
 
 
@@ -438,7 +438,6 @@ def run_growth_bench(out_dir: str, size_name: str, corpus: str | None, vocab: in
     unknown = sorted(set(kinds) - set(RUN_KINDS))
     if unknown:
         raise ValueError(f"--runs: {', '.join(unknown)} is not one of {', '.join(RUN_KINDS)}")
-    from megatron_msg.named_schedules import SCHEDULES
     if schedule not in SCHEDULES:
         raise ValueError(f"--schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if budget <= 0:
