@@ -117,6 +117,13 @@ class LRConfig:
     # Steps that rewind the LR without a growth (training/lr.py): a full-size control run given
     # the same rewinds as a growth schedule separates the operator from the LR schedule.
     rewind_at: list[int] = field(default_factory=list)
+    # What a rewind (a growth stage's, or lr.rewind_at's) restarts at: this fraction of its
+    # segment's peak (1.0: the paper's rewind to the peak; below 1: a partial rewind).
+    rewind_peak: float = 1.0
+    # A rewound segment decays to its floor over this fraction of the steps from its start to the
+    # decay end, then stays there (1.0: the whole way, as the first segment does; below 1: the
+    # faster decay after expansion LEMON recommends, Wang et al. 2023).
+    rewind_decay: float = 1.0
 
 
 @dataclass
@@ -766,6 +773,9 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     if lr.decay_steps is not None:
         _check(lr.decay_steps > lr.warmup_steps, "lr.decay_steps", "must exceed lr.warmup_steps")
     _check(lr.rewind_warmup_steps >= 0, "lr.rewind_warmup_steps", "must be >= 0")
+    _check(0 < lr.rewind_peak <= 1, "lr.rewind_peak", f"must be in (0, 1] (a fraction of the peak), got {lr.rewind_peak}")
+    _check(0 < lr.rewind_decay <= 1, "lr.rewind_decay",
+           f"must be in (0, 1] (a fraction of the steps left to the decay end), got {lr.rewind_decay}")
     _check(all(0 < r < t.steps for r in lr.rewind_at), "lr.rewind_at",
            f"every step must be in (0, train.steps={t.steps}), got {lr.rewind_at}")
     _check(list(lr.rewind_at) == sorted(set(lr.rewind_at)), "lr.rewind_at",
@@ -776,6 +786,14 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
                f"end before {'the next rewind at step ' + str(end) if end < t.steps else 'train.steps=' + str(end)}")
     stages = resolve_stages(cfg)
     _validate_timing(cfg, stages)
+    # A partial rewind below its floor would make the LR climb while it "decays".
+    # (At 1.0 each stage's own min_lr <= lr check below says it.)
+    rewound = [(st.lr, st.min_lr, f"growth.stages[{st.index}]") for st in stages if st.rewind_lr and lr.rewind_peak < 1]
+    if lr.rewind_at and lr.rewind_peak < 1:
+        rewound.append((cfg.optimizer.lr, cfg.optimizer.min_lr, "optimizer"))
+    for peak, floor, where in rewound:
+        _check(lr.rewind_peak * peak >= floor, "lr.rewind_peak",
+               f"{lr.rewind_peak} x the peak {peak:g} ({where}) is below its min_lr {floor:g}")
     first_rewind = next((s.at_step for s in stages if s.rewind_lr and not s.auto), None)
     if first_rewind is not None:
         _check(lr.warmup_steps < first_rewind, "lr.warmup_steps",

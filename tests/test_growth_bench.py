@@ -8,7 +8,7 @@ import pytest
 
 from megatron_msg.cli.bench import main as msg_bench
 from megatron_msg.config import config_from_dict
-from megatron_msg.training.growth_bench import OPERATORS
+from megatron_msg.training.growth_bench import LR_POLICIES, OPERATORS
 
 ROW_KEYS = {"flops", "time_s", "final_valid_loss", "reference_flops_to_final_loss", "speedup_at_final_loss",
             "reference_time_to_final_loss_s", "wall_speedup_at_final_loss", "reference_loss_at_budget",
@@ -31,7 +31,7 @@ def _config(out, name):
 def test_every_run_is_reported_against_both_full_size_references(bench):
     out, rep = bench
     names = [r["run"] for r in rep["runs"]]
-    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds", "msg_auto"]
+    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds", *LR_POLICIES, "msg_auto"]
     assert rep["size"] == "tiny" and rep["corpus"] == "bundled" and rep["steps"] == 144
     assert rep["seeds"] == {}  # one seed: no spread to read
     assert [s["rewind_lr"] for s in rep["stages"]][:2] == [True, True] and len(rep["stages"]) >= 3
@@ -52,7 +52,7 @@ def test_every_run_is_reported_against_both_full_size_references(bench):
     by = {r["run"]: r for r in rep["runs"]}
     assert by["full"]["vs_full"]["speedup_at_final_loss"] == 1.0
     assert by["full_rewinds"]["vs_full_rewinds"]["speedup_at_final_loss"] == 1.0
-    growth_flops = {by[n]["vs_full"]["flops"] for n in (*OPERATORS, "msg_no_rewinds")}  # msg_auto: its own steps
+    growth_flops = {by[n]["vs_full"]["flops"] for n in (*OPERATORS, "msg_no_rewinds", *LR_POLICIES)}  # msg_auto: its own
     assert len(growth_flops) == 1 and growth_flops.pop() < by["full"]["vs_full"]["flops"]  # one schedule
     assert by["stack"]["width_operator"] == "nomask" and by["msg"]["growth_events"] == len(rep["stages"])
     # MSG is exact at every growth; nomask's new units move the loss at once.
@@ -82,6 +82,33 @@ def test_the_controls_differ_from_the_schedule_only_by_what_they_control(bench):
     for a, b in ((msg, full), (no_rewinds, full_rewinds)):
         assert (a.train.seed, a.data.seed, a.optimizer, a.train.steps) == (b.train.seed, b.data.seed, b.optimizer,
                                                                              b.train.steps)
+
+
+def test_the_lr_policy_runs_train_the_msg_schedule_with_their_rewinds(bench):
+    """msg_partial_rewinds / msg_fast_decay: msg's stages and data, and the LR they logged is msg's
+    until the first rewind, below it after (half the peak), or at the floor before the end."""
+    out, rep = bench
+    msg = _config(out, "msg")
+
+    def logged_lr(name: str) -> dict[int, float]:
+        lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["lr"] for r in map(json.loads, lines) if r.get("kind") == "train"}
+    lr_of = {n: logged_lr(n) for n in ("msg", *LR_POLICIES)}
+    first = next(s.at_step for s in msg.resolved_stages() if s.rewind_lr)
+    last = [s.at_step for s in msg.resolved_stages() if s.rewind_lr][-1]
+    for kind, lr in LR_POLICIES.items():
+        cfg = _config(out, kind)
+        assert cfg.resolved_stages() == msg.resolved_stages() and cfg.data == msg.data
+        assert {k: getattr(cfg.lr, k) for k in lr} == lr
+        assert [lr_of[kind][s] for s in lr_of["msg"] if s < first] == [lr_of["msg"][s] for s in lr_of["msg"] if s < first]
+    after = [s for s in lr_of["msg"] if s >= first]
+    assert all(lr_of["msg_partial_rewinds"][s] < lr_of["msg"][s] for s in after)
+    floor = msg.optimizer.min_lr
+    tail = [s for s in lr_of["msg"] if s > last + (msg.train.steps - last) * 0.6]
+    assert tail and all(lr_of["msg_fast_decay"][s] == pytest.approx(floor) and floor < lr_of["msg"][s] for s in tail)
+    by = {r["run"]: r for r in rep["runs"]}
+    assert by["msg_partial_rewinds"]["lr_policy"] == "rewinds (0.5 x peak)"
+    assert by["msg_fast_decay"]["lr_policy"] == "rewinds (floor after 0.5 of the rest)"
 
 
 def test_a_missing_corpus_is_one_line_and_exit_2(tmp_path, capsys):

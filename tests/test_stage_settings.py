@@ -78,6 +78,42 @@ def test_lr_rewind_at_gives_a_run_without_growth_the_rewinds_of_a_growth_schedul
     assert [(s.start, s.peak, s.floor) for s in segs] == [(0, 4e-3, 4e-4), (12, 1e-3, 1e-4), (25, 1e-3, 1e-4)]
 
 
+def test_partial_rewinds_and_a_faster_decay_shape_every_rewind_alike():
+    """lr.rewind_peak / lr.rewind_decay (issue 19's LR policies): a growth stage's rewind and an
+    lr.rewind_at rewind at the same step give the same LR, so the full-size control keeps the policy."""
+    policy = {"rewind_peak": 0.5, "rewind_decay": 0.5}
+    growth_raw = raw_config([{"at_step": 12, "ffn": 64, "rewind_lr": True},
+                             {"at_step": 25, "layers": 4, "rewind_lr": True}])
+    growth_raw["lr"].update(policy)
+    control_raw = raw_config([])
+    control_raw["lr"].update(policy, rewind_at=[12, 25])
+    plain = config_from_dict(raw_config([{"at_step": 12, "ffn": 64, "rewind_lr": True},
+                                         {"at_step": 25, "layers": 4, "rewind_lr": True}]))
+    lr = lambda cfg: [lr_at(s, lr_segments(cfg), cfg.lr, cfg.train.steps) for s in range(cfg.train.steps)]  # noqa: E731
+    growth, control = config_from_dict(growth_raw), config_from_dict(control_raw)
+    assert lr(control) == lr(growth)
+    got, full_rewind = lr(growth), lr(plain)
+    assert got[:12] == full_rewind[:12]  # the first segment is the run's own
+    assert got[13] == pytest.approx(0.5 * 4e-3) and full_rewind[13] == pytest.approx(4e-3)  # after the 2-step warm-up
+    # The second rewind decays from step 27 (after its warm-up) over half the 13 steps left: floor from step 33.
+    assert [s.end for s in lr_segments(growth)] == [None, 14 + round(0.5 * 26), 27 + round(0.5 * 13)]
+    assert got[32] > 4e-4 and got[33:] == [pytest.approx(4e-4)] * 7
+    assert all(a >= b for a, b in zip(got[27:], got[28:]))  # it decays, never climbs
+
+
+@pytest.mark.parametrize("lr, words", [
+    ({"rewind_peak": 0}, r"lr.rewind_peak: must be in \(0, 1\]"),
+    ({"rewind_peak": 1.5}, r"lr.rewind_peak: must be in \(0, 1\]"),
+    ({"rewind_decay": 0}, r"lr.rewind_decay: must be in \(0, 1\]"),
+    ({"rewind_peak": 0.05}, r"lr.rewind_peak: 0.05 x the peak 0.004 \(growth.stages\[0\]\) is below its min_lr 0.0004"),
+])
+def test_bad_lr_rewind_policies_name_the_field(lr, words):
+    raw = raw_config([{"at_step": 12, "ffn": 64, "rewind_lr": True}])
+    raw["lr"].update(lr)
+    with pytest.raises(ConfigError, match=words):
+        config_from_dict(raw)
+
+
 @pytest.mark.parametrize("rewinds, words", [
     ([0], r"lr.rewind_at: every step must be in \(0, train.steps=40\)"),
     ([40], r"lr.rewind_at: every step must be in"),

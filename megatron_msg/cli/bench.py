@@ -109,7 +109,7 @@ def _train_run(a: argparse.Namespace) -> None:
 
 def _growth_args(p: argparse.ArgumentParser) -> None:
     from megatron_msg.named_schedules import SCHEDULES
-    from megatron_msg.training.growth_bench import SIZES
+    from megatron_msg.training.growth_bench import RUN_KINDS, SIZES
     p.add_argument("--out", default="runs/bench/growth", help="directory for growth.json/.md/.png and runs/")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES),
                    help="tiny (CPU, about a minute), small (CPU, under an hour), gpu (GPT-2-small's shape, one GPU)")
@@ -118,8 +118,7 @@ def _growth_args(p: argparse.ArgumentParser) -> None:
                    help="train a sentencepiece tokenizer of this many pieces on the corpus (default 0: bytes)")
     p.add_argument("--seeds", type=int, default=1, help="seeds of every run (2+ to read the seed spread)")
     p.add_argument("--runs", default=None,
-                   help="comma-separated subset of full,full_rewinds,msg,nomask,net2net,stack,msg_no_rewinds,msg_auto "
-                        "(default: all; full is always run)")
+                   help="comma-separated subset of " + ",".join(RUN_KINDS) + " (default: all; full is always run)")
     p.add_argument("--growth-budget", type=float, default=1.0,
                    help="steps of the growth runs as a multiple of the full-size runs' (default 1)")
     p.add_argument("--schedule", default="sch1", choices=SCHEDULES,

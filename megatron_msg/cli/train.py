@@ -40,6 +40,9 @@ def describe_schedule(cfg) -> str:
     if cfg.lr.rewind_at:
         lines.append(f"  lr rewinds to the peak at steps {', '.join(map(str, cfg.lr.rewind_at))} (lr.rewind_at), "
                      f"warmup {cfg.lr.rewind_warmup_steps}")
+    if cfg.lr.rewind_peak != 1 or cfg.lr.rewind_decay != 1:
+        lines.append(f"  every rewind restarts at {cfg.lr.rewind_peak:g} x its peak (lr.rewind_peak) and reaches its "
+                     f"floor after {cfg.lr.rewind_decay:g} of the steps left to the decay end (lr.rewind_decay)")
     stages = cfg.resolved_stages()
     if any(st.auto for st in stages):
         from megatron_msg.growth.auto_timing import AutoTiming

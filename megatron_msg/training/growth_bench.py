@@ -11,6 +11,9 @@ One command trains, one after another with the same data order, seed and LR reci
   ``nomask``, ``net2net`` and ``stack`` (stack grows depth only; its width stages use ``nomask``,
   direct growth without masks, so the pair is the usual stacking baseline);
 * ``msg_no_rewinds``: the MSG schedule without its LR rewinds, the other control;
+* ``msg_partial_rewinds`` and ``msg_fast_decay``: the other LR policies across growths the paper's
+  rewind is measured against, a rewind to half the peak (``lr.rewind_peak``) and a rewind to the
+  peak that reaches the floor in half the steps left (``lr.rewind_decay``, LEMON's faster decay);
 * ``msg_auto``: the schedule's shapes with MSG, every step decided by the trainer (``at_step: auto``,
   growth/auto_timing.py); its lookaheads' FLOPs and time count in its totals.
 
@@ -68,7 +71,9 @@ SIZES = {
     "gpu": GrowthBenchSize(768, 3072, 12, 12, 64, 512, 1200, 32, 100, 8, 6e-4, "cuda"),
 }
 OPERATORS = ("msg", "nomask", "net2net", "stack")
-RUN_KINDS = ("full", "full_rewinds", *OPERATORS, "msg_no_rewinds", "msg_auto")
+# The LR policies across growths besides the schedule's own rewinds and none: run kind -> lr.* settings.
+LR_POLICIES = {"msg_partial_rewinds": {"rewind_peak": 0.5}, "msg_fast_decay": {"rewind_decay": 0.5}}
+RUN_KINDS = ("full", "full_rewinds", *OPERATORS, "msg_no_rewinds", *LR_POLICIES, "msg_auto")
 STACK_WIDTH_OPERATOR = "nomask"  # stacking grows depth only; its width stages use this
 FINISHED_RUNS = "finished_runs.json"  # names of the runs this invocation trained to the end (or kept)
 
@@ -79,7 +84,7 @@ class BenchRun:
     raw: dict
     seed: int
     operator: str | None  # None: full size from step 0
-    lr_policy: str        # "rewinds" (the schedule's) or "none"
+    lr_policy: str        # "rewinds" (the schedule's), "none", or one of LR_POLICIES' (policy_name)
     kind: str = ""        # one of RUN_KINDS
     timing: str = "fixed"  # "auto": at_step auto
 
@@ -134,6 +139,13 @@ def schedule_raw(full: dict, operator: str, rewinds: bool, budget: float = 1.0, 
     return raw
 
 
+def policy_name(lr: dict) -> str:
+    """How a run's rewinds differ from the paper's, as the report's LR column says it."""
+    parts = [f"{lr['rewind_peak']:g} x peak" if "rewind_peak" in lr else "",
+             f"floor after {lr['rewind_decay']:g} of the rest" if "rewind_decay" in lr else ""]
+    return "rewinds (" + ", ".join(p for p in parts if p) + ")"
+
+
 def rewind_steps(raw: dict) -> list[int]:
     return [s["at_step"] for s in raw["growth"]["stages"] if s.get("rewind_lr")]
 
@@ -157,6 +169,10 @@ def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int, kinds: tuple[s
             made[op] = BenchRun(f"{op}{tag}", grown(op), seed, op, "rewinds", op)
         made["msg_no_rewinds"] = BenchRun(f"msg_no_rewinds{tag}", grown("msg", rewinds=False), seed, "msg", "none",
                                           "msg_no_rewinds")
+        for kind, lr in LR_POLICIES.items():
+            raw = grown("msg")
+            raw["lr"].update(lr)
+            made[kind] = BenchRun(f"{kind}{tag}", raw, seed, "msg", policy_name(lr), kind)
         made["msg_auto"] = BenchRun(f"msg_auto{tag}", grown("msg", auto=True), seed, "msg", "rewinds", "msg_auto",
                                     timing="auto")
         runs += [made[k] for k in RUN_KINDS if k == "full" or k in kinds]
