@@ -218,6 +218,13 @@ def test_the_seed_summary_says_whether_msg_wins_by_more_than_the_seed_spread():
     assert "| nomask | 2 | 1.4600 | 0.0200 | +0.2500 |" in text
     assert "msg against net2net:" in text and "beyond the seed spread: no" in text
     assert seed_summary([r for r in rows if r["seed"] == 0]) == {}  # one seed: no spread to read
+    assert "msg_fast_decay" not in summary["msg_against"]  # a kind not trained is not compared
+
+    # msg's own schedule under another LR policy is compared the same way, per seed.
+    policies = seed_summary(rows + [row("msg_fast_decay", 0, 1.43), row("msg_fast_decay", 1, 1.46)])
+    fast = policies["msg_against"]["msg_fast_decay"]
+    assert fast["difference_per_seed"] == pytest.approx([0.03, 0.05]) and fast["msg_lower_beyond_spread"] is True
+    assert "msg against msg_fast_decay:" in "\n".join(_format_seeds(policies))
 
 
 def test_keep_runs_keeps_a_full_size_run_whatever_the_growth_defaults_but_not_a_growth_run(bench):

@@ -73,7 +73,8 @@ SIZES = {
 OPERATORS = ("msg", "nomask", "net2net", "stack")
 # The LR policies across growths besides the schedule's own rewinds and none: run kind -> lr.* settings.
 LR_POLICIES = {"msg_partial_rewinds": {"rewind_peak": 0.5}, "msg_fast_decay": {"rewind_decay": 0.5}}
-RUN_KINDS = ("full", "full_rewinds", *OPERATORS, "msg_no_rewinds", *LR_POLICIES, "msg_auto")
+SAME_SCHEDULE_LR_KINDS = ("msg_no_rewinds", *LR_POLICIES)  # msg's schedule, another LR policy
+RUN_KINDS = ("full", "full_rewinds", *OPERATORS, *SAME_SCHEDULE_LR_KINDS, "msg_auto")
 STACK_WIDTH_OPERATOR = "nomask"  # stacking grows depth only; its width stages use this
 FINISHED_RUNS = "finished_runs.json"  # names of the runs this invocation trained to the end (or kept)
 
@@ -308,9 +309,10 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
 
 def seed_summary(rows: list[dict]) -> dict:
     """With two or more seeds: per run kind, the final validation loss's mean and spread (max - min)
-    and the FLOPs to ``full``'s final loss per seed; and MSG against each other operator, the other
-    operator's final loss minus MSG's per seed (> 0: MSG ends lower), and whether MSG ends lower on
-    every seed by more than the larger of the two seed spreads on average."""
+    and the FLOPs to ``full``'s final loss per seed; and MSG against each other operator and each
+    other LR policy on its schedule, the other run's final loss minus MSG's per seed (> 0: MSG ends
+    lower), and whether MSG ends lower on every seed by more than the larger of the two seed
+    spreads on average."""
     by_kind: dict[str, list[dict]] = {}
     for r in rows:
         by_kind.setdefault(r["kind"], []).append(r)
@@ -325,7 +327,9 @@ def seed_summary(rows: list[dict]) -> dict:
                        "final_loss_spread": max(finals) - min(finals),
                        "flops_to_full_final_loss": [r["vs_full"]["flops_to_reference_final_loss"] for r in rs]}
     msg_against = {}
-    for other in OPERATORS:
+    # The other operators on msg's schedule, and msg on it with another LR policy: each differs
+    # from msg in one thing, so the per-seed difference is that thing's effect.
+    for other in (*OPERATORS, *SAME_SCHEDULE_LR_KINDS):
         if other == "msg" or other not in by_kind or "msg" not in by_kind:
             continue
         msg_final = {r["seed"]: r["vs_full"]["final_valid_loss"] for r in by_kind["msg"]}
