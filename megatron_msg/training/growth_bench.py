@@ -26,7 +26,8 @@ wall time to its own final validation loss ("not reached" where the reference ne
 the speed-ups they give, the reference's loss at the run's own FLOP budget, and the FLOPs and time
 the run needed to reach the reference's final loss.  ``--seeds N``
 repeats the growth runs (and the references) with N seeds, so a difference can be read against
-the seed spread.  Output: ``growth.json`` (the report), ``growth.md`` (tables), ``growth.png``
+the seed spread; msg is then compared per seed with each other operator and with its own
+schedule under each other LR policy.  Output: ``growth.json`` (the report), ``growth.md`` (tables), ``growth.png``
 (validation loss against FLOPs and against wall time, growth events marked) and the run
 directories under ``runs/``.
 
