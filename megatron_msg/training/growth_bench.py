@@ -27,9 +27,9 @@ the speed-ups they give, the reference's loss at the run's own FLOP budget, and 
 the run needed to reach the reference's final loss.  ``--seeds N``
 repeats the growth runs (and the references) with N seeds, so a difference can be read against
 the seed spread; msg is then compared per seed with each other operator and with its own
-schedule under each other LR policy.  Output: ``growth.json`` (the report), ``growth.md`` (tables), ``growth.png``
-(validation loss against FLOPs and against wall time, growth events marked) and the run
-directories under ``runs/``.
+schedule under each other LR policy.  Output: ``growth.json`` (the report), ``growth.md``
+(tables), ``growth.png`` (validation loss against FLOPs and against wall time, growth events
+marked) and the run directories under ``runs/``.
 
 Sizes: ``tiny`` (CPU, about a minute: the CI smoke test), ``small`` (CPU, under an hour: the
 docs/benchmarks.md tables), ``gpu`` (GPT-2-small's shape, under 10 minutes on one H100/H200).
