@@ -227,6 +227,11 @@ class AutoTimingConfig:
     # a power law through the current shape's last two windows.  Off: the rate of the last window as
     # measured, which favours the current shape (loss curves decelerate) and so grows late.
     extrapolate: bool = True
+    # A lookahead is cut short after its mask ramp and half its window when the grown rate over that
+    # half is already below the current one: loss curves decelerate, so the whole window's rate
+    # (the mean of its halves') would be lower still and the check would say "wait" anyway; only
+    # lookaheads that say "wait" are thrown away, so this is compute the rule no longer spends on them.
+    stop_early: bool = True
 
     def every(self, steps: int) -> int:
         return self.check_every if self.check_every is not None else max(2, steps // 24)

@@ -95,6 +95,15 @@ def test_the_decision_compares_loss_drop_per_flop():
     assert wait.decision == "wait" and wait.probe_flops == 45 and wait.grown_after == 1.0
 
 
+def test_a_lookahead_stopped_after_half_its_window_measures_that_half():
+    # Stopped after 5 of its 10 steps: the grown rate is the drop over those 5, and so is the cost.
+    check = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, grown_settled=2.5, grown_after=2.0, flops_current=1,
+                   flops_grown=3, lookahead_steps=5 + 5, grown_steps=5)
+    assert check.stopped_early and check.decision == "wait" and check.probe_flops == 30
+    assert check.rate_grown == pytest.approx(0.5 / 15) and check.rate_current == pytest.approx(0.05)
+    assert not decide(0, 50, 10, 3.0, 2.5, 2.5, 2.0, 1, 3, 15, grown_steps=10).stopped_early
+
+
 def test_the_current_rate_is_extrapolated_to_the_grown_window_along_a_power_law():
     cfg = config_from_dict(_raw(check_every=10, probe_steps=4))
     stages = cfg.resolved_stages()
@@ -162,10 +171,11 @@ def test_validate_prints_the_rule_and_auto_steps(capsys):
     from megatron_msg.cli.train import describe_schedule
     text = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4)))
     assert "at_step auto: a 4-step lookahead every 10 steps" in text and "stage 0 45" in text
-    assert "(kept when it says grow; current rate extrapolated to the grown window)" in text
+    assert ("(kept when it says grow, stopped after 2 steps when it cannot say grow; current rate extrapolated "
+            "to the grown window)") in text
     assert text.count("step    auto ->") == 5
     plain = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False,
-                                                    adopt_lookahead=False)))
+                                                    adopt_lookahead=False, stop_early=False)))
     assert "(always rolled back; current rate as measured)" in plain
 
 
@@ -270,6 +280,26 @@ def test_a_resumed_auto_run_decides_and_trains_identically(auto_run, tmp_path):
     assert _records(tmp_path, "growth_check") == [{**c, "time_s": r["time_s"]} for c, r in
                                                   zip(_records(out, "growth_check"),
                                                       _records(tmp_path, "growth_check"))]
+
+
+def test_stopping_lookaheads_early_changes_no_decision_and_costs_less(auto_run, tmp_path):
+    """The same run with every lookahead trained to the end of its window (stop_early: false): each
+    check the default run cut short said "wait" there too, over a whole-window rate no higher than the
+    half's (the decelerating curve the early stop relies on), so both runs decide and train alike,
+    and the default spends less on thrown-away lookaheads."""
+    out, result, decided = auto_run
+    full = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, stop_early=False)), out_dir=tmp_path,
+                   progress=False).run()
+    assert full.losses == result.losses and {g["stage"]: g["step"] for g in _records(tmp_path, "growth")} == decided
+    cut, whole = _records(out, "growth_check"), _records(tmp_path, "growth_check")
+    stopped = [(c, w) for c, w in zip(cut, whole) if c["stopped_early"]]
+    assert stopped, "no lookahead stopped early: the test would not exercise it"
+    for c, w in stopped:
+        assert (c["step"], c["decision"], w["decision"]) == (w["step"], "wait", "wait")
+        assert w["rate_grown"] <= c["rate_grown"] < (c["rate_current_ahead"] or c["rate_current"])
+        assert c["grown_settled"] == w["grown_settled"] and c["probe_flops"] < w["probe_flops"]
+    assert not any(w["stopped_early"] for w in whole)
+    assert sum(c["probe_flops"] for c in cut) < sum(w["probe_flops"] for w in whole)
 
 
 def test_the_lookaheads_are_counted_in_the_run_flops(auto_run):

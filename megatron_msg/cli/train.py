@@ -49,6 +49,8 @@ def describe_schedule(cfg) -> str:
         a = AutoTiming.from_config(cfg, stages)
         current = "extrapolated to the grown window" if a.extrapolate else "as measured"
         kept = "kept when it says grow" if a.adopt else "always rolled back"
+        if a.early_stop_steps() is not None:
+            kept += f", stopped after {a.early_stop_steps()} steps when it cannot say grow"
         lines.append(f"  at_step auto: a {a.probe_steps}-step lookahead every {a.check_every} steps once the shape "
                      f"has settled ({kept}; current rate {current}), {a.eval_iters} validation batches per "
                      "probe loss; latest steps " + ", ".join(f"stage {k} {a.latest(k)}" for k in a.deadlines))

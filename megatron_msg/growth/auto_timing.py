@@ -15,7 +15,9 @@ slope falls to the large model's at the same loss), measured instead of fitted:
   starts at the current loss), train ``probe_steps`` steps exactly as the real growth would
   (same batches, mask ramp, LR rewind), measure the probe loss, and roll everything back;
 * grow now if ``rate_grown >= rate_current`` (the extrapolated one), else train on and check
-  again ``check_every`` steps later.  A lookahead that says "grow" is kept (``adopt_lookahead``, the default): the run
+  again ``check_every`` steps later.  A lookahead whose rate over the first half of its window is
+  already below the current one stops there (``stop_early``, the default): a decelerating loss curve
+  lowers the rate over the second half, so the whole window would say "wait" too.  A lookahead that says "grow" is kept (``adopt_lookahead``, the default): the run
   goes on from its end, and the stage's LR rewind comes there instead of at the growth; only the
   lookaheads that say "wait" are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
   ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.
@@ -48,6 +50,7 @@ class AutoTiming:
     deadlines: dict[int, int]  # auto stage index -> the step it grows at if no check said so before
     adopt: bool = True  # keep a lookahead that decided "grow" (growth.auto.adopt_lookahead)
     extrapolate: bool = True  # compare the current rate where the grown one is measured (growth.auto.extrapolate)
+    stop_early: bool = True  # cut a lookahead after half its window once it cannot say grow (growth.auto.stop_early)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
@@ -55,7 +58,12 @@ class AutoTiming:
         autos = [st.index for st in stages if st.auto]
         return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
                    {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead,
-                   a.extrapolate)
+                   a.extrapolate, a.stop_early)
+
+    def early_stop_steps(self) -> int | None:
+        """Steps after the mask ramp at which a lookahead may stop (None: it never does)."""
+        half = self.probe_steps // 2
+        return half if self.stop_early and half >= 1 else None
 
     def latest(self, stage: int) -> int:
         """The step auto stage ``stage`` grows at if no check has said so before."""
@@ -123,6 +131,9 @@ class GrowthCheck:
     probe_flops: int            # training FLOPs the lookahead spent and threw away (pure overhead)
     adopted: bool = False       # the lookahead was kept: its steps are the run's (probe_flops 0)
     rate_current_ahead: float | None = None  # rate_current extrapolated to the grown window (compared when set)
+    # The lookahead stopped after half its window (stop_early): grown_after and rate_grown are that
+    # half's, an upper bound of the whole window's on a decelerating curve.
+    stopped_early: bool = False
 
 
 def window_rate(loss_start: float, loss_end: float, steps: int, flops_per_step: int) -> float:
@@ -137,17 +148,19 @@ def compared_rate(rate_current: float, rate_ahead: float | None) -> float:
 
 def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, grown_settled: float,
            grown_after: float, flops_current: int, flops_grown: int, lookahead_steps: int,
-           rate_ahead: float | None = None) -> GrowthCheck:
+           rate_ahead: float | None = None, grown_steps: int | None = None) -> GrowthCheck:
     """Grow iff the grown model's loss drop per FLOP over ``probe_steps`` after its ramp matches the
     current shape's over the ``probe_steps`` before the check (or ``rate_ahead``, that rate
     extrapolated to the grown window, when given); ``flops_*``: training FLOPs of one step of each
-    shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost)."""
+    shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost); ``grown_steps``:
+    the steps the grown rate was measured over when the lookahead stopped early (else probe_steps)."""
     rate_current = window_rate(loss_before, loss_now, probe_steps, flops_current)
-    rate_grown = window_rate(grown_settled, grown_after, probe_steps, flops_grown)
+    measured = probe_steps if grown_steps is None else grown_steps
+    rate_grown = window_rate(grown_settled, grown_after, measured, flops_grown)
     compared = compared_rate(rate_current, rate_ahead)
     return GrowthCheck(step, stage, "grow" if rate_grown >= compared else "wait", loss_before, loss_now,
                        grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown,
-                       rate_current_ahead=rate_ahead)
+                       rate_current_ahead=rate_ahead, stopped_early=measured < probe_steps)
 
 
 def step_flops(model: ModelConfig, global_batch: int) -> int:

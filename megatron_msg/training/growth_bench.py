@@ -284,7 +284,8 @@ def report(runs: list[BenchRun], curves: dict[str, RunCurves], size_name: str, c
                  "growth_loss_jumps": [g["loss_after"] - g["loss_before"] for g in curve.growths
                                        if g.get("loss_after") is not None and g.get("loss_before") is not None],
                  "lookaheads": len(curve.lookaheads), "lookahead_flops": sum(f for _, f in curve.lookaheads),
-                 "adopted_lookaheads": sum(1 for c in curve.checks if c.get("adopted"))}
+                 "adopted_lookaheads": sum(1 for c in curve.checks if c.get("adopted")),
+                 "stopped_lookaheads": sum(1 for c in curve.checks if c.get("stopped_early"))}
         for ref, policy in (("full", "none"), ("full_rewinds", "rewinds")):
             if (r.seed, policy) not in references:
                 continue
@@ -362,11 +363,12 @@ def format_report(rep: dict) -> str:
     for r in rep["runs"]:
         if r.get("timing") == "auto":
             bare = r["vs_full"].get("flops_to_reference_final_loss_without_lookaheads")
-            kept = r.get("adopted_lookaheads", 0)
+            kept, stopped = r.get("adopted_lookaheads", 0), r.get("stopped_lookaheads", 0)
             lines += [f"`{r['run']}` (at_step auto) grew at steps {', '.join(map(str, r['growth_steps']))}; "
                       + (f"{kept} lookaheads kept (their steps are the run's); " if kept else "")
-                      + f"{r['lookaheads']} thrown away spent {_fmt(r['lookahead_flops'], 'flops')} FLOPs "
-                      "(counted in its FLOPs and time)"
+                      + f"{r['lookaheads']} thrown away"
+                      + (f" ({stopped} stopped after half their window)" if stopped else "")
+                      + f" spent {_fmt(r['lookahead_flops'], 'flops')} FLOPs (counted in its FLOPs and time)"
                       + (f"; without them its steps reach `full`'s final loss with {_fmt(bare, 'flops')} FLOPs"
                          if r["lookaheads"] else "") + ".", ""]
     for ref in ("full", "full_rewinds"):

@@ -41,7 +41,7 @@ from megatron_msg.checkpoint.sharded import save_sharded
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
 from megatron_msg.growth.apply import grow_model, spec_for_stage
-from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, compared_rate, decide, step_flops
+from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, compared_rate, decide, step_flops, window_rate
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
@@ -614,12 +614,14 @@ class Trainer:
             else:
                 keep = self._start_lookahead(k)
                 try:
-                    grown = self._lookahead(ramp, w)
+                    settled, after, measured = self._lookahead(ramp, w, compared_rate(rate_now, rate_ahead),
+                                                               flops_grown)
                 except BaseException:
                     self._end_lookahead(keep, adopt=False)
                     raise
-                check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], *grown,
-                               flops_now, flops_grown, ramp + w, rate_ahead)
+                check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], settled, after,
+                               flops_now, flops_grown, ramp + measured, rate_ahead, grown_steps=measured)
+                assert not check.stopped_early or check.decision == "wait", "an early stop must say wait"
                 self.grown_rate = check.rate_grown
                 adopt = self.auto.adopt and check.decision == "grow"
                 self._end_lookahead(keep, adopt)
@@ -656,15 +658,21 @@ class Trainer:
         self.lr_segments = lr_segments(self.cfg, self.stages, self.moved_rewinds)
         return keep
 
-    def _lookahead(self, ramp: int, steps: int) -> tuple[float, float]:
+    def _lookahead(self, ramp: int, steps: int, rate_to_beat: float, flops_grown: int) -> tuple[float, float, int]:
         """Train the grown model through its mask ramp and ``steps`` more steps; return the probe
-        loss at the ramp's end and ``steps`` after it.  When the lookahead may be adopted, what the
-        run would have logged on these steps (train and validation records) is kept aside."""
-        settled, t = None, self.cfg.train
+        loss at the ramp's end, the probe loss at the end, and the steps trained after the ramp:
+        ``steps``, or fewer where the rate so far fell below ``rate_to_beat`` (growth.auto.stop_early).
+        When the lookahead may be adopted, what the run would have logged on these steps (train and
+        validation records) is kept aside."""
+        settled, t, half = None, self.cfg.train, self.auto.early_stop_steps()
         last_time, last_samples = self.clock.so_far("train"), self.batch_schedule.samples_before(self.step)
         for i in range(ramp + steps):
             if i == ramp:
                 settled = self._eval_loss(self.auto.eval_iters)
+            elif half is not None and i == ramp + half:
+                middle = self._eval_loss(self.auto.eval_iters)
+                if window_rate(settled, middle, half, flops_grown) < rate_to_beat:
+                    return settled, middle, half
             step_run, lr, loss, norm = self.advance()
             if not self.auto.adopt:
                 continue
@@ -680,7 +688,7 @@ class Trainer:
                 self._probe_eval_s += self.clock.eval_s - before
                 self._probe_records.append({"kind": "valid", "step": step_run, "loss": vloss,
                                             "time_s": self.clock.so_far("train"), "eval_time_s": self.clock.eval_s})
-        return settled, self._eval_loss(self.auto.eval_iters)
+        return settled, self._eval_loss(self.auto.eval_iters), steps
 
     def _end_lookahead(self, keep: tuple, adopt: bool) -> None:
         """Keep the lookahead's state (its records go to run() to write), or put back ``keep``."""
