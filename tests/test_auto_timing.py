@@ -12,7 +12,7 @@ import math
 import pytest
 
 from megatron_msg.config import ConfigError, config_from_dict
-from megatron_msg.growth.auto_timing import AutoTiming, decide, planned_stages
+from megatron_msg.growth.auto_timing import AutoTiming, compared_rate, decide, planned_stages
 from megatron_msg.training.trainer import Trainer
 from tests.dist_harness import run_distributed
 
@@ -296,7 +296,7 @@ def test_stopping_lookaheads_early_changes_no_decision_and_costs_less(auto_run, 
     assert stopped, "no lookahead stopped early: the test would not exercise it"
     for c, w in stopped:
         assert (c["step"], c["decision"], w["decision"]) == (w["step"], "wait", "wait")
-        assert w["rate_grown"] <= c["rate_grown"] < (c["rate_current_ahead"] or c["rate_current"])
+        assert w["rate_grown"] <= c["rate_grown"] < compared_rate(c["rate_current"], c["rate_current_ahead"])
         assert c["grown_settled"] == w["grown_settled"] and c["probe_flops"] < w["probe_flops"]
     assert not any(w["stopped_early"] for w in whole)
     assert sum(c["probe_flops"] for c in cut) < sum(w["probe_flops"] for w in whole)

@@ -17,9 +17,10 @@ slope falls to the large model's at the same loss), measured instead of fitted:
 * grow now if ``rate_grown >= rate_current`` (the extrapolated one), else train on and check
   again ``check_every`` steps later.  A lookahead whose rate over the first half of its window is
   already below the current one stops there (``stop_early``, the default): a decelerating loss curve
-  lowers the rate over the second half, so the whole window would say "wait" too.  A lookahead that says "grow" is kept (``adopt_lookahead``, the default): the run
-  goes on from its end, and the stage's LR rewind comes there instead of at the growth; only the
-  lookaheads that say "wait" are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
+  lowers the rate over the second half, so the whole window would say "wait" too.  A lookahead
+  that says "grow" is kept (``adopt_lookahead``, the default): the run goes on from its end, and
+  the stage's LR rewind comes there instead of at the growth; only the lookaheads that say "wait"
+  are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
   ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.
 
 Checks start ``check_every`` steps after the current shape stopped ramping (and after the LR

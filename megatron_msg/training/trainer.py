@@ -607,15 +607,15 @@ class Trainer:
             flops_now, flops_grown = step_flops(self.model.cfg, batch), step_flops(
                 self.cfg.model.with_shape(stage.shape), batch)
             rate_now, rate_ahead = self.auto.current_rates(self.probe_losses, s, previous, ramp, flops_now)
-            if self.grown_rate is not None and compared_rate(rate_now, rate_ahead) > self.grown_rate:
+            compared = compared_rate(rate_now, rate_ahead)
+            if self.grown_rate is not None and compared > self.grown_rate:
                 # Still faster than the grown shape was at the last lookahead: no new one yet.
                 check = GrowthCheck(s, k, "wait", self.probe_losses[s - w], self.probe_losses[s], None, None,
                                     rate_now, self.grown_rate, 0, rate_current_ahead=rate_ahead)
             else:
                 keep = self._start_lookahead(k)
                 try:
-                    settled, after, measured = self._lookahead(ramp, w, compared_rate(rate_now, rate_ahead),
-                                                               flops_grown)
+                    settled, after, measured = self._lookahead(ramp, w, compared, flops_grown)
                 except BaseException:
                     self._end_lookahead(keep, adopt=False)
                     raise
