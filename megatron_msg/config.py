@@ -212,7 +212,7 @@ class AutoTimingConfig:
 
     Omitted values scale with ``train.steps``, so one setting serves any budget and corpus."""
 
-    check_every: int | None = None  # steps between growth checks (default: train.steps // 24)
+    check_every: int | None = None  # steps between growth checks (default: train.steps // 12; docs/growth.md)
     probe_steps: int | None = None  # the lookahead a check trains the grown model for (default: check_every // 2)
     # Every stage still to come keeps this fraction of train.steps: stage k of n grows at the
     # latest at steps * (1 - (n - k) * reserve), whatever the measurements say.
@@ -234,7 +234,7 @@ class AutoTimingConfig:
     stop_early: bool = True
 
     def every(self, steps: int) -> int:
-        return self.check_every if self.check_every is not None else max(2, steps // 24)
+        return self.check_every if self.check_every is not None else max(2, steps // 12)
 
     def probe(self, steps: int) -> int:
         every = self.every(steps)

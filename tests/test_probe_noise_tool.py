@@ -1,0 +1,39 @@
+"""tools/probe_noise.py's statistics: on a synthetic curve with known noise they recover it."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+_spec = importlib.util.spec_from_file_location("probe_noise", Path(__file__).parents[1] / "tools" / "probe_noise.py")
+probe_noise = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe_noise)
+
+
+def _curve(steps):
+    return 4.0 - 0.5 * np.log(steps) + 0.01 * np.log(steps) ** 2
+
+
+def test_shared_noise_is_not_averaged_away_by_more_batches():
+    """Noise common to every batch (the weights') stays at its sd whatever the batch count; the
+    per-batch part shrinks as 1/sqrt(n); the fitted window drop is the curve's."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(200, 1210, 10)
+    shared = rng.normal(0, 0.01, size=(len(steps), 1))
+    own = rng.normal(0, 0.04, size=(len(steps), 64))
+    per_batch = _curve(steps)[:, None] + shared + own
+    rows = {r["batches"]: r for r in probe_noise.summarise(steps, per_batch, window=60, start=200)}
+    assert sorted(rows) == [1, 2, 4, 8, 16, 32, 64]
+    expected = {n: np.sqrt(0.01 ** 2 + 0.04 ** 2 / n) for n in rows}
+    for n, row in rows.items():
+        assert abs(row["residual_sd"] - expected[n]) < 0.25 * expected[n], (n, row["residual_sd"], expected[n])
+    assert rows[64]["residual_sd"] < 0.5 * rows[1]["residual_sd"]
+    true_last = _curve(np.array([1200.0 - 60]))[0] - _curve(np.array([1200.0]))[0]
+    assert abs(rows[64]["window_drop_last"] - true_last) < 0.2 * true_last
+    assert abs(rows[64]["snr_last"] - rows[64]["window_drop_last"] / (np.sqrt(2) * rows[64]["residual_sd"])) < 1e-9
+    # white noise: no autocorrelation to speak of
+    assert all(abs(v) < 0.35 for v in rows[64]["autocorrelation"].values())
+
+
+def test_smooth_fit_is_exact_on_its_own_family():
+    steps = np.arange(100, 600, 25)
+    assert np.allclose(probe_noise.smooth_fit(steps, _curve(steps)), _curve(steps))
