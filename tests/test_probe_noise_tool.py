@@ -37,3 +37,25 @@ def test_shared_noise_is_not_averaged_away_by_more_batches():
 def test_smooth_fit_is_exact_on_its_own_family():
     steps = np.arange(100, 600, 25)
     assert np.allclose(probe_noise.smooth_fit(steps, _curve(steps)), _curve(steps))
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    """No checkpoint, a noise.json of another measurement, a corrupt one: exit 2, nothing trained."""
+    import json
+
+    import pytest
+    cases = [(tmp_path / "empty", None, "holds no checkpoint"),
+             (tmp_path / "run", {"run": "other", "steps": 600, "every": 10, "batches": 64, "rows": []},
+              "holds another measurement"),
+             (tmp_path / "run", "not json", "is not valid JSON")]
+    for i, (run, stored, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        if stored is not None:
+            out.mkdir()
+            (out / "noise.json").write_text(stored if isinstance(stored, str) else json.dumps(stored))
+        with pytest.raises(SystemExit) as e:
+            probe_noise.main([str(run), "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+        assert not (out / "run").exists()

@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 
+class UsageError(ValueError):
+    """Bad input (run directory, arguments, an earlier noise.json): one line, exit 2."""
+
+
 def smooth_fit(steps: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """Least-squares a + b ln t + c ln^2 t through ``losses`` at ``steps``: the curve without noise."""
     lt = np.log(steps.astype(float))
@@ -62,18 +66,29 @@ def measure(run_dir: Path, out: Path, steps: int, every: int, batches: int) -> d
     from megatron_msg.config import config_from_dict
     from megatron_msg.training.trainer import Trainer
 
-    last = latest_checkpoint(run_dir, report=None)
-    if last is None:
-        raise SystemExit(f"probe_noise: {run_dir} holds no checkpoint to read the run's config from")
-    cfg = config_from_dict(copy.deepcopy(open_checkpoint(last).state["config"]))
-    first = min((st.at_step for st in cfg.resolved_stages() if st.at_step is not None), default=None)
+    from megatron_msg.checkpoint.io import CheckpointError
+    from megatron_msg.config import ConfigError
+
+    try:
+        last = latest_checkpoint(run_dir, report=None)
+        if last is None:
+            raise UsageError(f"{run_dir} holds no checkpoint to read the run's config from")
+        cfg = config_from_dict(copy.deepcopy(open_checkpoint(last).state["config"]))
+    except (CheckpointError, ConfigError) as e:
+        raise UsageError(f"{run_dir}: {e}") from e
+    stages = cfg.resolved_stages()
+    if any(st.at_step is None for st in stages):
+        raise UsageError(f"{run_dir} is an at_step: auto run, whose first growth step is not known in advance; "
+                         "give a fixed-schedule run")
+    first = min((st.at_step for st in stages), default=None)
     if first is not None and steps >= first:
-        raise SystemExit(f"probe_noise: --steps {steps} reaches the run's first growth (step {first}); "
-                         "the fit assumes one shape")
+        raise UsageError(f"--steps {steps} reaches the run's first growth (step {first}); the fit assumes one shape")
     trainer = Trainer(cfg, out_dir=out / "run", resume=False, progress=False)
     rows = []
 
     def probe() -> None:
+        # Trainer._eval_loss averages its batches inside one call; the noise needs each batch's loss,
+        # so this runs the same micro-batch path one batch at a time (one process: no replicas).
         trainer.model.eval()
         with torch.no_grad():
             losses = [trainer._run_micro_batches(trainer.valid_batches.get, range(i, i + 1), 1.0, True,
@@ -90,6 +105,28 @@ def measure(run_dir: Path, out: Path, steps: int, every: int, batches: int) -> d
     return {"run": str(run_dir), "steps": steps, "every": every, "batches": batches, "rows": rows}
 
 
+def _load_or_measure(a: argparse.Namespace) -> dict:
+    """``a.out/noise.json`` when it holds this very measurement (so the table can be reprinted
+    without retraining), else measure and write it (temporary file, then rename)."""
+    path = a.out / "noise.json"
+    wanted = {"run": str(a.run), "steps": a.steps, "every": a.every, "batches": a.batches}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} is not valid JSON ({e}); remove it to measure again") from e
+        if {k: data.get(k) for k in wanted} != wanted:
+            raise UsageError(f"{path} holds another measurement ({ {k: data.get(k) for k in wanted} }); "
+                             "give another --out or remove it")
+        return data
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = measure(a.run, a.out, a.steps, a.every, a.batches)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+    return data
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a run directory with a checkpoint (its config is used)")
@@ -102,15 +139,11 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.every < 1 or a.batches < 1 or a.steps < a.start + 10 * a.every:
         p.error("need --every >= 1, --batches >= 1 and at least ten probes after --from")
-    path = a.out / "noise.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-    else:
-        a.out.mkdir(parents=True, exist_ok=True)
-        data = measure(a.run, a.out, a.steps, a.every, a.batches)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+    try:
+        data = _load_or_measure(a)
+    except UsageError as e:
+        print(f"probe_noise: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
     steps = np.array([r["step"] for r in data["rows"]])
     per_batch = np.array([r["losses"] for r in data["rows"]])
     print("| batches per probe | residual sd | autocorrelation at 1, 2, 3, 6 probes | drop per window "
