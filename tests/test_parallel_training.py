@@ -270,3 +270,27 @@ def test_deepspeed_hostfile_two_nodes_without_ssh(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     assert "done: step 12/12" in outs[0] and "done:" not in outs[1]  # global rank 0 is on node 0
     _assert_one_preserving_growth(tmp_path / "run")
+
+
+def _batch_losses(rank, world, raw, out_dir, steps):
+    cfg = config_from_dict(raw)
+    ps = init_parallel(cfg.parallel, "cpu", LaunchEnv(rank, world, rank)) if world > 1 else None
+    trainer = Trainer(cfg, out_dir=out_dir, progress=False, parallel=ps)
+    while trainer.step < steps:
+        trainer.advance()
+    return {"each": trainer.eval_batch_losses(3), "mean": trainer._eval_loss(3), "probe": trainer._probe_loss()}
+
+
+def test_per_batch_eval_losses_are_each_batch_own_and_the_same_on_every_replica(tmp_path):
+    """Trainer.eval_batch_losses (what tools/probe_noise.py measures) gives each validation batch's own
+    loss: they differ, their mean is evaluate()'s, the first is the growth probe's, and DP=2 replicas
+    report the one-process values."""
+    raw = _raw("gpt")
+    raw["growth"] = {}
+    one = _batch_losses(0, 1, raw, tmp_path / "one", 12)
+    assert len(set(one["each"])) == 3
+    assert sum(one["each"]) / 3 == pytest.approx(one["mean"], rel=1e-6)
+    assert one["each"][0] == one["probe"]
+    dp2 = run_distributed(_batch_losses, 2, (_raw("gpt", dp=2) | {"growth": {}}, tmp_path / "dp2", 12))
+    for replica in dp2:
+        assert replica["each"] == pytest.approx(one["each"], rel=1e-5)

@@ -61,7 +61,6 @@ def summarise(steps: np.ndarray, per_batch: np.ndarray, window: int, start: int)
 def measure(run_dir: Path, out: Path, steps: int, every: int, batches: int) -> dict:
     """Train ``run_dir``'s config (read from its latest checkpoint) to ``steps`` and return the
     per-batch validation losses every ``every`` steps."""
-    import torch
     from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
     from megatron_msg.config import config_from_dict
     from megatron_msg.training.trainer import Trainer
@@ -87,15 +86,7 @@ def measure(run_dir: Path, out: Path, steps: int, every: int, batches: int) -> d
     rows = []
 
     def probe() -> None:
-        # Trainer._eval_loss averages its batches inside one call; the noise needs each batch's loss,
-        # so this runs the same micro-batch path one batch at a time (one process: no replicas).
-        trainer.model.eval()
-        with torch.no_grad():
-            losses = [trainer._run_micro_batches(trainer.valid_batches.get, range(i, i + 1), 1.0, True,
-                                                 trainer.step, cfg.train.batch_size).item()
-                      for i in range(batches)]
-        trainer.model.train()
-        rows.append({"step": trainer.step, "losses": losses})
+        rows.append({"step": trainer.step, "losses": trainer.eval_batch_losses(batches)})
 
     while trainer.step < steps:
         if trainer.step % every == 0:

@@ -533,9 +533,14 @@ class Trainer:
 
     @torch.no_grad()
     def _eval_loss(self, n: int) -> float:
-        self.model.eval()
         ids, sharing = self._eval_ids(n)
-        total = self._run_micro_batches(self.valid_batches.get, ids, 1.0 / n, True, self.step,
+        return self._eval_sum(ids, 1.0 / n, sharing)
+
+    def _eval_sum(self, ids: range, scale: float, sharing: int) -> float:
+        """``scale`` x the summed validation loss of batches ``ids``, eval mode; with ``sharing == 1``
+        every replica evaluated all of ``ids`` and the all-reduced sum is divided back."""
+        self.model.eval()
+        total = self._run_micro_batches(self.valid_batches.get, ids, scale, True, self.step,
                                         self.cfg.train.batch_size)
         self.model.train()
         if sharing == 1 and self.ps.dp_size > 1:
@@ -544,6 +549,16 @@ class Trainer:
 
     def evaluate(self) -> float:
         return self._eval_loss(self.cfg.train.eval_iters)
+
+    @torch.no_grad()
+    def eval_batch_losses(self, n: int) -> list[float]:
+        """Each of the first ``n`` validation batches' own loss at the current weights (eval mode).
+
+        For measuring the probe loss's noise (tools/probe_noise.py), which needs every batch apart
+        where ``evaluate`` returns their mean.  Every replica evaluates every batch, so this costs
+        ``n`` batches per replica: a measuring tool's price, not the training path's.
+        """
+        return [self._eval_sum(range(i, i + 1), 1.0, 1) for i in range(n)]
 
     def _probe_loss(self) -> float:
         """Loss of a fixed validation batch in eval mode: compared across a growth."""
