@@ -59,3 +59,33 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
         assert not (out / "run").exists()
+
+
+def test_from_zero_is_refused_since_the_fit_is_in_log_steps(tmp_path, capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        probe_noise.main([str(tmp_path), "--out", str(tmp_path / "out"), "--from", "0"])
+    assert e.value.code == 2
+    assert "--from >= 1" in capsys.readouterr().err
+
+
+def test_measures_each_batch_of_a_real_run_and_prints_the_table(tmp_path, capsys):
+    """End to end on a tiny checkpointed run: one row of per-batch losses every --every steps,
+    the batches' losses differ, training lowers them, and the table has a row per batch count."""
+    import json
+
+    from megatron_msg.config import config_from_dict
+    from megatron_msg.training.trainer import Trainer
+    raw = {"model": {"arch": "gpt", "hidden": 16, "ffn": 32, "heads": 2, "layers": 1, "head_dim": 8, "seq_len": 16},
+           "optimizer": {"lr": 3e-3}, "lr": {"warmup_steps": 2},
+           "train": {"steps": 4, "batch_size": 2, "grad_accum": 1, "eval_iters": 2, "save_interval": 4,
+                     "device": "cpu", "tensorboard": False, "plot": False}}
+    Trainer(config_from_dict(raw), out_dir=tmp_path / "run", progress=False).run()
+    probe_noise.main([str(tmp_path / "run"), "--out", str(tmp_path / "noise"), "--steps", "24", "--every", "2",
+                      "--batches", "3", "--from", "2", "--window", "4"])
+    data = json.loads((tmp_path / "noise" / "noise.json").read_text())
+    assert [r["step"] for r in data["rows"]] == list(range(0, 25, 2))
+    assert all(len(set(r["losses"])) == 3 for r in data["rows"])
+    assert np.mean(data["rows"][-1]["losses"]) < np.mean(data["rows"][0]["losses"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["1", "2", "3"]

@@ -128,6 +128,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--window", type=int, default=62, help="probe window whose drop is compared (steps)")
     p.add_argument("--from", dest="start", type=int, default=200, help="first step of the smooth fit")
     a = p.parse_args(argv)
+    if a.start < 1:
+        p.error("need --from >= 1: the smooth fit is in ln(step)")
     if a.every < 1 or a.batches < 1 or a.steps < a.start + 10 * a.every:
         p.error("need --every >= 1, --batches >= 1 and at least ten probes after --from")
     try:
