@@ -223,7 +223,7 @@ class AutoTimingConfig:
     # lookahead is thrown away, and the run equals a fixed run at the steps it decided.
     adopt_lookahead: bool = True
     # The current shape's rate is compared where the lookahead measures the grown one: extrapolated
-    # from the window before the check to the middle of the grown window (after its mask ramp) along
+    # from the window before the check to the middle of the grown window (see include_ramp) along
     # a power law through the current shape's last two windows.  Off: the rate of the last window as
     # measured, which favours the current shape (loss curves decelerate) and so grows late.
     extrapolate: bool = True
@@ -232,6 +232,12 @@ class AutoTimingConfig:
     # (the mean of its halves') would be lower still and the check would say "wait" anyway; only
     # lookaheads that say "wait" are thrown away, so this is compute the rule no longer spends on them.
     stop_early: bool = True
+    # The grown rate is measured from the growth itself, through the mask ramp, to the window's end
+    # (MSG starts the grown model at the current loss, so this window needs no settled start).  Off:
+    # from the ramp's end only.  The ramp is where the new units are switched on and the loss falls
+    # fastest; leaving it out measured the slower stretch after it, over half the steps, so with
+    # probe noise of the weights most early-stopped lookaheads said "wait" (docs/growth.md).
+    include_ramp: bool = True
 
     def every(self, steps: int) -> int:
         return self.check_every if self.check_every is not None else max(2, steps // 12)

@@ -95,6 +95,18 @@ def test_the_decision_compares_loss_drop_per_flop():
     assert wait.decision == "wait" and wait.probe_flops == 45 and wait.grown_after == 1.0
 
 
+def test_the_grown_window_can_start_at_the_growth_and_run_through_the_ramp():
+    # include_ramp: from the probe loss right after growing (2.5, MSG: the current one) over all 15
+    # grown steps (ramp 5 + window 10), not from the ramp's end (2.4) over the last 10.
+    check = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, grown_settled=2.4, grown_after=1.0, flops_current=1,
+                   flops_grown=3, lookahead_steps=15, grown_start=2.5)
+    assert check.rate_grown == pytest.approx(1.5 / 45) and check.grown_start == 2.5
+    assert check.decision == "wait" and not check.stopped_early
+    # Stopped after its ramp and 5 steps: the window is those 10 steps from the growth.
+    stopped = decide(0, 50, 10, 3.0, 2.5, 2.4, 2.0, 1, 3, lookahead_steps=10, grown_steps=5, grown_start=2.5)
+    assert stopped.stopped_early and stopped.rate_grown == pytest.approx(0.5 / 30)
+
+
 def test_a_lookahead_stopped_after_half_its_window_measures_that_half():
     # Stopped after 5 of its 10 steps: the grown rate is the drop over those 5, and so is the cost.
     check = decide(0, 50, 10, loss_before=3.0, loss_now=2.5, grown_settled=2.5, grown_after=2.0, flops_current=1,
@@ -110,11 +122,16 @@ def test_the_current_rate_is_extrapolated_to_the_grown_window_along_a_power_law(
     timing = AutoTiming.from_config(cfg, stages)
     grown = planned_stages(cfg, {0: 20})[0]  # the shape of stage 1 was made at step 20
     # Windows [42, 46] and [46, 50]: rates 0.2 and 0.1 per FLOP (one FLOP a step) at t0 = 24 and
-    # t1 = 28 steps after step 20; the grown window's middle is 6 (ramp) + 2 steps after the check.
+    # t1 = 28 steps after step 20; the grown window (growth to ramp end, 6 steps, plus 4) has its
+    # middle 5 steps after the check, t = 35.
     losses = {42: 3.0, 46: 2.2, 50: 1.8}
     now, ahead = timing.current_rates(losses, 50, grown, ramp=6, flops=1)
     beta = math.log(2) / math.log(28 / 24)
-    assert now == pytest.approx(0.1) and ahead == pytest.approx(0.1 * (28 / 38) ** beta)
+    assert now == pytest.approx(0.1) and ahead == pytest.approx(0.1 * (28 / 35) ** beta)
+    # Measured from the ramp's end only (include_ramp: false), the window's middle is 6 + 2 steps on.
+    after_ramp = AutoTiming.from_config(config_from_dict(_raw(check_every=10, probe_steps=4, include_ramp=False)),
+                                        stages)
+    assert after_ramp.current_rates(losses, 50, grown, 6, 1)[1] == pytest.approx(0.1 * (28 / 38) ** beta)
     assert ahead < now / 2  # a rate halving every 4 steps at t = 24..28 is far lower 10 steps on
     # A rate that does not fall, a loss that rose, or no earlier window: compared as measured.
     assert timing.current_rates({42: 3.0, 46: 2.9, 50: 2.5}, 50, grown, 6, 1) == (pytest.approx(0.1), None)
@@ -124,7 +141,7 @@ def test_the_current_rate_is_extrapolated_to_the_grown_window_along_a_power_law(
     assert plain.current_rates(losses, 50, grown, 6, 1) == (pytest.approx(0.1), None)
     # The start shape's t counts from step 0.
     _, first = timing.current_rates({22: 3.0, 26: 2.2, 30: 1.8}, 30, None, ramp=6, flops=1)
-    assert first == pytest.approx(0.1 * (28 / 38) ** beta)
+    assert first == pytest.approx(0.1 * (28 / 35) ** beta)
     # The extrapolated rate is what the decision compares: as measured the current shape is
     # faster (0.1 > 0.06); where the grown one is measured it is not.
     check = decide(1, 50, 4, 2.2, 1.8, grown_settled=1.8, grown_after=1.08, flops_current=1, flops_grown=3,
@@ -172,11 +189,11 @@ def test_validate_prints_the_rule_and_auto_steps(capsys):
     text = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4)))
     assert "at_step auto: a 4-step lookahead every 10 steps" in text and "stage 0 45" in text
     assert ("(kept when it says grow, stopped after 2 steps when it cannot say grow; current rate extrapolated "
-            "to the grown window)") in text
+            "to the grown window; grown rate from the growth, ramp included)") in text
     assert text.count("step    auto ->") == 5
     plain = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False,
-                                                    adopt_lookahead=False, stop_early=False)))
-    assert "(always rolled back; current rate as measured)" in plain
+                                                    adopt_lookahead=False, stop_early=False, include_ramp=False)))
+    assert "(always rolled back; current rate as measured; grown rate from the ramp's end)" in plain
 
 
 # ----------------------------------------------------------------------------- in a run
@@ -282,16 +299,21 @@ def test_a_resumed_auto_run_decides_and_trains_identically(auto_run, tmp_path):
                                                       _records(tmp_path, "growth_check"))]
 
 
-def test_stopping_lookaheads_early_changes_no_decision_and_costs_less(auto_run, tmp_path):
-    """The same run with every lookahead trained to the end of its window (stop_early: false): each
-    check the default run cut short said "wait" there too, over a whole-window rate no higher than the
-    half's (the decelerating curve the early stop relies on), so both runs decide and train alike,
-    and the default spends less on thrown-away lookaheads."""
-    out, result, decided = auto_run
-    full = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, stop_early=False)), out_dir=tmp_path,
-                   progress=False).run()
-    assert full.losses == result.losses and {g["stage"]: g["step"] for g in _records(tmp_path, "growth")} == decided
-    cut, whole = _records(out, "growth_check"), _records(tmp_path, "growth_check")
+def test_stopping_lookaheads_early_changes_no_decision_and_costs_less(tmp_path):
+    """Windows from the ramp's end (include_ramp: false), the same run with every lookahead trained
+    to the end of its window (stop_early: false): each check the early-stopping run cut short said
+    "wait" there too, over a whole-window rate no higher than the half's (the decelerating curve the
+    early stop relies on), so both runs decide and train alike, and early stops spend less on
+    thrown-away lookaheads.  (With the ramp in the window a ramp that first raises the loss breaks
+    the premise: this run's last stage then says "wait" cut short and "grow" over its whole window.)"""
+    out, other = tmp_path / "cut", tmp_path / "whole"
+    result = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, include_ramp=False)), out_dir=out,
+                     progress=False).run()
+    decided = {g["stage"]: g["step"] for g in _records(out, "growth")}
+    full = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, stop_early=False, include_ramp=False)),
+                   out_dir=other, progress=False).run()
+    assert full.losses == result.losses and {g["stage"]: g["step"] for g in _records(other, "growth")} == decided
+    cut, whole = _records(out, "growth_check"), _records(other, "growth_check")
     stopped = [(c, w) for c, w in zip(cut, whole) if c["stopped_early"]]
     assert stopped, "no lookahead stopped early: the test would not exercise it"
     for c, w in stopped:
@@ -300,6 +322,23 @@ def test_stopping_lookaheads_early_changes_no_decision_and_costs_less(auto_run, 
         assert c["grown_settled"] == w["grown_settled"] and c["probe_flops"] < w["probe_flops"]
     assert not any(w["stopped_early"] for w in whole)
     assert sum(c["probe_flops"] for c in cut) < sum(w["probe_flops"] for w in whole)
+
+
+def test_the_grown_window_starts_at_the_growth_where_msg_keeps_the_current_loss(auto_run):
+    """The default (include_ramp) measures the grown rate from right after growing: MSG preserves the
+    function, so that probe loss is the current one, and the rate is its drop over every grown step
+    the lookahead trained (ramp and window; half the window where it stopped early)."""
+    out, _, _ = auto_run
+    from megatron_msg.growth.auto_timing import step_flops
+    cfg = config_from_dict(_raw(check_every=8, probe_steps=4))
+    looked = [c for c in _records(out, "growth_check") if c["grown_after"] is not None and c["grown_start"] is not None]
+    assert looked, "no lookahead ran"
+    for c in looked:
+        assert c["grown_start"] == pytest.approx(c["loss_now"], rel=1e-6)
+        stage = cfg.resolved_stages({})[c["stage"]]
+        flops = step_flops(cfg.model.with_shape(stage.shape), cfg.train.batch_size)
+        steps = stage.phi + (2 if c["stopped_early"] else 4)
+        assert c["rate_grown"] == pytest.approx((c["grown_start"] - c["grown_after"]) / (steps * flops))
 
 
 def test_the_lookaheads_are_counted_in_the_run_flops(auto_run):

@@ -48,6 +48,7 @@ def describe_schedule(cfg) -> str:
         from megatron_msg.growth.auto_timing import AutoTiming
         a = AutoTiming.from_config(cfg, stages)
         current = "extrapolated to the grown window" if a.extrapolate else "as measured"
+        current += "; grown rate from the growth, ramp included" if a.include_ramp else "; grown rate from the ramp's end"
         kept = "kept when it says grow" if a.adopt else "always rolled back"
         if a.early_stop_steps() is not None:
             kept += f", stopped after {a.early_stop_steps()} steps when it cannot say grow"

@@ -12,12 +12,14 @@ slope falls to the large model's at the same loss), measured instead of fitted:
   before the check with one measured a ramp and a window after it would favour the current
   shape, whose curve keeps decelerating;
 * the grown shape's rate comes from a lookahead: grow (function-preserving, so the grown model
-  starts at the current loss), train ``probe_steps`` steps exactly as the real growth would
-  (same batches, mask ramp, LR rewind), measure the probe loss, and roll everything back;
+  starts at the current loss), train through the mask ramp and ``probe_steps`` steps more as the
+  real growth would (same batches, mask ramp; the LR goes on without the stage's rewind, whose
+  transient says nothing about when to grow), and take the probe loss's drop from right after
+  growing (``include_ramp``, the default; from the ramp's end otherwise) per grown FLOP;
 * grow now if ``rate_grown >= rate_current`` (the extrapolated one), else train on and check
-  again ``check_every`` steps later.  A lookahead whose rate over the first half of its window is
+  again ``check_every`` steps later.  A lookahead whose rate after its ramp and half its window is
   already below the current one stops there (``stop_early``, the default): a decelerating loss curve
-  lowers the rate over the second half, so the whole window would say "wait" too.  A lookahead
+  lowers the rate over the rest, so the whole window would say "wait" too.  A lookahead
   that says "grow" is kept (``adopt_lookahead``, the default): the run goes on from its end, and
   the stage's LR rewind comes there instead of at the growth; only the lookaheads that say "wait"
   are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
@@ -52,6 +54,7 @@ class AutoTiming:
     adopt: bool = True  # keep a lookahead that decided "grow" (growth.auto.adopt_lookahead)
     extrapolate: bool = True  # compare the current rate where the grown one is measured (growth.auto.extrapolate)
     stop_early: bool = True  # cut a lookahead after half its window once it cannot say grow (growth.auto.stop_early)
+    include_ramp: bool = True  # the grown window starts at the growth, not at the ramp's end (growth.auto.include_ramp)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
@@ -59,12 +62,18 @@ class AutoTiming:
         autos = [st.index for st in stages if st.auto]
         return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
                    {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead,
-                   a.extrapolate, a.stop_early)
+                   a.extrapolate, a.stop_early, a.include_ramp)
 
     def early_stop_steps(self) -> int | None:
         """Steps after the mask ramp at which a lookahead may stop (None: it never does)."""
         half = self.probe_steps // 2
         return half if self.stop_early and half >= 1 else None
+
+    def grown_middle(self, ramp: int) -> float:
+        """Steps from a check to the middle of the window the grown rate is measured over: from the
+        growth to the ramp's end plus ``probe_steps`` (include_ramp), else from the ramp's end on."""
+        w = self.probe_steps
+        return (ramp + w) / 2 if self.include_ramp else ramp + w / 2
 
     def latest(self, stage: int) -> int:
         """The step auto stage ``stage`` grows at if no check has said so before."""
@@ -96,8 +105,8 @@ class AutoTiming:
     def current_rates(self, losses: dict[int, float], step: int, previous: ResolvedStage | None, ramp: int,
                       flops: int) -> tuple[float, float | None]:
         """The current shape's loss drop per training FLOP over the last window before ``step``, and
-        that rate where the lookahead measures the grown shape (the middle of its window, ``ramp``
-        steps after the growth), or None where it is not extrapolated.
+        that rate where the lookahead measures the grown shape (the middle of its window:
+        ``grown_middle(ramp)``), or None where it is not extrapolated.
 
         The extrapolation is a power law r(t) = r1 (t / t1)^-beta in t, the steps since the current
         shape was made (the previous growth; step 0 for the start shape), through the rates of the
@@ -111,7 +120,7 @@ class AutoTiming:
         if rate <= 0 or earlier <= rate:
             return rate, None
         born = previous.at_step if previous is not None else 0
-        t0, t1, ahead = step - 1.5 * w - born, step - 0.5 * w - born, step + ramp + 0.5 * w - born
+        t0, t1, ahead = step - 1.5 * w - born, step - 0.5 * w - born, step + self.grown_middle(ramp) - born
         beta = math.log(earlier / rate) / math.log(t1 / t0)
         return rate, rate * (t1 / ahead) ** beta
 
@@ -135,6 +144,9 @@ class GrowthCheck:
     # The lookahead stopped after half its window (stop_early): grown_after and rate_grown are that
     # half's, an upper bound of the whole window's on a decelerating curve.
     stopped_early: bool = False
+    # The grown model's probe loss right after growing, where its window starts (include_ramp; None:
+    # the window starts at grown_settled).  Equal to loss_now for MSG, which preserves the function.
+    grown_start: float | None = None
 
 
 def window_rate(loss_start: float, loss_end: float, steps: int, flops_per_step: int) -> float:
@@ -149,19 +161,25 @@ def compared_rate(rate_current: float, rate_ahead: float | None) -> float:
 
 def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now: float, grown_settled: float,
            grown_after: float, flops_current: int, flops_grown: int, lookahead_steps: int,
-           rate_ahead: float | None = None, grown_steps: int | None = None) -> GrowthCheck:
-    """Grow iff the grown model's loss drop per FLOP over ``probe_steps`` after its ramp matches the
-    current shape's over the ``probe_steps`` before the check (or ``rate_ahead``, that rate
-    extrapolated to the grown window, when given); ``flops_*``: training FLOPs of one step of each
-    shape; ``lookahead_steps``: the grown steps the lookahead trained (its cost); ``grown_steps``:
-    the steps the grown rate was measured over when the lookahead stopped early (else probe_steps)."""
+           rate_ahead: float | None = None, grown_steps: int | None = None,
+           grown_start: float | None = None) -> GrowthCheck:
+    """Grow iff the grown model's loss drop per FLOP matches the current shape's over the
+    ``probe_steps`` before the check (or ``rate_ahead``, that rate extrapolated to the grown window,
+    when given).  The grown window runs from ``grown_start`` (the probe loss right after growing)
+    over all ``lookahead_steps`` when that is given (include_ramp), else from ``grown_settled`` (the
+    ramp's end) over ``grown_steps`` (``probe_steps`` unless the lookahead stopped early).
+    ``flops_*``: training FLOPs of one step of each shape; ``lookahead_steps``: the grown steps the
+    lookahead trained (its cost)."""
     rate_current = window_rate(loss_before, loss_now, probe_steps, flops_current)
     measured = probe_steps if grown_steps is None else grown_steps
-    rate_grown = window_rate(grown_settled, grown_after, measured, flops_grown)
+    if grown_start is None:
+        rate_grown = window_rate(grown_settled, grown_after, measured, flops_grown)
+    else:
+        rate_grown = window_rate(grown_start, grown_after, lookahead_steps, flops_grown)
     compared = compared_rate(rate_current, rate_ahead)
     return GrowthCheck(step, stage, "grow" if rate_grown >= compared else "wait", loss_before, loss_now,
                        grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown,
-                       rate_current_ahead=rate_ahead, stopped_early=measured < probe_steps)
+                       rate_current_ahead=rate_ahead, stopped_early=measured < probe_steps, grown_start=grown_start)
 
 
 def step_flops(model: ModelConfig, global_batch: int) -> int:

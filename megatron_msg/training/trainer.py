@@ -630,12 +630,13 @@ class Trainer:
             else:
                 keep = self._start_lookahead(k)
                 try:
-                    settled, after, measured = self._lookahead(ramp, w, compared, flops_grown)
+                    start, settled, after, measured = self._lookahead(ramp, w, compared, flops_grown)
                 except BaseException:
                     self._end_lookahead(keep, adopt=False)
                     raise
                 check = decide(k, s, w, self.probe_losses[s - w], self.probe_losses[s], settled, after,
-                               flops_now, flops_grown, ramp + measured, rate_ahead, grown_steps=measured)
+                               flops_now, flops_grown, ramp + measured, rate_ahead, grown_steps=measured,
+                               grown_start=start)
                 assert not check.stopped_early or check.decision == "wait", "an early stop must say wait"
                 self.grown_rate = check.rate_grown
                 adopt = self.auto.adopt and check.decision == "grow"
@@ -673,21 +674,27 @@ class Trainer:
         self.lr_segments = lr_segments(self.cfg, self.stages, self.moved_rewinds)
         return keep
 
-    def _lookahead(self, ramp: int, steps: int, rate_to_beat: float, flops_grown: int) -> tuple[float, float, int]:
+    def _lookahead(self, ramp: int, steps: int, rate_to_beat: float,
+                   flops_grown: int) -> tuple[float | None, float, float, int]:
         """Train the grown model through its mask ramp and ``steps`` more steps; return the probe
-        loss at the ramp's end, the probe loss at the end, and the steps trained after the ramp:
-        ``steps``, or fewer where the rate so far fell below ``rate_to_beat`` (growth.auto.stop_early).
-        When the lookahead may be adopted, what the run would have logged on these steps (train and
-        validation records) is kept aside."""
+        loss right after growing (growth.auto.include_ramp, else None), at the ramp's end and at the
+        end, and the steps trained after the ramp: ``steps``, or fewer where the rate so far fell
+        below ``rate_to_beat`` (growth.auto.stop_early).  When the lookahead may be adopted, what the
+        run would have logged on these steps (train and validation records) is kept aside."""
         settled, t, half = None, self.cfg.train, self.auto.early_stop_steps()
+        start = self._eval_loss(self.auto.eval_iters) if self.auto.include_ramp and ramp else None
         last_time, last_samples = self.clock.so_far("train"), self.batch_schedule.samples_before(self.step)
         for i in range(ramp + steps):
             if i == ramp:
                 settled = self._eval_loss(self.auto.eval_iters)
+                if self.auto.include_ramp and start is None:  # no ramp: the window starts here anyway
+                    start = settled
             elif half is not None and i == ramp + half:
                 middle = self._eval_loss(self.auto.eval_iters)
-                if window_rate(settled, middle, half, flops_grown) < rate_to_beat:
-                    return settled, middle, half
+                rate = (window_rate(start, middle, ramp + half, flops_grown) if start is not None
+                        else window_rate(settled, middle, half, flops_grown))
+                if rate < rate_to_beat:
+                    return start, settled, middle, half
             step_run, lr, loss, norm = self.advance()
             if not self.auto.adopt:
                 continue
@@ -703,7 +710,7 @@ class Trainer:
                 self._probe_eval_s += self.clock.eval_s - before
                 self._probe_records.append({"kind": "valid", "step": step_run, "loss": vloss,
                                             "time_s": self.clock.so_far("train"), "eval_time_s": self.clock.eval_s})
-        return settled, self._eval_loss(self.auto.eval_iters), steps
+        return start, settled, self._eval_loss(self.auto.eval_iters), steps
 
     def _end_lookahead(self, keep: tuple, adopt: bool) -> None:
         """Keep the lookahead's state (its records go to run() to write), or put back ``keep``."""
