@@ -61,12 +61,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         assert not (out / "run").exists()
 
 
-def test_from_zero_is_refused_since_the_fit_is_in_log_steps(tmp_path, capsys):
+def test_from_zero_and_a_window_past_the_fit_are_refused(tmp_path, capsys):
+    """--from 0 (the fit is in ln step) and a window longer than the fitted span: exit 2, named."""
     import pytest
-    with pytest.raises(SystemExit) as e:
-        probe_noise.main([str(tmp_path), "--out", str(tmp_path / "out"), "--from", "0"])
-    assert e.value.code == 2
-    assert "--from >= 1" in capsys.readouterr().err
+    for args, message in ((["--from", "0"], "--from >= 1"), (["--window", "401"], "--window <=")):
+        with pytest.raises(SystemExit) as e:
+            probe_noise.main([str(tmp_path), "--out", str(tmp_path / "out"), *args])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_measures_each_batch_of_a_real_run_and_prints_the_table(tmp_path, capsys):

@@ -61,12 +61,9 @@ def summarise(steps: np.ndarray, per_batch: np.ndarray, window: int, start: int)
 def measure(run_dir: Path, out: Path, steps: int, every: int, batches: int) -> dict:
     """Train ``run_dir``'s config (read from its latest checkpoint) to ``steps`` and return the
     per-batch validation losses every ``every`` steps."""
-    from megatron_msg.checkpoint.io import latest_checkpoint, open_checkpoint
-    from megatron_msg.config import config_from_dict
+    from megatron_msg.checkpoint.io import CheckpointError, latest_checkpoint, open_checkpoint
+    from megatron_msg.config import ConfigError, config_from_dict
     from megatron_msg.training.trainer import Trainer
-
-    from megatron_msg.checkpoint.io import CheckpointError
-    from megatron_msg.config import ConfigError
 
     try:
         last = latest_checkpoint(run_dir, report=None)
@@ -132,6 +129,8 @@ def main(argv: list[str]) -> None:
         p.error("need --from >= 1: the smooth fit is in ln(step)")
     if a.every < 1 or a.batches < 1 or a.steps < a.start + 10 * a.every:
         p.error("need --every >= 1, --batches >= 1 and at least ten probes after --from")
+    if not 1 <= a.window <= a.steps - a.start:
+        p.error(f"need 1 <= --window <= --steps - --from ({a.steps - a.start}): the drop is read off the fit")
     try:
         data = _load_or_measure(a)
     except UsageError as e:

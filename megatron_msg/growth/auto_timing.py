@@ -154,6 +154,16 @@ def window_rate(loss_start: float, loss_end: float, steps: int, flops_per_step: 
     return (loss_start - loss_end) / (steps * flops_per_step)
 
 
+def grown_rate(grown_start: float | None, grown_settled: float, grown_end: float, ramp: int, measured: int,
+               flops_grown: int) -> float:
+    """The grown shape's loss drop per FLOP in a lookahead: from right after growing over the ramp and
+    the ``measured`` steps after it when ``grown_start`` is given (include_ramp), else from the
+    ramp's end over the ``measured`` steps only."""
+    if grown_start is None:
+        return window_rate(grown_settled, grown_end, measured, flops_grown)
+    return window_rate(grown_start, grown_end, ramp + measured, flops_grown)
+
+
 def compared_rate(rate_current: float, rate_ahead: float | None) -> float:
     """The current shape's rate the rule compares with the grown one: extrapolated when it was."""
     return rate_current if rate_ahead is None else rate_ahead
@@ -172,10 +182,8 @@ def decide(stage: int, step: int, probe_steps: int, loss_before: float, loss_now
     lookahead trained (its cost)."""
     rate_current = window_rate(loss_before, loss_now, probe_steps, flops_current)
     measured = probe_steps if grown_steps is None else grown_steps
-    if grown_start is None:
-        rate_grown = window_rate(grown_settled, grown_after, measured, flops_grown)
-    else:
-        rate_grown = window_rate(grown_start, grown_after, lookahead_steps, flops_grown)
+    rate_grown = grown_rate(grown_start, grown_settled, grown_after, lookahead_steps - measured, measured,
+                            flops_grown)
     compared = compared_rate(rate_current, rate_ahead)
     return GrowthCheck(step, stage, "grow" if rate_grown >= compared else "wait", loss_before, loss_now,
                        grown_settled, grown_after, rate_current, rate_grown, lookahead_steps * flops_grown,

@@ -41,7 +41,7 @@ from megatron_msg.checkpoint.sharded import save_sharded
 from megatron_msg.config import (ConfigError, ModelConfig, ResolvedStage, RunConfig, Shape, build_run_tokenizer,
                                  data_prefixes)
 from megatron_msg.growth.apply import grow_model, spec_for_stage
-from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, compared_rate, decide, step_flops, window_rate
+from megatron_msg.growth.auto_timing import AutoTiming, GrowthCheck, compared_rate, decide, grown_rate, step_flops
 from megatron_msg.growth.ramp import MaskRamp, apply_ramp
 from megatron_msg.model import build_model
 from megatron_msg.model.init import logical_shapes
@@ -691,9 +691,7 @@ class Trainer:
                     start = settled
             elif half is not None and i == ramp + half:
                 middle = self._eval_loss(self.auto.eval_iters)
-                rate = (window_rate(start, middle, ramp + half, flops_grown) if start is not None
-                        else window_rate(settled, middle, half, flops_grown))
-                if rate < rate_to_beat:
+                if grown_rate(start, settled, middle, ramp, half, flops_grown) < rate_to_beat:
                     return start, settled, middle, half
             step_run, lr, loss, norm = self.advance()
             if not self.auto.adopt:
