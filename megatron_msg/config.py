@@ -238,6 +238,12 @@ class AutoTimingConfig:
     # fastest; leaving it out measured the slower stretch after it, over half the steps, so with
     # probe noise of the weights most early-stopped lookaheads said "wait" (docs/growth.md).
     include_ramp: bool = True
+    # No lookahead at a check nearer its stage's deadline than the grown steps a "wait" lookahead
+    # throws away (the ramp and half the window with stop_early; the ramp and the window without):
+    # a "wait" there changes nothing, the stage grows at its deadline anyway, and a "grow" moves
+    # the growth earlier by no more steps than a "wait" throws away.  Off: every check on the
+    # check_every grid runs, however near the deadline.
+    skip_near_deadline: bool = True
 
     def every(self, steps: int) -> int:
         return self.check_every if self.check_every is not None else max(2, steps // 12)

@@ -59,7 +59,7 @@ def _fixed_at(raw: dict, steps: dict[int, int], moved_rewinds: dict[int, int] | 
 
 
 def test_checks_start_after_the_ramp_and_end_at_the_stage_deadline():
-    cfg = config_from_dict(_raw(check_every=10, probe_steps=4))
+    cfg = config_from_dict(_raw(check_every=10, probe_steps=4, skip_near_deadline=False))
     stages = cfg.resolved_stages()
     assert all(st.auto and st.at_step is None for st in stages) and len(stages) == 5
     timing = AutoTiming.from_config(cfg, stages)
@@ -73,8 +73,32 @@ def test_checks_start_after_the_ramp_and_end_at_the_stage_deadline():
     # Each check's loss, the loss probe_steps before it, and 2 x probe_steps before it (the
     # earlier window the current rate is extrapolated from) where that is after the warm-up.
     assert timing.measure_steps(0, None) == {6, 10, 14, 16, 20, 24, 26, 30, 34, 36, 40, 44}
-    plain = AutoTiming.from_config(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False)), stages)
+    plain = AutoTiming.from_config(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False,
+                                                         skip_near_deadline=False)), stages)
     assert plain.measure_steps(0, None) == {10, 14, 20, 24, 30, 34, 40, 44}
+
+
+def test_no_lookahead_nearer_the_deadline_than_a_wait_throws_away():
+    cfg = config_from_dict(_raw(check_every=10, probe_steps=4))
+    stages = cfg.resolved_stages()
+    timing = AutoTiming.from_config(cfg, stages)
+    phi = stages[0].phi
+    assert stages[0].uses_masks and phi >= 1
+    # A "wait" trains the ramp and half the window (stop_early), then is rolled back.
+    assert timing.wait_cost(0) == phi + 2
+    # Stage 0's deadline is 45: the check at 44 (1 step before it) runs no lookahead, the one at 34
+    # (11 steps before) does, and no probe loss is taken for the dropped check.
+    assert 45 - 34 > timing.wait_cost(0) >= 45 - 44
+    assert timing.checks(0, None) == [14, 24, 34, 45]
+    assert timing.measure_steps(0, None) == {6, 10, 14, 16, 20, 24, 26, 30, 34}
+    # Without the early stop a "wait" costs the whole window; with no ramp (net2net), only that.
+    whole = AutoTiming.from_config(config_from_dict(_raw(check_every=10, probe_steps=4, stop_early=False)), stages)
+    assert whole.wait_cost(0) == phi + 4
+    n2n_raw = _raw(check_every=10, probe_steps=4)
+    n2n_raw["growth"]["defaults"] = {"operator": "net2net"}
+    n2n_cfg = config_from_dict(n2n_raw)
+    n2n = AutoTiming.from_config(n2n_cfg, n2n_cfg.resolved_stages())
+    assert n2n.wait_cost(0) == 2 and n2n.checks(0, None) == [14, 24, 34, 45]
 
 
 def test_planned_stages_put_undecided_stages_at_their_earliest_check():
@@ -189,10 +213,12 @@ def test_validate_prints_the_rule_and_auto_steps(capsys):
     text = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4)))
     assert "at_step auto: a 4-step lookahead every 10 steps" in text and "stage 0 45" in text
     assert ("(kept when it says grow, stopped after 2 steps when it cannot say grow; current rate extrapolated "
-            "to the grown window; grown rate from the growth, ramp included)") in text
+            "to the grown window; grown rate from the growth, ramp included; none nearer a deadline than a "
+            "\"wait\" costs)") in text
     assert text.count("step    auto ->") == 5
     plain = describe_schedule(config_from_dict(_raw(check_every=10, probe_steps=4, extrapolate=False,
-                                                    adopt_lookahead=False, stop_early=False, include_ramp=False)))
+                                                    adopt_lookahead=False, stop_early=False, include_ramp=False,
+                                                    skip_near_deadline=False)))
     assert "(always rolled back; current rate as measured; grown rate from the ramp's end)" in plain
 
 
@@ -231,6 +257,14 @@ def test_an_auto_run_records_every_decision_and_reaches_the_target(auto_run):
     # Each stage's last check is the one that grew it.
     for stage, step in decided.items():
         assert [c for c in checks if c["stage"] == stage][-1]["step"] == step
+    # No check ran nearer its stage's deadline than a "wait" costs (skip_near_deadline): the stage grew
+    # there by the rule or at the deadline.  The dropped checks would have been on the grid, so
+    # this fails if they ran.
+    cfg = config_from_dict(_raw(check_every=8, probe_steps=4))
+    timing = AutoTiming.from_config(cfg, cfg.resolved_stages())
+    near = [c for c in checks if c["decision"] != "deadline"
+            and 0 < timing.latest(c["stage"]) - c["step"] <= timing.wait_cost(c["stage"])]
+    assert not near
     assert all(g["timing"] == "auto" for g in _records(out, "growth"))
 
 
@@ -307,11 +341,13 @@ def test_stopping_lookaheads_early_changes_no_decision_and_costs_less(tmp_path):
     thrown-away lookaheads.  (With the ramp in the window a ramp that first raises the loss breaks
     the premise: this run's last stage then says "wait" cut short and "grow" over its whole window.)"""
     out, other = tmp_path / "cut", tmp_path / "whole"
-    result = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, include_ramp=False)), out_dir=out,
-                     progress=False).run()
+    # Both on the same check grid: without the early stop a "wait" costs more, which would drop more
+    # checks near a deadline (skip_near_deadline).
+    result = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, include_ramp=False, skip_near_deadline=False)),
+                     out_dir=out, progress=False).run()
     decided = {g["stage"]: g["step"] for g in _records(out, "growth")}
-    full = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, stop_early=False, include_ramp=False)),
-                   out_dir=other, progress=False).run()
+    full = Trainer(config_from_dict(_raw(check_every=8, probe_steps=4, stop_early=False, include_ramp=False,
+                                         skip_near_deadline=False)), out_dir=other, progress=False).run()
     assert full.losses == result.losses and {g["stage"]: g["step"] for g in _records(other, "growth")} == decided
     cut, whole = _records(out, "growth_check"), _records(other, "growth_check")
     stopped = [(c, w) for c, w in zip(cut, whole) if c["stopped_early"]]

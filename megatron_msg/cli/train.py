@@ -49,6 +49,8 @@ def describe_schedule(cfg) -> str:
         a = AutoTiming.from_config(cfg, stages)
         current = "extrapolated to the grown window" if a.extrapolate else "as measured"
         current += "; grown rate from the growth, ramp included" if a.include_ramp else "; grown rate from the ramp's end"
+        if a.skip_near_deadline:
+            current += "; none nearer a deadline than a \"wait\" costs"
         kept = "kept when it says grow" if a.adopt else "always rolled back"
         if a.early_stop_steps() is not None:
             kept += f", stopped after {a.early_stop_steps()} steps when it cannot say grow"

@@ -23,7 +23,10 @@ slope falls to the large model's at the same loss), measured instead of fitted:
   that says "grow" is kept (``adopt_lookahead``, the default): the run goes on from its end, and
   the stage's LR rewind comes there instead of at the growth; only the lookaheads that say "wait"
   are rolled back and cost compute.  Stage k of n auto stages grows at the latest at
-  ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.
+  ``steps * (1 - (n - k) * reserve)``, so every later shape keeps its share of the budget.  A check
+  nearer that deadline than the grown steps a "wait" lookahead throws away runs no lookahead
+  (``skip_near_deadline``, the default): there a "wait" changes nothing (the deadline grows the
+  stage anyway), and a "grow" moves the growth earlier by no more steps than a "wait" throws away.
 
 Checks start ``check_every`` steps after the current shape stopped ramping (and after the LR
 warm-up), so the trailing window never straddles a growth.  (The LR rewind an adopted lookahead
@@ -55,6 +58,8 @@ class AutoTiming:
     extrapolate: bool = True  # compare the current rate where the grown one is measured (growth.auto.extrapolate)
     stop_early: bool = True  # cut a lookahead after half its window once it cannot say grow (growth.auto.stop_early)
     include_ramp: bool = True  # the grown window starts at the growth, not at the ramp's end (growth.auto.include_ramp)
+    ramps: dict[int, int] | None = None  # auto stage index -> its mask ramp (phi; 0 without masks)
+    skip_near_deadline: bool = True  # no lookahead nearer the deadline than a "wait" costs (growth.auto.skip_near_deadline)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, stages: list[ResolvedStage]) -> "AutoTiming":
@@ -62,12 +67,20 @@ class AutoTiming:
         autos = [st.index for st in stages if st.auto]
         return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
                    {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead,
-                   a.extrapolate, a.stop_early, a.include_ramp)
+                   a.extrapolate, a.stop_early, a.include_ramp,
+                   {st.index: st.phi if st.uses_masks else 0 for st in stages if st.auto}, a.skip_near_deadline)
 
     def early_stop_steps(self) -> int | None:
         """Steps after the mask ramp at which a lookahead may stop (None: it never does)."""
         half = self.probe_steps // 2
         return half if self.stop_early and half >= 1 else None
+
+    def wait_cost(self, stage: int) -> int:
+        """Grown steps a lookahead for ``stage`` trains and throws away when it says "wait": its ramp
+        and half its window when it stops early, else its ramp and the whole window."""
+        ramp = (self.ramps or {}).get(stage, 0)
+        half = self.early_stop_steps()
+        return ramp + (self.probe_steps if half is None else half)
 
     def grown_middle(self, ramp: int) -> float:
         """Steps from a check to the middle of the window the grown rate is measured over: from the
@@ -87,13 +100,19 @@ class AutoTiming:
 
     def checks(self, stage: int, previous: ResolvedStage | None) -> list[int]:
         """The steps at which the lookahead runs for ``stage``, given the stage before it (None: the
-        start shape); the last entry is the deadline (grown there without a lookahead), or the first
-        check when that comes later."""
+        start shape), every ``check_every`` steps but none nearer the deadline than ``wait_cost``
+        (skip_near_deadline); the last entry is the deadline (grown there without a lookahead), or
+        the first check when that comes later."""
         latest = self.latest(stage)
         first = self.settled(previous) + self.check_every
         if first >= latest:
             return [first]
-        return list(range(first, latest, self.check_every)) + [latest]
+        grid = range(first, latest, self.check_every)
+        if self.skip_near_deadline:
+            # Nearer the deadline than a "wait" costs: a "grow" would move the growth earlier by no
+            # more steps than that, and a "wait" leaves it where it is (at the deadline).
+            grid = [s for s in grid if latest - s > self.wait_cost(stage)]
+        return list(grid) + [latest]
 
     def measure_steps(self, stage: int, previous: ResolvedStage | None) -> set[int]:
         """Steps whose probe loss a check needs: each check's, ``probe_steps`` before it, and (to
