@@ -31,7 +31,7 @@ def _config(out, name):
 def test_every_run_is_reported_against_both_full_size_references(bench):
     out, rep = bench
     names = [r["run"] for r in rep["runs"]]
-    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds", *LR_POLICIES, "msg_auto"]
+    assert names == ["full", "full_rewinds", *OPERATORS, "msg_no_rewinds", *LR_POLICIES, "msg_auto", "msg_deadlines"]
     assert rep["size"] == "tiny" and rep["corpus"] == "bundled" and rep["steps"] == 144
     assert rep["seeds"] == {}  # one seed: no spread to read
     assert [s["rewind_lr"] for s in rep["stages"]][:2] == [True, True] and len(rep["stages"]) >= 3
@@ -135,6 +135,18 @@ def test_the_auto_run_has_the_schedule_shapes_and_its_lookaheads_cost_flops(benc
     with_lookaheads = row["vs_full"]["flops_to_reference_final_loss"]
     if bare is not None and with_lookaheads is not None:
         assert bare <= with_lookaheads
+
+
+def test_the_deadline_control_grows_each_auto_stage_at_its_latest_step(bench):
+    from megatron_msg.growth.auto_timing import AutoTiming
+    out, rep = bench
+    auto, fixed = _config(out, "msg_auto"), _config(out, "msg_deadlines")
+    timing = AutoTiming.from_config(auto, auto.resolved_stages())
+    stages = fixed.resolved_stages()
+    assert [s.shape for s in stages] == [s.shape for s in auto.resolved_stages()] and not any(s.auto for s in stages)
+    assert [s.at_step for s in stages] == [timing.latest(k) for k in range(len(stages))]
+    row = next(r for r in rep["runs"] if r["run"] == "msg_deadlines")
+    assert row["timing"] == "deadlines" and row["lookaheads"] == 0 and row["growth_steps"] == [s.at_step for s in stages]
 
 
 def test_runs_and_growth_budget_pick_what_is_trained(tmp_path):

@@ -15,7 +15,10 @@ One command trains, one after another with the same data order, seed and LR reci
   rewind is measured against, a rewind to half the peak (``lr.rewind_peak``) and a rewind to the
   peak that reaches the floor in half the steps left (``lr.rewind_decay``, LEMON's faster decay);
 * ``msg_auto``: the schedule's shapes with MSG, every step decided by the trainer (``at_step: auto``,
-  growth/auto_timing.py); its lookaheads' FLOPs and time count in its totals.
+  growth/auto_timing.py); its lookaheads' FLOPs and time count in its totals;
+* ``msg_deadlines``: the same shapes with every stage at the step ``msg_auto`` grows it at the
+  latest (``growth.auto.reserve``), no lookahead: the rule's fallback alone, the control that says
+  what measuring buys.
 
 ``--runs`` picks a subset; ``--growth-budget F`` gives the growth runs F times the references'
 steps (their schedules made for that budget), so a grown run can go on until it reaches the
@@ -75,7 +78,7 @@ OPERATORS = ("msg", "nomask", "net2net", "stack")
 # The LR policies across growths besides the schedule's own rewinds and none: run kind -> lr.* settings.
 LR_POLICIES = {"msg_partial_rewinds": {"rewind_peak": 0.5}, "msg_fast_decay": {"rewind_decay": 0.5}}
 SAME_SCHEDULE_LR_KINDS = ("msg_no_rewinds", *LR_POLICIES)  # msg's schedule, another LR policy
-RUN_KINDS = ("full", "full_rewinds", *OPERATORS, *SAME_SCHEDULE_LR_KINDS, "msg_auto")
+RUN_KINDS = ("full", "full_rewinds", *OPERATORS, *SAME_SCHEDULE_LR_KINDS, "msg_auto", "msg_deadlines")
 STACK_WIDTH_OPERATOR = "nomask"  # stacking grows depth only; its width stages use this
 FINISHED_RUNS = "finished_runs.json"  # names of the runs this invocation trained to the end (or kept)
 
@@ -88,7 +91,7 @@ class BenchRun:
     operator: str | None  # None: full size from step 0
     lr_policy: str        # "rewinds" (the schedule's), "none", or one of LR_POLICIES' (policy_name)
     kind: str = ""        # one of RUN_KINDS
-    timing: str = "fixed"  # "auto": at_step auto
+    timing: str = "fixed"  # "auto": at_step auto; "deadlines": fixed at the auto stages' latest steps
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,18 @@ def schedule_raw(full: dict, operator: str, rewinds: bool, budget: float = 1.0, 
     return raw
 
 
+def at_deadlines(auto_raw: dict) -> dict:
+    """``auto_raw`` (every stage ``at_step: auto``) with each stage fixed at the step the rule grows
+    it at the latest: stage k of n at ``steps * (1 - (n - k) * growth.auto.reserve)``."""
+    raw = copy.deepcopy(auto_raw)
+    cfg = config_from_dict(copy.deepcopy(raw), check=False)
+    stages = raw["growth"]["stages"]
+    for i, stage in enumerate(stages):
+        assert stage["at_step"] == "auto", "at_deadlines takes an auto schedule"
+        stage["at_step"] = cfg.growth.auto.latest(cfg.train.steps, i, len(stages))
+    return raw
+
+
 def policy_name(lr: dict) -> str:
     """How a run's rewinds differ from the paper's, as the report's LR column says it."""
     parts = [f"{lr['rewind_peak']:g} x peak" if "rewind_peak" in lr else "",
@@ -177,6 +192,8 @@ def bench_runs(size: GrowthBenchSize, corpus: Corpus, seeds: int, kinds: tuple[s
             made[kind] = BenchRun(f"{kind}{tag}", raw, seed, "msg", policy_name(lr), kind)
         made["msg_auto"] = BenchRun(f"msg_auto{tag}", grown("msg", auto=True), seed, "msg", "rewinds", "msg_auto",
                                     timing="auto")
+        made["msg_deadlines"] = BenchRun(f"msg_deadlines{tag}", at_deadlines(made["msg_auto"].raw), seed, "msg",
+                                         "rewinds", "msg_deadlines", timing="deadlines")
         runs += [made[k] for k in RUN_KINDS if k == "full" or k in kinds]
     return runs
 
