@@ -305,6 +305,11 @@ class ResolvedStage:
         return self.operator == "msg"
 
     @property
+    def ramp_steps(self) -> int:
+        """Steps the new units' masks ramp over after this growth (phi; none without masks)."""
+        return self.phi if self.uses_masks else 0
+
+    @property
     def global_batch(self) -> int:
         """Samples per optimizer step: micro-batch size x micro-batches (over all replicas)."""
         return self.batch_size * self.grad_accum
@@ -1096,7 +1101,7 @@ def _validate_timing(cfg: RunConfig, stages: list[ResolvedStage]) -> None:
             position += 1
         else:
             at = st.at_step
-        settled = at + (st.phi if st.uses_masks else 0)
+        settled = at + st.ramp_steps
 
 
 def _validate_options(operator, init, init_std, phi, placement, depth_init, path):

@@ -38,7 +38,7 @@ and the probe losses in its checkpoints, so a resumed run decides the same way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_msg.config import ModelConfig, ResolvedStage, RunConfig
 
@@ -58,7 +58,7 @@ class AutoTiming:
     extrapolate: bool = True  # compare the current rate where the grown one is measured (growth.auto.extrapolate)
     stop_early: bool = True  # cut a lookahead after half its window once it cannot say grow (growth.auto.stop_early)
     include_ramp: bool = True  # the grown window starts at the growth, not at the ramp's end (growth.auto.include_ramp)
-    ramps: dict[int, int] | None = None  # auto stage index -> its mask ramp (phi; 0 without masks)
+    ramps: dict[int, int] = field(default_factory=dict)  # auto stage index -> its ResolvedStage.ramp_steps
     skip_near_deadline: bool = True  # no lookahead nearer the deadline than a "wait" costs (growth.auto.skip_near_deadline)
 
     @classmethod
@@ -68,7 +68,7 @@ class AutoTiming:
         return cls(t.steps, a.every(t.steps), a.probe(t.steps), a.eval_iters or t.eval_iters, cfg.lr.warmup_steps,
                    {k: a.latest(t.steps, i, len(autos)) for i, k in enumerate(autos)}, a.adopt_lookahead,
                    a.extrapolate, a.stop_early, a.include_ramp,
-                   {st.index: st.phi if st.uses_masks else 0 for st in stages if st.auto}, a.skip_near_deadline)
+                   {st.index: st.ramp_steps for st in stages if st.auto}, a.skip_near_deadline)
 
     def early_stop_steps(self) -> int | None:
         """Steps after the mask ramp at which a lookahead may stop (None: it never does)."""
@@ -78,9 +78,8 @@ class AutoTiming:
     def wait_cost(self, stage: int) -> int:
         """Grown steps a lookahead for ``stage`` trains and throws away when it says "wait": its ramp
         and half its window when it stops early, else its ramp and the whole window."""
-        ramp = (self.ramps or {}).get(stage, 0)
         half = self.early_stop_steps()
-        return ramp + (self.probe_steps if half is None else half)
+        return self.ramps.get(stage, 0) + (self.probe_steps if half is None else half)
 
     def grown_middle(self, ramp: int) -> float:
         """Steps from a check to the middle of the window the grown rate is measured over: from the
@@ -96,7 +95,7 @@ class AutoTiming:
         """The first step the current shape trains unramped: the previous growth's ramp end."""
         if previous is None:
             return self.warmup_steps
-        return previous.at_step + (previous.phi if previous.uses_masks else 0)
+        return previous.at_step + previous.ramp_steps
 
     def checks(self, stage: int, previous: ResolvedStage | None) -> list[int]:
         """The steps at which the lookahead runs for ``stage``, given the stage before it (None: the

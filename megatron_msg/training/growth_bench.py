@@ -48,6 +48,7 @@ from pathlib import Path
 
 from megatron_msg.config import ConfigError, RunConfig, config_from_dict
 from megatron_msg.data.fileio import atomic_write_bytes, atomic_write_json
+from megatron_msg.growth.auto_timing import AutoTiming
 from megatron_msg.named_schedules import SCHEDULES
 from megatron_msg.training.compare import RunCurves, compare, flops_to_reach, load_run
 from megatron_msg.training.plot import save_figure
@@ -149,10 +150,11 @@ def at_deadlines(auto_raw: dict) -> dict:
     it at the latest: stage k of n at ``steps * (1 - (n - k) * growth.auto.reserve)``."""
     raw = copy.deepcopy(auto_raw)
     cfg = config_from_dict(copy.deepcopy(raw), check=False)
-    stages = raw["growth"]["stages"]
-    for i, stage in enumerate(stages):
-        assert stage["at_step"] == "auto", "at_deadlines takes an auto schedule"
-        stage["at_step"] = cfg.growth.auto.latest(cfg.train.steps, i, len(stages))
+    resolved = cfg.resolved_stages()
+    timing = AutoTiming.from_config(cfg, resolved)
+    for stage, st in zip(raw["growth"]["stages"], resolved):
+        assert st.auto, "at_deadlines takes an auto schedule"
+        stage["at_step"] = timing.latest(st.index)
     return raw
 
 

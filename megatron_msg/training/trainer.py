@@ -614,7 +614,7 @@ class Trainer:
         if s not in checks:
             return
         stage, w = self.stages[k], self.auto.probe_steps
-        ramp = stage.phi if stage.uses_masks else 0
+        ramp = stage.ramp_steps
         if s == checks[-1] or s + ramp + w >= self.cfg.train.steps:
             check = GrowthCheck(s, k, "deadline", None, None, None, None, None, None, 0)
         else:
